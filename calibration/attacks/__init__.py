@@ -1,0 +1,75 @@
+"""Minimum-norm attacks, each a pure function
+`attack(model, inputs, labels, *, norm, steps, ...) -> adv_inputs`.
+
+Every attack returns the original input where it failed, so success must be re-checked on the
+model (`calibration.margins.input_margins` does). Other libraries' attacks plug in through
+`functools.partial` as long as they keep that signature.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+from calibration.attacks import ddn as _ddn
+from calibration.attacks import fab as _fab
+from calibration.attacks import fmn as _fmn
+from calibration.attacks._common import perturbation_norm
+from calibration.attacks.ddn import ddn
+from calibration.attacks.fab import fab
+from calibration.attacks.fmn import fmn
+
+Attack = Callable[..., torch.Tensor]
+
+ATTACKS: dict[str, Attack] = {"fmn": fmn, "ddn": ddn, "fab": fab}
+
+SUPPORTED_NORMS: dict[str, tuple[float, ...]] = {
+    "fmn": _fmn.SUPPORTED_NORMS,
+    "ddn": _ddn.SUPPORTED_NORMS,
+    "fab": _fab.SUPPORTED_NORMS,
+}
+
+
+def parse_norm(text: str | float) -> float:
+    """'inf', 'linf', '∞' → inf; '2', 'l2' → 2.0 (for command lines and config files)."""
+    if isinstance(text, int | float):
+        return float(text)
+    cleaned = text.strip().lower().removeprefix("l")
+    if cleaned in {"inf", "∞"}:
+        return math.inf
+    try:
+        return float(cleaned)
+    except ValueError as error:
+        raise ValueError(f"not a norm: {text!r}") from error
+
+
+def supported_norms(name: str) -> tuple[float, ...]:
+    """The norms the attack registered as `name` supports."""
+    if name not in SUPPORTED_NORMS:
+        raise ValueError(f"unknown attack {name!r}: use one of {', '.join(ATTACKS)}")
+    return SUPPORTED_NORMS[name]
+
+
+def attacks_for_norm(norm: float) -> dict[str, Attack]:
+    """The registered attacks that support `norm`, by name."""
+    return {
+        name: attack
+        for name, attack in ATTACKS.items()
+        if any(norm == allowed for allowed in SUPPORTED_NORMS[name])
+    }
+
+
+__all__ = [
+    "ATTACKS",
+    "SUPPORTED_NORMS",
+    "Attack",
+    "attacks_for_norm",
+    "ddn",
+    "fab",
+    "fmn",
+    "parse_norm",
+    "perturbation_norm",
+    "supported_norms",
+]

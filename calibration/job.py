@@ -1,0 +1,392 @@
+"""The calibration job: attack a subset, measure margin consistency, choose the score, fit λ and
+the robust-accuracy estimators, export and verify the serving graph, publish a version.
+
+Everything is written into a staging folder first, and `store.publish` moves CURRENT only when
+the version is complete and verified, so a failure at any point leaves the serving artifact
+untouched. Attacks are cached chunk by chunk (`margin_cache`), so a killed run resumes.
+"""
+
+from __future__ import annotations
+
+import functools
+import platform
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from calibration import margin_cache, store
+from calibration.artifact import (
+    ONNX_FILE,
+    REPORT_FILE,
+    AttackBudget,
+    CalibrationRecord,
+    DataSource,
+    PseudoMarginFacts,
+)
+from calibration.config import CalibrationConfig, ConfigError
+from calibration.margins import MarginResult
+from calibration.metrics import kendall_tau
+from calibration.pseudo_margin import PseudoMarginRegressor
+from calibration.record import build_record, report_data
+from calibration.report import render_report
+from calibration.scores import ServingGraph, logit_margin
+from models.architectures import SplitClassifier
+from models.data import DataError, Dataset, load_dataset
+from models.export import export_onnx, onnx_session, run_batched
+from models.registry import ModelError, load_model
+
+
+class CalibrationError(Exception):
+    """The job cannot produce a trustworthy version (a verification failed)."""
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """The model's outputs on a set of inputs: predicted labels, logit margins, features."""
+
+    labels: np.ndarray
+    scores: np.ndarray
+    features: np.ndarray
+    logits: np.ndarray
+
+    def take(self, indices: np.ndarray) -> Outputs:
+        return Outputs(
+            self.labels[indices], self.scores[indices], self.features[indices], self.logits[indices]
+        )
+
+    def score_inputs(self, kind: str) -> np.ndarray:
+        return self.features if kind == "features" else self.logits
+
+
+@dataclass(frozen=True)
+class Inputs:
+    model: SplitClassifier
+    data: Dataset
+    train_data: Dataset | None  # None: draw pseudo-margin training points from `data`
+
+
+def load_inputs(config: CalibrationConfig) -> Inputs:
+    """Model and data, with shapes checked against each other; `ConfigError` on any problem."""
+    try:
+        model = load_model(config.model, config.weights)
+        data = load_dataset(config.dataset, config.split, config.data_dir)
+    except (ModelError, DataError) as error:
+        raise ConfigError(str(error)) from error
+    if data.images.shape[1:] != tuple(model.input_shape):
+        raise ConfigError(
+            f"data has shape {data.images.shape[1:]} per image but the model expects "
+            f"{tuple(model.input_shape)}"
+        )
+    if config.subset_size > len(data):
+        raise ConfigError(
+            f"subset of {config.subset_size} asked for, but {config.dataset}:{config.split} "
+            f"has only {len(data)} images"
+        )
+    train_data = None
+    if config.split == "test" and config.pseudo_margin != "never":
+        try:
+            train_data = load_dataset(config.dataset, "train", config.data_dir)
+        except DataError:
+            train_data = None  # single-split sources: use the points outside the subset
+    return Inputs(model.to(config.torch_device), data, train_data)
+
+
+@torch.no_grad()
+def forward_all(model: SplitClassifier, inputs: np.ndarray, device: torch.device) -> Outputs:
+    features, logits = [], []
+    for start in range(0, len(inputs), 500):
+        batch_features = model.features(torch.from_numpy(inputs[start : start + 500]).to(device))
+        features.append(batch_features.cpu())
+        logits.append(model.head(batch_features).cpu())
+    all_logits = torch.cat(logits)
+    return Outputs(
+        labels=all_logits.argmax(1).numpy(),
+        scores=logit_margin(all_logits).numpy(),
+        features=torch.cat(features).numpy(),
+        logits=all_logits.numpy(),
+    )
+
+
+def subset_indices(size: int, population: int, seed: int) -> np.ndarray:
+    """A uniform random subset, so the estimators stay unbiased for any class balance."""
+    return np.sort(np.random.default_rng(seed).choice(population, size, replace=False))
+
+
+def margins_for(
+    config: CalibrationConfig,
+    model: SplitClassifier,
+    *,
+    images: np.ndarray,
+    labels: np.ndarray,
+    data_id: str,
+    indices: np.ndarray,
+) -> tuple[Path, int]:
+    """The cache folder of these points' margins; attacks what is missing (or this shard)."""
+    key = margin_cache.cache_key(
+        margin_cache.state_dict_sha256(model), data_id, indices, config.attack_plan
+    )
+    folder = config.store / config.resolved_model_name / ".margins" / key
+    size = len(indices)
+    if config.shard is not None:
+        chunks = margin_cache.shard_chunks(size, config.shard, config.num_shards)
+    elif config.merge_only:
+        chunks = []
+    else:
+        chunks = margin_cache.missing_chunks(folder, size)
+    device = config.torch_device
+    margin_cache.compute_chunks(
+        folder,
+        model,
+        torch.from_numpy(images[indices]).to(device),
+        torch.from_numpy(labels[indices]).to(device),
+        plan=config.attack_plan,
+        chunks=chunks,
+        batch_size=config.attack_batch_size,
+        progress=config.progress,
+    )
+    return folder, size
+
+
+def load_margins(config: CalibrationConfig, folder: Path, size: int) -> MarginResult:
+    try:
+        return margin_cache.load_chunks(folder, size, config.attack_plan)
+    except FileNotFoundError as error:
+        raise ConfigError(f"cannot merge: {error}; run the missing shards first") from error
+
+
+def pseudo_margin_training(
+    config: CalibrationConfig, inputs: Inputs, subset: np.ndarray
+) -> tuple[np.ndarray, MarginResult]:
+    """Features (or logits) and margins of attacked training points, disjoint from the subset."""
+    if inputs.train_data is not None:
+        source, tag, pool = inputs.train_data, "train", np.arange(len(inputs.train_data))
+    else:
+        source, tag = inputs.data, config.split
+        pool = np.setdiff1d(np.arange(len(inputs.data)), subset)
+    size = min(config.pseudo_train_size, len(pool))
+    chosen = pool[subset_indices(size, len(pool), config.seed + 1)]
+    images = source.float_images
+    outputs = forward_all(inputs.model, images[chosen], config.torch_device)
+    labels = np.zeros(len(images), dtype=np.int64)
+    labels[chosen] = outputs.labels
+    folder, count = margins_for(
+        config,
+        inputs.model,
+        images=images,
+        labels=labels,
+        data_id=f"{config.dataset}:{tag}:pseudo",
+        indices=chosen,
+    )
+    return outputs.score_inputs(config.pseudo_input), load_margins(config, folder, count)
+
+
+def choose_score(
+    config: CalibrationConfig,
+    inputs: Inputs,
+    subset_indices_: np.ndarray,
+    subset: Outputs,
+    margins: MarginResult,
+) -> tuple[ServingGraph, PseudoMarginFacts | None]:
+    """The logit margin, unless τ is below the cutoff (or asked): then fit a pseudo-margin on
+    attacked training points and keep whichever ranks the held-out subset better."""
+    tau = kendall_tau(margins.radius, subset.scores)
+    wanted = config.pseudo_margin == "always" or (
+        config.pseudo_margin == "auto" and tau < config.tau_cutoff
+    )
+    if not wanted:
+        return ServingGraph(inputs.model), None
+    features, train_margins = pseudo_margin_training(config, inputs, subset_indices_)
+    radius = np.where(train_margins.success, train_margins.radius, train_margins.censored_at)
+    regressor = PseudoMarginRegressor(seed=config.seed, epochs=config.pseudo_epochs)
+    regressor.fit(features, radius)
+    pseudo_scores = regressor.predict(subset.score_inputs(config.pseudo_input))
+    facts = compare_scores(config, margins, subset.scores, pseudo_scores, len(features))
+    if not facts.chosen:
+        return ServingGraph(inputs.model), facts
+    graph = ServingGraph(inputs.model, regressor.head_.to(config.torch_device), config.pseudo_input)
+    return graph, facts
+
+
+def compare_scores(
+    config: CalibrationConfig,
+    margins: MarginResult,
+    logit_scores: np.ndarray,
+    pseudo_scores: np.ndarray,
+    train_points: int,
+) -> PseudoMarginFacts:
+    from calibration.metrics import detection_metrics
+
+    nonrobust = margins.radius <= config.resolved_eps
+    baseline_tau = kendall_tau(margins.radius, logit_scores)
+    pseudo_tau = kendall_tau(margins.radius, pseudo_scores)
+    return PseudoMarginFacts(
+        score_input=config.pseudo_input,
+        train_points=train_points,
+        held_out_points=len(pseudo_scores),
+        logit_margin_tau=baseline_tau,
+        logit_margin_auroc=detection_metrics(nonrobust, logit_scores).auroc,
+        pseudo_margin_tau=pseudo_tau,
+        pseudo_margin_auroc=detection_metrics(nonrobust, pseudo_scores).auroc,
+        chosen=config.pseudo_margin == "always" or pseudo_tau > baseline_tau,
+    )
+
+
+def export_serving_graph(
+    graph: ServingGraph, input_shape: tuple[int, ...], inputs: np.ndarray, folder: Path
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """Export, check ONNX Runtime against torch (≤ 1e-4 on score and logits, equal labels),
+    and measure the guard band: the largest score change between batch 1 and batch 64.
+    Returns ONNX Runtime's labels and scores for `inputs`, and the guard band."""
+    path = folder / ONNX_FILE
+    graph = graph.cpu().eval()
+    export_onnx(graph, input_shape, path, ["logits", "score"])
+    with torch.no_grad():
+        torch_logits, torch_scores = graph(torch.from_numpy(inputs))
+    session = onnx_session(path)
+    logits_64 = run_batched(session, inputs, "logits", 64)
+    scores_64 = run_batched(session, inputs, "score", 64)
+    scores_1 = run_batched(session, inputs, "score", 1)
+    worst = max(
+        float(np.abs(scores_64 - torch_scores.numpy()).max()),
+        float(np.abs(logits_64 - torch_logits.numpy()).max()),
+    )
+    if worst > 1e-4:
+        raise CalibrationError(f"ONNX Runtime differs from torch by {worst:.2e} > 1e-4")
+    if (logits_64.argmax(1) != torch_logits.numpy().argmax(1)).any():
+        raise CalibrationError("ONNX Runtime and torch disagree on some labels")
+    return logits_64.argmax(1), scores_64, float(np.abs(scores_1 - scores_64).max())
+
+
+@torch.no_grad()
+def graph_scores(graph: ServingGraph, images: np.ndarray, device: torch.device) -> np.ndarray:
+    graph = graph.to(device).eval()
+    parts = [
+        graph(torch.from_numpy(images[start : start + 500]).to(device))[1].cpu().numpy()
+        for start in range(0, len(images), 500)
+    ]
+    return np.concatenate(parts)
+
+
+def software_versions() -> dict[str, str]:
+    import onnxruntime
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "numpy": np.__version__,
+    }
+
+
+def new_version() -> str:
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """What a run did: a published version, or only attacked its shard."""
+
+    record: CalibrationRecord | None
+    version_dir: Path | None
+    shard_done: int | None = None
+
+
+def run(config: CalibrationConfig) -> RunResult:
+    """The whole job. Raises `ConfigError` (bad input), `store.StoreBusy`, `CalibrationError`."""
+    started = time.monotonic()
+    inputs = load_inputs(config)
+    images = inputs.data.float_images
+    everything = forward_all(inputs.model, images, config.torch_device)
+    subset = subset_indices(config.subset_size, len(inputs.data), config.seed)
+    attack = functools.partial(
+        margins_for,
+        config,
+        inputs.model,
+        images=images,
+        labels=everything.labels,
+        data_id=f"{config.dataset}:{config.split}",
+        indices=subset,
+    )
+    if config.shard is not None:
+        attack()  # shards write disjoint chunk files atomically: no lock needed
+        return RunResult(None, None, shard_done=config.shard)
+    name = config.resolved_model_name
+    with store.model_lock(config.store, name):
+        folder, size = attack()
+        margins = load_margins(config, folder, size)
+        graph, pseudo_facts = choose_score(config, inputs, subset, everything.take(subset), margins)
+        version = config.version or new_version()
+        staging = store.new_staging_dir(config.store, name, version)
+        try:
+            record = finish_version(
+                config,
+                inputs,
+                graph=graph,
+                pseudo_facts=pseudo_facts,
+                subset=subset,
+                margins=margins,
+                big_labels=everything.labels,
+                staging=staging,
+                version=version,
+                started=started,
+            )
+            final = store.publish(config.store, name, staging)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+    return RunResult(record, final)
+
+
+def finish_version(
+    config: CalibrationConfig,
+    inputs: Inputs,
+    *,
+    graph: ServingGraph,
+    pseudo_facts: PseudoMarginFacts | None,
+    subset: np.ndarray,
+    margins: MarginResult,
+    big_labels: np.ndarray,
+    staging: Path,
+    version: str,
+    started: float,
+) -> CalibrationRecord:
+    """Export and verify the graph, compute every figure, write record and report."""
+    images = inputs.data.float_images
+    onnx_labels, subset_scores, guard_band = export_serving_graph(
+        graph, inputs.model.input_shape, images[subset], staging
+    )
+    big_scores = graph_scores(graph, images, config.torch_device)
+    record = build_record(
+        config=config,
+        version=version,
+        model_sha256=store.sha256_of(staging / ONNX_FILE),
+        input_shape=list(inputs.model.input_shape),
+        class_names=list(inputs.data.class_names),
+        margins=margins,
+        subset_scores=subset_scores,
+        subset_correct=onnx_labels == inputs.data.labels[subset],
+        big_scores=big_scores,
+        big_correct=big_labels == inputs.data.labels,
+        guard_band=guard_band,
+        pseudo_facts=pseudo_facts,
+        attacks=[
+            AttackBudget(name=n, steps=s, succeeded=int(np.isfinite(margins.per_attack[n]).sum()))
+            for n, s in config.resolved_attacks
+        ],
+        subset_source=DataSource(
+            dataset=config.dataset, split=config.split, size=len(subset), seed=config.seed
+        ),
+        big_source=DataSource(dataset=config.dataset, split=config.split, size=len(images)),
+        duration_s=time.monotonic() - started,
+        software=software_versions(),
+    )
+    store.write_record(staging, record)
+    html = render_report(
+        report_data(record, margins, subset_scores, onnx_labels == inputs.data.labels[subset])
+    )
+    (staging / REPORT_FILE).write_text(html)
+    return record

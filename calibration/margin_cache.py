@@ -1,0 +1,135 @@
+"""Input margins computed in fixed chunks that are cached on disk, which gives two things at once:
+a killed run resumes from its finished chunks, and `--shard i --num-shards n` lets a Kubernetes
+Indexed Job spread the chunks over pods (shard i takes chunks i, i + n, i + 2n, …); the run that
+finds every chunk present merges them.
+
+A chunk file is written to a temporary name and renamed, so a half-written chunk never exists.
+The cache folder's name hashes everything that determines the margins (weights, data indices,
+norm, attacks and budgets), so a changed setting can never reuse stale results.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from calibration.attacks import ATTACKS
+from calibration.margins import MarginResult, input_margins
+
+CHUNK_SIZE = 50
+
+
+@dataclass(frozen=True)
+class AttackPlan:
+    """Which attacks run, with what budget, in which norm."""
+
+    names: tuple[str, ...]
+    steps: tuple[int, ...]
+    norm: float
+
+    def functions(self) -> list[functools.partial[torch.Tensor]]:
+        return [
+            functools.partial(ATTACKS[name], steps=steps)
+            for name, steps in zip(self.names, self.steps, strict=True)
+        ]
+
+
+def state_dict_sha256(model: torch.nn.Module) -> str:
+    digest = hashlib.sha256()
+    for key, value in sorted(model.state_dict().items()):
+        digest.update(key.encode())
+        digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def cache_key(model_hash: str, data_id: str, indices: np.ndarray, plan: AttackPlan) -> str:
+    description = {
+        "model": model_hash,
+        "data": data_id,
+        "indices": hashlib.sha256(np.ascontiguousarray(indices).tobytes()).hexdigest(),
+        "attacks": list(plan.names),
+        "steps": list(plan.steps),
+        "norm": "inf" if math.isinf(plan.norm) else plan.norm,
+        "chunk": CHUNK_SIZE,
+    }
+    return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def chunk_count(size: int) -> int:
+    return (size + CHUNK_SIZE - 1) // CHUNK_SIZE
+
+
+def shard_chunks(size: int, shard: int, num_shards: int) -> list[int]:
+    return list(range(shard, chunk_count(size), num_shards))
+
+
+def missing_chunks(folder: Path, size: int) -> list[int]:
+    return [i for i in range(chunk_count(size)) if not (folder / f"chunk-{i:05d}.npz").exists()]
+
+
+def _save_chunk(folder: Path, index: int, result: MarginResult) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    final = folder / f"chunk-{index:05d}.npz"
+    temporary = folder / f".chunk-{index:05d}.{os.getpid()}.npz"
+    arrays = {f"attack:{name}": radius for name, radius in result.per_attack.items()}
+    np.savez(temporary, radius=result.radius, censored_at=result.censored_at, **arrays)
+    with temporary.open("rb") as handle:
+        os.fsync(handle.fileno())
+    temporary.replace(final)
+
+
+def compute_chunks(
+    folder: Path,
+    model: torch.nn.Module,
+    inputs: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    plan: AttackPlan,
+    chunks: Sequence[int],
+    batch_size: int,
+    progress: bool,
+) -> None:
+    """Attack the given chunks that are not cached yet, saving each as soon as it is done."""
+    for index in chunks:
+        if (folder / f"chunk-{index:05d}.npz").exists():
+            continue
+        part = slice(index * CHUNK_SIZE, (index + 1) * CHUNK_SIZE)
+        result = input_margins(
+            model,
+            inputs[part],
+            labels[part],
+            norm=plan.norm,
+            attacks=plan.functions(),
+            batch_size=batch_size,
+            progress=progress,
+        )
+        _save_chunk(folder, index, result)
+
+
+def load_chunks(folder: Path, size: int, plan: AttackPlan) -> MarginResult:
+    """Merge every chunk into one result; raises FileNotFoundError naming the missing ones."""
+    missing = missing_chunks(folder, size)
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} of {chunk_count(size)} chunks missing: {missing}")
+    parts = []
+    for index in range(chunk_count(size)):
+        with np.load(folder / f"chunk-{index:05d}.npz") as archive:
+            parts.append({key: archive[key] for key in archive.files})
+    per_attack = {name: np.concatenate([p[f"attack:{name}"] for p in parts]) for name in plan.names}
+    radius = np.concatenate([p["radius"] for p in parts])
+    return MarginResult(
+        radius=radius,
+        success=np.isfinite(radius),
+        per_attack=per_attack,
+        censored_at=np.concatenate([p["censored_at"] for p in parts]),
+        norm=plan.norm,
+    )

@@ -1,0 +1,154 @@
+"""Turn measured margins and scores into the figures of `calibration.json`."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from calibration.artifact import (
+    AttackBudget,
+    CalibrationRecord,
+    Curve,
+    DataSource,
+    PseudoMarginFacts,
+    RobustAccuracyEstimate,
+    ThreatModel,
+)
+from calibration.config import CalibrationConfig
+from calibration.estimators import estimate_robust_accuracy, fit_live_curve
+from calibration.margins import MarginResult
+from calibration.metrics import detection_metrics, kendall_tau, nonrobust_mask
+from calibration.report import ReportData
+from calibration.threshold import make_threshold_rule
+
+
+def _probability(value: float) -> float:
+    """Clip float noise (and the nan of an empty interval) into the schema's [0, 1]."""
+    return float(np.clip(np.nan_to_num(value, nan=0.0), 0.0, 1.0))
+
+
+def build_record(
+    *,
+    config: CalibrationConfig,
+    version: str,
+    model_sha256: str,
+    input_shape: list[int],
+    class_names: list[str],
+    margins: MarginResult,
+    subset_scores: np.ndarray,
+    subset_correct: np.ndarray,
+    big_scores: np.ndarray,
+    big_correct: np.ndarray,
+    guard_band: float,
+    pseudo_facts: PseudoMarginFacts | None,
+    attacks: list[AttackBudget],
+    subset_source: DataSource,
+    big_source: DataSource,
+    duration_s: float,
+    software: dict[str, str],
+) -> CalibrationRecord:
+    eps = config.resolved_eps
+    nonrobust = nonrobust_mask(margins.radius, margins.success, eps)
+    robust = ~nonrobust
+    detection = detection_metrics(nonrobust, subset_scores)
+    rule = make_threshold_rule(
+        config.threshold_rule,
+        target_tpr=config.target_tpr if config.threshold_rule == "target-tpr" else None,
+    )
+    threshold = rule(subset_scores, nonrobust)
+    estimates = [
+        estimate_robust_accuracy(
+            subset_scores,
+            subset_correct,
+            robust,
+            big_scores,
+            big_correct,
+            threshold_rule=rule,
+            method=method,
+            bootstrap=config.bootstrap,
+            seed=config.seed,
+        )
+        for method in ("count", "regression")
+    ]
+    as_records = [
+        RobustAccuracyEstimate(
+            method=e.method,
+            estimate=_probability(e.estimate),
+            ci_low=_probability(e.ci_low),
+            ci_high=_probability(e.ci_high),
+        )
+        for e in estimates
+    ]
+    live = fit_live_curve(subset_scores, subset_correct, robust).to_dict()
+    not_brittle = subset_scores >= threshold
+    precision = (subset_correct & robust)[not_brittle].mean() if not_brittle.any() else 0.0
+    return CalibrationRecord(
+        model_name=config.resolved_model_name,
+        version=version,
+        model_sha256=model_sha256,
+        input_shape=input_shape,
+        class_names=class_names,
+        threat_model=ThreatModel(norm=config.norm, eps=eps),
+        score_kind="pseudo-margin" if pseudo_facts and pseudo_facts.chosen else "logit-margin",
+        threshold=float(threshold),
+        threshold_rule=config.threshold_rule
+        + (f"@{config.target_tpr:g}" if config.threshold_rule == "target-tpr" else ""),
+        guard_band=guard_band,
+        subset=subset_source,
+        big_set=big_source,
+        attacks=attacks,
+        censored=int((~margins.success).sum()),
+        kendall_tau=kendall_tau(margins.radius, subset_scores),
+        auroc=detection.auroc,
+        aupr=detection.aupr,
+        fpr_at_95_tpr=detection.fpr_at_95_tpr,
+        subset_clean_accuracy=float(subset_correct.mean()),
+        subset_robust_accuracy=float((subset_correct & robust).mean()),
+        big_set_clean_accuracy=float(big_correct.mean()),
+        robust_accuracy=next(e for e in as_records if e.method == config.estimator),
+        robust_accuracy_estimates=as_records,
+        precision_not_brittle=_probability(float(precision)),
+        live_curve=Curve(knots_x=live["knots_x"], knots_y=live["knots_y"]),
+        pseudo_margin=pseudo_facts,
+        created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        duration_s=duration_s,
+        software=software,
+    )
+
+
+def report_data(
+    record: CalibrationRecord, margins: MarginResult, scores: np.ndarray, correct: np.ndarray
+) -> ReportData:
+    """What the HTML report shows for `record`, with the subset's per-point arrays."""
+    estimate = record.robust_accuracy
+    headline: dict[str, str | float | int] = {
+        "model": record.model_name,
+        "version": record.version,
+        "threat model": f"{record.threat_model.norm}, ε = {record.threat_model.eps:g}",
+        "score": record.score_kind,
+        f"robust accuracy ({estimate.method})": (
+            f"{estimate.estimate:.3f} [{estimate.ci_low:.3f}, {estimate.ci_high:.3f}]"
+        ),
+    }
+    summary = {
+        key: (value if isinstance(value, str | int | float) else str(value))
+        for key, value in record.model_dump(
+            mode="json", exclude={"live_curve", "robust_accuracy", "software"}
+        ).items()
+    }
+    for item in record.robust_accuracy_estimates:
+        summary[f"robust accuracy, {item.method}"] = (
+            f"{item.estimate:.4f} [{item.ci_low:.4f}, {item.ci_high:.4f}]"
+        )
+    return ReportData(
+        margins=margins.radius,
+        success=margins.success,
+        scores=scores,
+        correct=correct,
+        eps=record.threat_model.eps,
+        threshold=record.threshold,
+        title=f"marginwatch calibration: {record.model_name} {record.version}",
+        summary=summary,
+        headline=headline,
+    )

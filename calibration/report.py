@@ -1,0 +1,193 @@
+"""The calibration report: one self-contained HTML page a reviewer can read at a glance.
+
+Plots are inline base64 PNGs and the CSS is inline, so the page can be mailed or served from the
+artifact store as one file with no external fetch. matplotlib is imported inside the plotting
+helpers (the service imports this package without it) and drawn through the object-oriented
+``Figure`` API on the Agg canvas, leaving pyplot's global backend state untouched.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import html
+import io
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from calibration.metrics import detection_metrics, kendall_tau, roc_curve
+from calibration.threshold import flag_rates
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+__all__ = ["ReportData", "render_report"]
+
+Value = str | float | int
+
+_CORRECT, _WRONG = "#1f77b4", "#d62728"
+_CSS = """
+body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
+h1{font-size:1.5em;margin-bottom:.2em}
+.cards{display:flex;flex-wrap:wrap;gap:.6em;margin:1em 0}
+.card{border:1px solid #ccc;border-radius:6px;padding:.5em .9em;background:#f7f7f7}
+.card b{display:block;font-size:1.25em}
+.card span{font-size:.8em;color:#555}
+.plots{display:flex;flex-wrap:wrap;gap:1em}
+.plots img{width:100%;max-width:540px;border:1px solid #eee}
+table{border-collapse:collapse;margin-top:1em}
+td,th{border:1px solid #ccc;padding:.3em .7em;text-align:left}
+"""
+
+
+@dataclass(frozen=True, eq=False)
+class ReportData:
+    """Everything the report shows; arrays are per attacked-subset point.
+
+    ``margins``: input margin (for ``success == False`` a lower bound, possibly ``inf``);
+    ``scores``: detector score (larger = more robust); ``correct``: prediction matches label.
+    ``headline``: caller's key facts shown as cards before the computed τ, AUROC, λ and ε
+    (model, version, threat model, estimated robust accuracy with CI, ...); ``summary``: the
+    full table of figures, rendered in insertion order.
+    """
+
+    margins: np.ndarray
+    success: np.ndarray
+    scores: np.ndarray
+    correct: np.ndarray
+    eps: float
+    threshold: float
+    title: str
+    summary: Mapping[str, Value] = field(default_factory=dict)
+    headline: Mapping[str, Value] = field(default_factory=dict)
+
+
+def _fmt(value: Value) -> str:
+    """HTML-escaped display text; floats to 4 significant digits."""
+    if isinstance(value, float | np.floating):
+        return html.escape(f"{float(value):.4g}")
+    return html.escape(str(value))
+
+
+def _nonrobust(data: ReportData) -> np.ndarray:
+    """``margin <= eps``; a censored lower bound counts as robust (the report never raises)."""
+    return np.asarray(data.success, dtype=bool) & (np.asarray(data.margins) <= data.eps)
+
+
+def _png(fig: Figure) -> str:
+    """Render a figure to an ``<img>`` tag with an inline base64 PNG."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, metadata={"Software": None})
+    data = base64.b64encode(buf.getvalue()).decode("ascii")
+    return f'<img src="data:image/png;base64,{data}" alt="">'
+
+
+def _new_axes() -> tuple[Figure, Axes]:
+    """A fresh figure on its own Agg canvas (no pyplot, so no global backend switch)."""
+    # Lazy by design: only the report needs matplotlib, and the service must import without it.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5.4, 4.0), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig, fig.add_subplot()
+
+
+def _scatter_plot(data: ReportData) -> str:
+    """Margin vs score: consistency is visible as a monotone cloud; λ and ε split the quadrants."""
+    fig, ax = _new_axes()
+    d = np.asarray(data.margins, dtype=np.float64)
+    ok = np.asarray(data.success, dtype=bool)
+    correct = np.asarray(data.correct, dtype=bool)
+    finite = d[ok & np.isfinite(d)]
+    edge = 1.05 * max(float(finite.max()) if finite.size else 0.0, data.eps * 2.0)
+    for mask_c, colour, name in ((correct, _CORRECT, "correct"), (~correct, _WRONG, "wrong")):
+        sel = ok & mask_c
+        if np.any(sel):
+            ax.scatter(d[sel], data.scores[sel], s=8, c=colour, alpha=0.6, label=name)
+        cens = ~ok & mask_c
+        if np.any(cens):
+            xs = np.full(int(cens.sum()), edge)
+            label = f"{name}, censored (≥ bound)"
+            ax.scatter(xs, data.scores[cens], s=18, c=colour, marker=">", label=label)
+    ax.axvline(data.eps, color="k", ls="--", lw=1, label="ε")
+    ax.axhline(data.threshold, color="grey", ls=":", lw=1, label="λ")
+    ax.set_xlabel("input margin d(x)")
+    ax.set_ylabel("score s(x)")
+    ax.set_title("margin vs score")
+    ax.legend(fontsize=7)
+    return _png(fig)
+
+
+def _roc_plot(data: ReportData, nonrobust: np.ndarray, auroc: float) -> str:
+    """ROC of -score for non-robust points, with the operating point of λ."""
+    fig, ax = _new_axes()
+    fpr, tpr, _ = roc_curve(nonrobust, data.scores)
+    ax.plot(fpr, tpr, lw=1.5, label=f"AUROC = {auroc:.3f}")
+    ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls=":")
+    rates = flag_rates(data.scores, nonrobust, data.threshold)
+    if np.isfinite(rates["fpr"]) and np.isfinite(rates["tpr"]):
+        ax.plot([rates["fpr"]], [rates["tpr"]], "o", color=_WRONG, label="λ operating point")
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate (non-robust flagged)")
+    ax.set_title("ROC, detector −score")
+    ax.legend(fontsize=8, loc="lower right")
+    return _png(fig)
+
+
+def _hist_plot(data: ReportData, nonrobust: np.ndarray) -> str:
+    """Score distributions of robust vs non-robust points; their overlap is the error at λ."""
+    fig, ax = _new_axes()
+    bins = np.histogram_bin_edges(np.r_[data.scores, data.threshold], bins=40).tolist()
+    for mask, colour, name in ((~nonrobust, _CORRECT, "robust"), (nonrobust, _WRONG, "non-robust")):
+        if np.any(mask):
+            ax.hist(data.scores[mask], bins=bins, alpha=0.55, color=colour, label=name)
+    ax.axvline(data.threshold, color="k", ls="--", lw=1, label="λ")
+    ax.set_xlabel("score s(x)")
+    ax.set_ylabel("count")
+    ax.set_title("score by robustness at ε")
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def _cards(items: Mapping[str, Value]) -> str:
+    return "".join(
+        f'<div class="card"><span>{html.escape(k)}</span><b>{_fmt(v)}</b></div>'
+        for k, v in items.items()
+    )
+
+
+def _table(items: Mapping[str, Value]) -> str:
+    rows = "".join(
+        f"<tr><th>{html.escape(k)}</th><td>{_fmt(v)}</td></tr>" for k, v in items.items()
+    )
+    return f"<table>{rows}</table>"
+
+
+def render_report(data: ReportData) -> str:
+    """The whole report as one HTML string (title, headline cards, three plots, table)."""
+    scores = np.asarray(data.scores, dtype=np.float64)
+    data = dataclasses.replace(data, scores=scores)
+    nonrobust = _nonrobust(data)
+    det = detection_metrics(nonrobust, scores)
+    computed: dict[str, Value] = {
+        "Kendall τ": kendall_tau(np.asarray(data.margins, dtype=np.float64), scores),
+        "AUROC": det.auroc,
+        "λ": float(data.threshold),
+        "ε": float(data.eps),
+        "attacked points": int(scores.size),
+    }
+    plots = (
+        _scatter_plot(data) + _roc_plot(data, nonrobust, det.auroc) + _hist_plot(data, nonrobust)
+    )
+    title = html.escape(data.title)
+    return (
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
+        f"<style>{_CSS}</style></head><body><h1>{title}</h1>"
+        f'<div class="cards">{_cards(data.headline)}{_cards(computed)}</div>'
+        f'<div class="plots">{plots}</div>{_table(data.summary)}</body></html>\n'
+    )

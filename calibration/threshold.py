@@ -1,0 +1,134 @@
+"""Choosing λ on the attacked subset; at serve time a decision is flagged brittle iff score < λ.
+
+Both rules return the midpoint of the open interval of λ values that produce the chosen flag set
+on the subset (between two consecutive distinct scores), the usual max-margin choice: it keeps
+the subset's flags unchanged under small score noise on either side, and it makes the two rules
+return the same λ whenever they select the same flags. Pure numpy, importable by the service.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+
+import numpy as np
+
+__all__ = [
+    "THRESHOLD_RULES",
+    "ThresholdRule",
+    "flag_rates",
+    "make_threshold_rule",
+    "threshold_at_tpr",
+    "threshold_matching_fraction",
+]
+
+ThresholdRule = Callable[[np.ndarray, np.ndarray], float]
+"""``rule(scores, nonrobust) -> λ``, the shape the estimators refit on every bootstrap draw."""
+
+
+def _validate(scores: np.ndarray, nonrobust: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    s = np.asarray(scores, dtype=np.float64)
+    y = np.asarray(nonrobust)
+    if s.ndim != 1 or s.shape != y.shape or s.size == 0:
+        raise ValueError(f"expected two non-empty 1-d arrays of equal length: {s.shape}, {y.shape}")
+    if y.dtype != np.bool_:
+        raise ValueError(f"nonrobust must be a boolean array, got dtype {y.dtype}")
+    if not np.all(np.isfinite(s)):
+        raise ValueError("scores must be finite")
+    return s, y
+
+
+def _lambda_flagging_k(sorted_scores: np.ndarray, k: int) -> float:
+    """λ that flags (score < λ) the ``k`` smallest scores: midpoint of s_(k) and s_(k+1).
+
+    ``k = 0`` gives s_(1) (nothing flagged); ``k = n`` gives the next float above s_(n)
+    (everything flagged; there is no upper order statistic to take a midpoint with). With a tie
+    across the cut, the midpoint equals the tied value and the tied points stay unflagged, so
+    ties round the flagged count *down*.
+    """
+    n = sorted_scores.size
+    if k <= 0:
+        return float(sorted_scores[0])
+    if k >= n:
+        return float(np.nextafter(sorted_scores[-1], np.inf))
+    lo, hi = float(sorted_scores[k - 1]), float(sorted_scores[k])
+    mid = lo + (hi - lo) / 2.0
+    return mid if mid > lo else hi  # adjacent floats: the midpoint may round down onto lo
+
+
+def threshold_matching_fraction(scores: np.ndarray, nonrobust: np.ndarray) -> float:
+    """λ whose flagged fraction on the subset equals the subset's non-robust fraction.
+
+    The paper's default rule: with k non-robust points among n, λ sits midway between the k-th
+    and (k+1)-th smallest scores, so exactly k points score below it (fewer if tied at the cut).
+    """
+    s, y = _validate(scores, nonrobust)
+    return _lambda_flagging_k(np.sort(s), int(y.sum()))
+
+
+def threshold_at_tpr(scores: np.ndarray, nonrobust: np.ndarray, target_tpr: float) -> float:
+    """The least-flagging λ whose TPR (non-robust points with score < λ) is >= ``target_tpr``.
+
+    With P non-robust points the TPR is reached once the m = ceil(target · P) lowest-scoring
+    non-robust points are flagged; every λ in (p_(m), next distinct score above p_(m)] flags
+    the same subset points, and we return that interval's midpoint (see the module docstring).
+    With no non-robust point there is nothing to catch and λ = min(score) flags nothing; this
+    keeps bootstrap resamples of a very robust subset well defined.
+    """
+    if not 0.0 <= target_tpr <= 1.0:
+        raise ValueError(f"target_tpr must lie in [0, 1], got {target_tpr}")
+    s, y = _validate(scores, nonrobust)
+    n_pos = int(y.sum())
+    m = math.ceil(target_tpr * n_pos - 1e-9)
+    if m <= 0:
+        return float(np.min(s))
+    p_m = np.sort(s[y])[m - 1]
+    sorted_all = np.sort(s)
+    return _lambda_flagging_k(sorted_all, int(np.searchsorted(sorted_all, p_m, side="right")))
+
+
+THRESHOLD_RULES: dict[str, Callable[..., float]] = {
+    "match-fraction": threshold_matching_fraction,
+    "target-tpr": threshold_at_tpr,
+}
+"""Rule name (as written in the calibration artifact) → function; see make_threshold_rule."""
+
+
+def make_threshold_rule(name: str, *, target_tpr: float | None = None) -> ThresholdRule:
+    """Bind a named rule to its parameters, giving the ``(scores, nonrobust) -> λ`` shape.
+
+    ``target_tpr`` is required by ``"target-tpr"`` and refused by ``"match-fraction"``, so a
+    result-changing parameter is never silently defaulted or ignored.
+    """
+    if name not in THRESHOLD_RULES:
+        raise ValueError(f"unknown threshold rule {name!r}; choose from {sorted(THRESHOLD_RULES)}")
+    if name == "target-tpr":
+        if target_tpr is None:
+            raise ValueError("rule 'target-tpr' needs target_tpr")
+        return functools.partial(threshold_at_tpr, target_tpr=target_tpr)
+    if target_tpr is not None:
+        raise ValueError(f"rule {name!r} takes no target_tpr")
+    return THRESHOLD_RULES[name]
+
+
+def _ratio(num: int, den: int) -> float:
+    return num / den if den > 0 else float("nan")
+
+
+def flag_rates(scores: np.ndarray, nonrobust: np.ndarray, threshold: float) -> dict[str, float]:
+    """Operating point of ``flag = score < threshold``: tpr, fpr, flagged_fraction, precision.
+
+    A rate whose denominator is empty (no positives, no negatives, nothing flagged) is nan.
+    """
+    s, y = _validate(scores, nonrobust)
+    flagged = s < threshold
+    tp = int(np.sum(flagged & y))
+    fp = int(np.sum(flagged & ~y))
+    n_pos = int(y.sum())
+    return {
+        "tpr": _ratio(tp, n_pos),
+        "fpr": _ratio(fp, y.size - n_pos),
+        "flagged_fraction": _ratio(tp + fp, y.size),
+        "precision": _ratio(tp, tp + fp),
+    }

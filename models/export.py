@@ -1,0 +1,193 @@
+"""ONNX export with a dynamic batch axis, verified against torch before it is trusted.
+
+`marginwatch-export` writes a graph with outputs `logits` and `features`. The calibration job
+reuses `export_onnx` and `verify_export` for the serving graph (`logits`, `score`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from models.architectures import SplitClassifier
+from models.data import DATASETS, DataError, load_dataset, stratified_indices
+from models.registry import ModelError, load_model
+
+INPUT_NAME = "input"
+OPSET = 17
+
+
+class LogitsAndFeatures(nn.Module):
+    """The graph `marginwatch-export` writes: both outputs from one pass through the trunk."""
+
+    def __init__(self, model: SplitClassifier) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.model.features(inputs)
+        return self.model.head(features), features
+
+
+def export_onnx(
+    graph: nn.Module, input_shape: Sequence[int], path: Path, output_names: Sequence[str]
+) -> None:
+    """Write `graph` to `path` with input `input` (float32, N×`input_shape`), batch axis dynamic."""
+    graph.eval()
+    example = torch.rand(2, *input_shape)
+    dynamic_axes = {name: {0: "batch"} for name in [INPUT_NAME, *output_names]}
+    with warnings.catch_warnings():
+        # The TorchScript exporter is deprecated in favour of dynamo, which needs onnxscript;
+        # this one has no extra dependency and handles these graphs exactly.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.onnx.export(
+            graph,
+            (example,),
+            str(path),
+            input_names=[INPUT_NAME],
+            output_names=list(output_names),
+            dynamic_axes=dynamic_axes,
+            opset_version=OPSET,
+            dynamo=False,
+        )
+
+
+def onnx_session(path: Path, threads: int | None = None):  # type: ignore[no-untyped-def]
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def run_batched(session, inputs: np.ndarray, output: str, batch_size: int) -> np.ndarray:  # type: ignore[no-untyped-def]
+    parts = [
+        session.run([output], {INPUT_NAME: inputs[start : start + batch_size]})[0]
+        for start in range(0, len(inputs), batch_size)
+    ]
+    return np.concatenate(parts)
+
+
+@dataclass(frozen=True)
+class ExportCheck:
+    """Parity of ONNX Runtime with torch, and of batch 1 with batch 64 inside ONNX Runtime."""
+
+    output: str
+    samples: int
+    max_abs_diff_vs_torch: float
+    label_mismatches_vs_torch: int
+    max_abs_diff_batch1_vs_64: float
+    label_flips_batch1_vs_64: int
+
+    def problems(self, tolerance: float) -> list[str]:
+        found = []
+        if self.max_abs_diff_vs_torch > tolerance:
+            found.append(
+                f"{self.output}: ONNX Runtime differs from torch by "
+                f"{self.max_abs_diff_vs_torch:.2e} > {tolerance:.0e}"
+            )
+        if self.label_mismatches_vs_torch:
+            found.append(f"{self.label_mismatches_vs_torch} labels differ from torch")
+        if self.label_flips_batch1_vs_64:
+            found.append(f"{self.label_flips_batch1_vs_64} labels flip between batch 1 and 64")
+        return found
+
+
+def verify_export(
+    path: Path, reference: torch.Tensor, inputs: np.ndarray, output: str, logits: torch.Tensor
+) -> ExportCheck:
+    """Compare `output` of the ONNX file at `path` with `reference` (torch's, same inputs);
+    labels come from `logits` in torch and from the graph's `logits` output in ONNX Runtime."""
+    session = onnx_session(path)
+    at_64 = run_batched(session, inputs, output, 64)
+    at_1 = run_batched(session, inputs, output, 1)
+    onnx_labels_64 = run_batched(session, inputs, "logits", 64).argmax(1)
+    onnx_labels_1 = run_batched(session, inputs, "logits", 1).argmax(1)
+    return ExportCheck(
+        output=output,
+        samples=len(inputs),
+        max_abs_diff_vs_torch=float(np.abs(at_64 - reference.numpy()).max()),
+        label_mismatches_vs_torch=int((onnx_labels_64 != logits.argmax(1).numpy()).sum()),
+        max_abs_diff_batch1_vs_64=float(np.abs(at_1 - at_64).max()),
+        label_flips_batch1_vs_64=int((onnx_labels_1 != onnx_labels_64).sum()),
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="marginwatch-export",
+        description="Export a model to ONNX (outputs `logits` and `features`, dynamic batch axis) "
+        "and verify it: ONNX Runtime against torch, and batch 1 against batch 64.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "model",
+        help="shipped model (fmnist-cnn-pgd, fmnist-cnn-standard), "
+        "architecture name with --weights, TorchScript file, or module:factory",
+    )
+    parser.add_argument("--weights", type=Path, default=None, help="weights file for the model")
+    parser.add_argument("--out", type=Path, required=True, help="path of the .onnx file to write")
+    parser.add_argument(
+        "--dataset",
+        default="fashion-mnist-subset",
+        help=f"verification data: {', '.join(DATASETS)} or an .npz path",
+    )
+    parser.add_argument("--data-dir", type=Path, default=None, help="folder of the dataset files")
+    parser.add_argument(
+        "--verify-samples", type=int, default=1000, help="test images used for the parity checks"
+    )
+    parser.add_argument(
+        "--tolerance", type=float, default=1e-4, help="largest accepted |ONNX − torch| on any logit"
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        model = load_model(args.model, args.weights)
+        data = load_dataset(args.dataset, "test", args.data_dir)
+        data = data.subset(stratified_indices(data.labels, min(args.verify_samples, len(data)), 0))
+    except (ModelError, DataError) as error:
+        print(f"marginwatch-export: {error}", file=sys.stderr)
+        return 2
+    if data.images.shape[1:] != tuple(model.input_shape):
+        print(
+            f"marginwatch-export: data shape {data.images.shape[1:]} does not match the "
+            f"model's input shape {tuple(model.input_shape)}",
+            file=sys.stderr,
+        )
+        return 2
+    graph = LogitsAndFeatures(model)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    export_onnx(graph, model.input_shape, args.out, ["logits", "features"])
+    inputs = data.float_images
+    with torch.no_grad():
+        logits, _ = graph(torch.from_numpy(inputs))
+    check = verify_export(args.out, logits, inputs, "logits", logits)
+    print(
+        f"wrote {args.out}; on {check.samples} images: max |ONNX − torch| logit "
+        f"{check.max_abs_diff_vs_torch:.2e}, label mismatches {check.label_mismatches_vs_torch}; "
+        f"batch 1 vs 64: max |Δlogit| {check.max_abs_diff_batch1_vs_64:.2e}, "
+        f"label flips {check.label_flips_batch1_vs_64}"
+    )
+    problems = check.problems(args.tolerance)
+    if problems:
+        args.out.unlink()
+        print("marginwatch-export: verification failed: " + "; ".join(problems), file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,222 @@
+"""The served model: one verified calibration version and its ONNX Runtime session.
+
+`ServedModel` follows the load/predict split: the constructor only stores where the version lies;
+`load()` verifies the artifact (schema and sha256, through `calibration.store.read_record`),
+creates the session and runs it once; `predict(x)` returns a `Prediction`. The score comes out of
+the graph itself (output `score`); the engine only compares it with λ. Nothing here knows HTTP.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from calibration.artifact import ONNX_FILE, CalibrationRecord
+from calibration.store import ArtifactError, read_record
+from service.errors import ModelNotReady
+
+INPUT_NAME = "input"
+LOGITS = "logits"
+SCORE = "score"
+PLATFORM = "onnxruntime_onnx"
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """How sessions are created: provider choice and thread counts (0: ORT's default)."""
+
+    device: str = "auto"
+    intra_op_threads: int = 0
+    inter_op_threads: int = 1
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Per-sample results of one execution; every array has the batch as its first axis."""
+
+    logits: np.ndarray
+    scores: np.ndarray
+    labels: np.ndarray
+    brittle: np.ndarray
+    borderline: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def take(self, start: int, stop: int) -> Prediction:
+        """The samples `start:stop`, as views (no copy)."""
+        return Prediction(
+            self.logits[start:stop],
+            self.scores[start:stop],
+            self.labels[start:stop],
+            self.brittle[start:stop],
+            self.borderline[start:stop],
+        )
+
+    def probabilities(self) -> np.ndarray:
+        """Softmax of the logits, computed in float64 for stability."""
+        shifted = self.logits.astype(np.float64) - self.logits.max(axis=1, keepdims=True)
+        exp = np.exp(shifted)
+        return (exp / exp.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    datatype: str
+    shape: list[int]
+
+
+@dataclass(frozen=True)
+class ModelMetadata:
+    """What clients may know about a loaded version (OIP model metadata plus calibration facts)."""
+
+    name: str
+    version: str
+    platform: str
+    providers: list[str]
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    calibration: dict[str, Any]
+
+
+def choose_providers(device: str) -> list[str]:
+    """CUDA first when asked for (or `auto`) and available, then CPU."""
+    available = ort.get_available_providers()
+    if device == "cuda" and CUDA not in available:
+        raise ArtifactError(
+            "device=cuda, but ONNX Runtime offers no CUDA provider (install onnxruntime-gpu)"
+        )
+    if device in ("auto", "cuda") and CUDA in available:
+        return [CUDA, CPU]
+    return [CPU]
+
+
+def calibration_timestamp_s(record: CalibrationRecord) -> float:
+    """`created_at` as seconds since the epoch (0 when it cannot be parsed)."""
+    try:
+        return datetime.fromisoformat(record.created_at).timestamp()
+    except ValueError:
+        return 0.0
+
+
+class ServedModel:
+    """One calibration version of one model, loaded into an ONNX Runtime session."""
+
+    def __init__(self, name: str, version_dir: Path, options: EngineOptions) -> None:
+        self.name = name
+        self.version_dir = version_dir
+        self.options = options
+        self._loaded: tuple[CalibrationRecord, ort.InferenceSession] | None = None
+
+    @property
+    def version(self) -> str:
+        return self.version_dir.name
+
+    @property
+    def ready(self) -> bool:
+        return self._loaded is not None
+
+    def _require(self) -> tuple[CalibrationRecord, ort.InferenceSession]:
+        if self._loaded is None:
+            raise ModelNotReady(f"model {self.name!r} version {self.version} is not loaded")
+        return self._loaded
+
+    @property
+    def record(self) -> CalibrationRecord:
+        return self._require()[0]
+
+    def load(self) -> None:
+        """Verify the artifact and open its session; raise `ArtifactError` on any problem."""
+        record = read_record(self.version_dir)
+        if record.model_name != self.name or record.version != self.version:
+            raise ArtifactError(
+                f"{self.version_dir} holds {record.model_name!r} version {record.version!r}, "
+                f"not {self.name!r} version {self.version!r}"
+            )
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = self.options.intra_op_threads
+        options.inter_op_num_threads = self.options.inter_op_threads
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        providers = choose_providers(self.options.device)
+        try:
+            session = ort.InferenceSession(
+                str(self.version_dir / ONNX_FILE), options, providers=providers
+            )
+        except Exception as error:  # ORT raises its own exception types, none exported stably
+            raise ArtifactError(f"ONNX Runtime cannot load {self.version_dir}: {error}") from error
+        _check_graph(session, record)
+        self._loaded = (record, session)
+
+    def predict(self, x: np.ndarray) -> Prediction:
+        """Labels, logits, scores and flags of a float32 batch N×C×H×W (already validated)."""
+        record, session = self._require()
+        logits, scores = session.run([LOGITS, SCORE], {INPUT_NAME: x})
+        return Prediction(
+            logits=logits,
+            scores=scores,
+            labels=logits.argmax(axis=1),
+            brittle=scores < record.threshold,
+            borderline=np.abs(scores - record.threshold) <= record.guard_band,
+        )
+
+    def metadata(self) -> ModelMetadata:
+        record, session = self._require()
+        batch_shape = [-1, *record.input_shape]
+        return ModelMetadata(
+            name=self.name,
+            version=self.version,
+            platform=PLATFORM,
+            providers=list(session.get_providers()),
+            inputs=[TensorSpec(INPUT_NAME, "FP32", batch_shape)],
+            outputs=[
+                TensorSpec(LOGITS, "FP32", [-1, len(record.class_names)]),
+                TensorSpec("label", "INT64", [-1]),
+                TensorSpec(SCORE, "FP32", [-1]),
+                TensorSpec("brittle", "BOOL", [-1]),
+                TensorSpec("borderline", "BOOL", [-1]),
+            ],
+            calibration=calibration_facts(record),
+        )
+
+
+def calibration_facts(record: CalibrationRecord) -> dict[str, Any]:
+    """The calibration facts a response carries in its `parameters`."""
+    return {
+        "calibration_version": record.version,
+        "threshold": record.threshold,
+        "guard_band": record.guard_band,
+        "score_kind": record.score_kind,
+        "threat_model": f"{record.threat_model.norm} eps={record.threat_model.eps:g}",
+        "robust_accuracy": record.robust_accuracy.estimate,
+        "precision_not_brittle": record.precision_not_brittle,
+        "calibrated_at": record.created_at,
+    }
+
+
+def _check_graph(session: ort.InferenceSession, record: CalibrationRecord) -> None:
+    """The graph must honour the serving contract, and run once on a zero input."""
+    inputs = [node.name for node in session.get_inputs()]
+    outputs = {node.name for node in session.get_outputs()}
+    if inputs != [INPUT_NAME] or not {LOGITS, SCORE} <= outputs:
+        raise ArtifactError(
+            f"the graph has inputs {inputs} and outputs {sorted(outputs)}; the service needs "
+            f"input {INPUT_NAME!r} and outputs {LOGITS!r}, {SCORE!r}"
+        )
+    probe = np.zeros((2, *record.input_shape), dtype=np.float32)
+    try:
+        logits, scores = session.run([LOGITS, SCORE], {INPUT_NAME: probe})
+    except Exception as error:
+        raise ArtifactError(f"the graph fails on a zero input: {error}") from error
+    if logits.shape != (2, len(record.class_names)) or scores.shape != (2,):
+        raise ArtifactError(
+            f"on a batch of 2 the graph gives logits {logits.shape} and score {scores.shape}; "
+            f"expected (2, {len(record.class_names)}) and (2,)"
+        )

@@ -1,0 +1,147 @@
+"""The Open Inference Protocol v2 subset: server and model metadata, health, readiness, infer
+(JSON and the binary tensor data extension). Parse, infer, serialise."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+
+from service.engine import INPUT_NAME, calibration_facts
+from service.errors import ModelNotReady
+from service.oip_binary import (
+    HEADER_LENGTH,
+    OUTPUT_DATATYPES,
+    OutputTensor,
+    encode_response,
+    input_array,
+    requested_outputs,
+    split_body,
+)
+from service.payload import (
+    JSON,
+    OCTET_STREAM,
+    check_batch,
+    check_content_type,
+    parse_json,
+    read_body,
+)
+from service.payload import validate as validate_schema
+from service.registry import ModelRegistry
+from service.schemas import (
+    ERROR_RESPONSES,
+    InferenceRequest,
+    InferenceResponse,
+    LiveResponse,
+    ModelMetadataResponse,
+    ReadyResponse,
+    ServerMetadata,
+    request_body,
+)
+from service.settings import Settings
+
+SERVER_NAME = "marginwatch"
+SERVER_VERSION = "0.1.0"
+EXTENSIONS = ["binary_tensor_data"]
+
+
+def build_health_router(registry: ModelRegistry) -> APIRouter:
+    router = APIRouter(tags=["health"])
+
+    @router.get("/v2/health/live", response_model=LiveResponse)
+    async def v2_live() -> LiveResponse:
+        return LiveResponse(live=True)
+
+    @router.get("/v2/health/ready", response_model=ReadyResponse, responses=ERROR_RESPONSES)
+    async def v2_ready() -> ReadyResponse:
+        if not registry.ready():
+            missing = [name for name in registry.names() if not _is_ready(registry, name)]
+            raise ModelNotReady(
+                f"not ready: no verified version loaded for {missing or 'any model'}"
+            )
+        return ReadyResponse(ready=True)
+
+    return router
+
+
+def _is_ready(registry: ModelRegistry, name: str) -> bool:
+    try:
+        registry.get(name)
+    except ModelNotReady:
+        return False
+    return True
+
+
+def build_v2_router(registry: ModelRegistry, settings: Settings) -> APIRouter:
+    router = APIRouter(tags=["v2"], responses=ERROR_RESPONSES)
+
+    @router.get("/v2", response_model=ServerMetadata)
+    async def v2_server_metadata() -> ServerMetadata:
+        return ServerMetadata(name=SERVER_NAME, version=SERVER_VERSION, extensions=EXTENSIONS)
+
+    @router.get("/v2/models/{name}", response_model=ModelMetadataResponse)
+    async def v2_model_metadata(name: str) -> ModelMetadataResponse:
+        meta = registry.get(name).model.metadata()
+        return ModelMetadataResponse.model_validate(
+            {
+                "name": meta.name,
+                "versions": [meta.version],
+                "platform": meta.platform,
+                "inputs": [vars(spec) for spec in meta.inputs],
+                "outputs": [vars(spec) for spec in meta.outputs],
+                "parameters": {**meta.calibration, "providers": meta.providers},
+            }
+        )
+
+    @router.get("/v2/models/{name}/ready", response_model=ReadyResponse)
+    async def v2_model_ready(name: str) -> ReadyResponse:
+        registry.get(name)
+        return ReadyResponse(ready=True)
+
+    @router.post(
+        "/v2/models/{name}/infer",
+        response_model=InferenceResponse,
+        openapi_extra=request_body(InferenceRequest, JSON, OCTET_STREAM),
+        summary="Infer (JSON, or the binary tensor data extension)",
+    )
+    async def v2_infer(name: str, request: Request) -> Response:
+        registry.get(name)
+        check_content_type(request, (JSON, OCTET_STREAM))
+        body = await read_body(request, settings.max_body_bytes)
+        header, binary = split_body(body, request.headers.get(HEADER_LENGTH))
+        parsed = validate_schema(InferenceRequest, parse_json(header))
+        outputs = requested_outputs(parsed)
+        deployment = registry.get(name)
+        record = deployment.model.record
+        x = check_batch(
+            input_array(parsed, binary, INPUT_NAME),
+            input_shape=record.input_shape,
+            input_range=record.input_range,
+            max_inputs=settings.max_inputs_per_request,
+            what=f"input {INPUT_NAME!r}",
+        )
+        prediction = await deployment.infer(x)
+        arrays = {
+            "logits": prediction.logits,
+            "label": prediction.labels,
+            "score": prediction.scores,
+            "brittle": prediction.brittle,
+            "borderline": prediction.borderline,
+        }
+        content, header_length = encode_response(
+            {
+                "model_name": name,
+                "model_version": record.version,
+                "id": parsed.id,
+                "parameters": calibration_facts(record),
+            },
+            [
+                OutputTensor(out, OUTPUT_DATATYPES[out], arrays[out], binary)
+                for out, binary in outputs
+            ],
+        )
+        if header_length is None:
+            return Response(content, media_type=JSON)
+        return Response(
+            content, media_type=OCTET_STREAM, headers={HEADER_LENGTH: str(header_length)}
+        )
+
+    return router

@@ -1,0 +1,12 @@
+"""Shared fixtures: the shipped test subset and small, fast helpers."""
+
+from __future__ import annotations
+
+import pytest
+
+from models.data import Dataset, load_dataset
+
+
+@pytest.fixture(scope="session")
+def fashion_subset() -> Dataset:
+    return load_dataset("fashion-mnist-subset", "test")

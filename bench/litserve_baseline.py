@@ -4,8 +4,6 @@ for the side-by-side in `bench/serve_load.py`. LitServe is installed only for th
     python bench/litserve_baseline.py --onnx model.onnx --port 8002
 """
 
-from __future__ import annotations
-
 import argparse
 from typing import Any
 

@@ -8,7 +8,7 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION: Literal[1] = 1
 ONNX_FILE = "model.onnx"
 RECORD_FILE = "calibration.json"
 REPORT_FILE = "report.html"

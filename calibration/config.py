@@ -15,7 +15,7 @@ from calibration.margin_cache import AttackPlan
 from calibration.threshold import THRESHOLD_RULES
 
 DEFAULT_EPS: dict[str, float] = {"linf": 0.1, "l2": 1.5}
-DEFAULT_ATTACKS: dict[str, tuple[str, ...]] = {"linf": ("fmn", "fab"), "l2": ("fmn", "ddn")}
+DEFAULT_ATTACKS: dict[str, tuple[str, ...]] = {"linf": ("fmn", "fab-top3"), "l2": ("fmn", "ddn")}
 NORM_VALUES: dict[str, float] = {"linf": math.inf, "l2": 2.0}
 PseudoMarginMode = Literal["auto", "always", "never"]
 

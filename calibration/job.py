@@ -160,8 +160,9 @@ def load_margins(config: CalibrationConfig, folder: Path, size: int) -> MarginRe
 
 def pseudo_margin_training(
     config: CalibrationConfig, inputs: Inputs, subset: np.ndarray
-) -> tuple[np.ndarray, MarginResult]:
-    """Features (or logits) and margins of attacked training points, disjoint from the subset."""
+) -> tuple[np.ndarray, MarginResult] | None:
+    """Features (or logits) and margins of attacked training points, disjoint from the subset.
+    In shard mode only attacks this shard's part of them and returns None."""
     if inputs.train_data is not None:
         source, tag, pool = inputs.train_data, "train", np.arange(len(inputs.train_data))
     else:
@@ -181,6 +182,8 @@ def pseudo_margin_training(
         data_id=f"{config.dataset}:{tag}:pseudo",
         indices=chosen,
     )
+    if config.shard is not None:
+        return None
     return outputs.score_inputs(config.pseudo_input), load_margins(config, folder, count)
 
 
@@ -199,7 +202,10 @@ def choose_score(
     )
     if not wanted:
         return ServingGraph(inputs.model), None
-    features, train_margins = pseudo_margin_training(config, inputs, subset_indices_)
+    training = pseudo_margin_training(config, inputs, subset_indices_)
+    if training is None:
+        raise CalibrationError("pseudo-margin training points are not attacked")
+    features, train_margins = training
     radius = np.where(train_margins.success, train_margins.radius, train_margins.censored_at)
     regressor = PseudoMarginRegressor(seed=config.seed, epochs=config.pseudo_epochs)
     regressor.fit(features, radius)
@@ -312,7 +318,11 @@ def run(config: CalibrationConfig) -> RunResult:
         indices=subset,
     )
     if config.shard is not None:
-        attack()  # shards write disjoint chunk files atomically: no lock needed
+        # Shards write disjoint chunk files atomically: no lock needed. They also attack their
+        # part of the pseudo-margin's training points, which `--merge` may need.
+        attack()
+        if config.pseudo_margin != "never":
+            pseudo_margin_training(config, inputs, subset)
         return RunResult(None, None, shard_done=config.shard)
     name = config.resolved_model_name
     with store.model_lock(config.store, name):

@@ -76,11 +76,13 @@ def missing_chunks(folder: Path, size: int) -> list[int]:
     return [i for i in range(chunk_count(size)) if not (folder / f"chunk-{i:05d}.npz").exists()]
 
 
-def _save_chunk(folder: Path, index: int, result: MarginResult) -> None:
+def _save_chunk(folder: Path, index: int, result: MarginResult, plan: AttackPlan) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"chunk-{index:05d}.npz"
     temporary = folder / f".chunk-{index:05d}.{os.getpid()}.npz"
-    arrays = {f"attack:{name}": radius for name, radius in result.per_attack.items()}
+    # per_attack follows the plan's order; store it under the plan's names
+    radii = result.per_attack.values()
+    arrays = {f"attack:{name}": r for name, r in zip(plan.names, radii, strict=True)}
     np.savez(temporary, radius=result.radius, censored_at=result.censored_at, **arrays)
     with temporary.open("rb") as handle:
         os.fsync(handle.fileno())
@@ -112,7 +114,7 @@ def compute_chunks(
             batch_size=batch_size,
             progress=progress,
         )
-        _save_chunk(folder, index, result)
+        _save_chunk(folder, index, result, plan)
 
 
 def load_chunks(folder: Path, size: int, plan: AttackPlan) -> MarginResult:

@@ -94,7 +94,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await registry.start()
-        logger.info("ready: serving %s from %s", registry.names(), settings.store)
+        logger.info("started: models %s from %s (ready: %s)", registry.names(), settings.store,
+                    registry.ready())  # fmt: skip
         try:
             yield
         finally:

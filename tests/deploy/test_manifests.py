@@ -1,0 +1,214 @@
+"""The deployment files agree with the code: every metric the dashboard and the rules query is
+one the service exports, every setting they set is a real one, every probe path and CLI flag
+exists. Text checks only (no YAML parser is a dependency), so they run in milliseconds.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "deploy"
+K8S = DEPLOY / "kubernetes"
+RULES = DEPLOY / "prometheus" / "rules.yml"
+DASHBOARD = DEPLOY / "grafana" / "marginwatch-dashboard.json"
+COMPOSE = DEPLOY / "compose"
+
+# A metric name not preceded by `:` (which would make it part of a recording rule's name).
+METRIC_NAME = re.compile(r"(?<![\w:])marginwatch_[a-z0-9_]+")
+RECORDED_NAME = re.compile(r"\b[a-z_]+:[a-z0-9_]+:[a-z0-9_]+\b")
+SUFFIXES = {
+    "Counter": ("_total", "_created"),
+    "Gauge": ("",),
+    "Histogram": ("_bucket", "_sum", "_count", "_created"),
+    "Summary": ("_sum", "_count", "_created"),
+    "Info": ("_info",),
+}
+KINDS = {
+    "namespace.yaml": ["Namespace"],
+    "configmap.yaml": ["ConfigMap"],
+    "pvc.yaml": ["PersistentVolumeClaim"],
+    "deployment.yaml": ["Deployment"],
+    "service.yaml": ["Service"],
+    "hpa.yaml": ["HorizontalPodAutoscaler"],
+    "calibration-cronjob.yaml": ["CronJob"],
+    "calibration-sharded-job.yaml": ["Job", "Job"],
+    "kustomization.yaml": ["Kustomization"],
+}
+
+
+def service_source() -> str:
+    return "\n".join(path.read_text() for path in sorted((ROOT / "service").glob("*.py")))
+
+
+def exported_metrics() -> set[str]:
+    """Sample names the service's collectors expose, from their constructors in metrics.py."""
+    source = (ROOT / "service" / "metrics.py").read_text()
+    names = set()
+    for kind, base in re.findall(r"\b(Counter|Gauge|Histogram|Summary|Info)\(\s*\"(\w+)\"", source):
+        names.update(base + suffix for suffix in SUFFIXES[kind])
+    return names
+
+
+def dashboard_queries() -> Iterator[str]:
+    def walk(node: object) -> Iterator[str]:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key in ("expr", "definition") and isinstance(value, str):
+                    yield value
+                else:
+                    yield from walk(value)
+        elif isinstance(node, list):
+            for item in node:
+                yield from walk(item)
+
+    return walk(json.loads(DASHBOARD.read_text()))
+
+
+def settings_fields() -> set[str]:
+    source = (ROOT / "service" / "settings.py").read_text()
+    body = source.split("class Settings(BaseSettings):", 1)[1]
+    return set(re.findall(r"^    ([a-z_]+): ", body, re.MULTILINE))
+
+
+def documents(path: Path) -> list[str]:
+    return [doc for doc in re.split(r"^---\s*$", path.read_text(), flags=re.MULTILINE) if doc]
+
+
+def test_exported_metrics_are_found() -> None:
+    names = exported_metrics()
+    assert {"marginwatch_requests_total", "marginwatch_score_bucket"} <= names
+    assert "marginwatch_calibration_info" in names
+
+
+@pytest.mark.parametrize("source", ["dashboard", "rules"])
+def test_every_queried_metric_is_exported(source: str) -> None:
+    text = "\n".join(dashboard_queries()) if source == "dashboard" else RULES.read_text()
+    used = set(METRIC_NAME.findall(text))
+    assert used, f"no marginwatch metric found in the {source}"
+    assert used <= exported_metrics(), f"not exported: {sorted(used - exported_metrics())}"
+
+
+def test_recording_rules_used_are_defined() -> None:
+    rules = RULES.read_text()
+    defined = set(re.findall(r"^\s*- record: (\S+)$", rules, re.MULTILINE))
+    used = set(RECORDED_NAME.findall(rules + "\n".join(dashboard_queries())))
+    assert used <= defined, f"undefined recording rules: {sorted(used - defined)}"
+    assert re.findall(r"^\s*- alert: \w+$", rules, re.MULTILINE)
+
+
+def test_label_values_and_endpoints_exist_in_the_service() -> None:
+    text = RULES.read_text() + "\n".join(dashboard_queries())
+    source = service_source()
+    for value in set(re.findall(r'\b(?:brittle|result)="(\w+)"', text)):
+        assert f'"{value}"' in source, value
+    for endpoints in set(re.findall(r'endpoint=~"([\w|]+)"', text)):
+        for endpoint in endpoints.split("|"):
+            assert f"def {endpoint}(" in source, endpoint
+
+
+def test_dashboard_shape() -> None:
+    dashboard = json.loads(DASHBOARD.read_text())
+    assert 36 <= dashboard["schemaVersion"] <= 41
+    panels = [panel for panel in dashboard["panels"] if panel["type"] != "row"]
+    assert len({panel["id"] for panel in dashboard["panels"]}) == len(dashboard["panels"])
+    assert any(panel["type"] == "heatmap" for panel in panels)
+    assert all(panel["targets"] for panel in panels)
+
+
+@pytest.mark.parametrize(("name", "kinds"), sorted(KINDS.items()))
+def test_manifest_kinds(name: str, kinds: list[str]) -> None:
+    path = K8S / name
+    assert "\t" not in path.read_text()
+    found = [re.search(r"^kind: (\w+)$", doc, re.MULTILINE) for doc in documents(path)]
+    assert [match.group(1) for match in found if match] == kinds
+    assert all(re.search(r"^apiVersion: \S+$", doc, re.MULTILINE) for doc in documents(path))
+
+
+def test_kustomization_lists_the_reconciled_manifests() -> None:
+    listed = re.findall(r"^  - (\S+\.yaml)$", (K8S / "kustomization.yaml").read_text(), re.M)
+    expected = set(KINDS) - {"kustomization.yaml", "calibration-sharded-job.yaml"}
+    assert set(listed) == expected
+
+
+def test_probes_and_scrape_path_exist_in_the_service() -> None:
+    deployment = (K8S / "deployment.yaml").read_text()
+    source = service_source()
+    paths = set(re.findall(r"^\s+path: (/\S+)$", deployment, re.MULTILINE))
+    assert paths == {"/v2/health/live", "/v2/health/ready"}
+    assert re.search(r"readinessProbe:\s+httpGet:\s+path: /v2/health/ready", deployment)
+    assert re.search(r"livenessProbe:\s+httpGet:\s+path: /v2/health/live", deployment)
+    assert "prometheus.io/path: /metrics" in deployment
+    for path in [*paths, "/metrics"]:
+        assert f'"{path}"' in source, path
+    assert "readOnly: true" in deployment
+    assert "enableServiceLinks: false" in deployment
+    assert "preStop:" in deployment
+    assert "terminationGracePeriodSeconds:" in deployment
+
+
+def test_calibration_jobs() -> None:
+    cronjob = (K8S / "calibration-cronjob.yaml").read_text()
+    assert "concurrencyPolicy: Forbid" in cronjob
+    assert re.search(r"^\s+backoffLimit: \d+$", cronjob, re.MULTILINE)
+    assert "- --quiet" in cronjob
+    assert "- --json" in cronjob
+    sharded = (K8S / "calibration-sharded-job.yaml").read_text()
+    assert "completionMode: Indexed" in sharded
+    assert "--shard=$(JOB_COMPLETION_INDEX)" in sharded
+    completions = re.search(r"completions: (\d+)", sharded)
+    assert completions is not None
+    assert f"--num-shards={completions.group(1)}" in sharded
+
+
+def test_cli_flags_exist() -> None:
+    cli = (ROOT / "calibration" / "__main__.py").read_text()
+    for name in ("calibration-cronjob.yaml", "calibration-sharded-job.yaml"):
+        flags = re.findall(r"^\s+- (--[a-z-]+)", (K8S / name).read_text(), re.MULTILINE)
+        assert flags
+        for flag in flags:
+            assert f'"{flag}"' in cli, flag
+
+
+def test_every_setting_variable_is_a_field() -> None:
+    fields = settings_fields()
+    assert {"store", "port", "shutdown_timeout_s"} <= fields
+    texts = [
+        (K8S / "configmap.yaml").read_text(),
+        (COMPOSE / "docker-compose.yml").read_text(),
+        (ROOT / "Dockerfile").read_text(),
+    ]
+    variables = set(re.findall(r"\bMARGINWATCH_([A-Z0-9_]+)", "\n".join(texts)))
+    assert "STORE" in variables
+    assert {variable.lower() for variable in variables} <= fields
+
+
+def test_dockerfile_targets() -> None:
+    dockerfile = re.sub(r"^#.*\n", "", (ROOT / "Dockerfile").read_text(), flags=re.MULTILINE)
+    stages = re.findall(r"^FROM \S+ AS ([\w-]+)$", dockerfile, re.MULTILINE)
+    assert {"serve", "serve-gpu", "calibrate"} <= set(stages)
+    assert stages[-1] == "serve"  # a plain `docker build .` builds the CPU serving image
+    serve = dockerfile.split("AS serve\n", 1)[1]
+    build = dockerfile.split("AS build-cpu\n", 1)[1].split("\nFROM ", 1)[0]
+    assert "torch" not in serve + build
+    assert '".[cpu]"' in build
+    calibrate = dockerfile.split("AS calibrate\n", 1)[1].split("\nFROM ", 1)[0]
+    assert calibrate.index("torch==2.13.0") < calibrate.index('".[torch,cpu]"')
+    assert dockerfile.count("/v2/health/live") == 2
+    assert 'CMD ["marginwatch-serve", "--host", "0.0.0.0", "--port", "8000"]' in serve
+    scripts = (ROOT / "pyproject.toml").read_text()
+    assert "marginwatch-serve =" in scripts
+    assert "marginwatch-calibrate =" in scripts
+
+
+def test_compose_mounts_what_exists() -> None:
+    compose = (COMPOSE / "docker-compose.yml").read_text()
+    for source in re.findall(r"^\s+- (\.{1,2}/[^:]+):", compose, re.MULTILINE):
+        if source != "../../artifacts":  # the store ships with the repository (or is built)
+            assert (COMPOSE / source).exists(), source
+    assert "target: serve" in compose

@@ -125,7 +125,8 @@ def margins_for(
     data_id: str,
     indices: np.ndarray,
 ) -> tuple[Path, int]:
-    """The cache folder of these points' margins; attacks what is missing (or this shard)."""
+    """The cache folder of the margins of `images` (the points `indices` of `data_id`, which
+    name them in the cache key); attacks the chunks that are missing, or this shard's."""
     key = margin_cache.cache_key(
         margin_cache.state_dict_sha256(model), data_id, indices, config.attack_plan
     )
@@ -141,8 +142,8 @@ def margins_for(
     margin_cache.compute_chunks(
         folder,
         model,
-        torch.from_numpy(images[indices]).to(device),
-        torch.from_numpy(labels[indices]).to(device),
+        torch.from_numpy(images).to(device),
+        torch.from_numpy(labels).to(device),
         plan=config.attack_plan,
         chunks=chunks,
         batch_size=config.attack_batch_size,
@@ -170,15 +171,13 @@ def pseudo_margin_training(
         pool = np.setdiff1d(np.arange(len(inputs.data)), subset)
     size = min(config.pseudo_train_size, len(pool))
     chosen = pool[subset_indices(size, len(pool), config.seed + 1)]
-    images = source.float_images
-    outputs = forward_all(inputs.model, images[chosen], config.torch_device)
-    labels = np.zeros(len(images), dtype=np.int64)
-    labels[chosen] = outputs.labels
+    images = source.subset(chosen).float_images  # not the whole split: it may be 60,000 images
+    outputs = forward_all(inputs.model, images, config.torch_device)
     folder, count = margins_for(
         config,
         inputs.model,
         images=images,
-        labels=labels,
+        labels=outputs.labels,
         data_id=f"{config.dataset}:{tag}:pseudo",
         indices=chosen,
     )
@@ -312,8 +311,8 @@ def run(config: CalibrationConfig) -> RunResult:
         margins_for,
         config,
         inputs.model,
-        images=images,
-        labels=everything.labels,
+        images=images[subset],
+        labels=everything.labels[subset],
         data_id=f"{config.dataset}:{config.split}",
         indices=subset,
     )

@@ -166,7 +166,7 @@ def test_killed_run_keeps_the_store_and_resumes(tmp_path: Path, data_npz: Path) 
     while time.monotonic() < deadline and len(list(margins.glob("*/chunk-*.npz"))) < 2:
         time.sleep(0.05)
     process.send_signal(signal.SIGKILL)
-    process.wait()
+    process.communicate()
     assert store.current_version(tmp_path, "fmnist-cnn-pgd") == "good"
     assert (tmp_path / "fmnist-cnn-pgd" / "good" / ONNX_FILE).read_bytes() == before
     store.read_record(tmp_path / "fmnist-cnn-pgd" / "good")

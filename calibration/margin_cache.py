@@ -83,7 +83,8 @@ def _save_chunk(folder: Path, index: int, result: MarginResult, plan: AttackPlan
     # per_attack follows the plan's order; store it under the plan's names
     radii = result.per_attack.values()
     arrays = {f"attack:{name}": r for name, r in zip(plan.names, radii, strict=True)}
-    np.savez(temporary, radius=result.radius, censored_at=result.censored_at, **arrays)
+    arrays |= {"radius": result.radius, "censored_at": result.censored_at}
+    np.savez(temporary, **arrays)  # type: ignore[arg-type]
     with temporary.open("rb") as handle:
         os.fsync(handle.fileno())
     temporary.replace(final)

@@ -27,6 +27,9 @@ class PseudoMarginHead(nn.Module):
     """An MLP that regresses √(input margin) from penultimate features or logits (the paper's
     pseudo-margin for models whose logit margin does not rank like the input margin)."""
 
+    input_mean: torch.Tensor
+    input_std: torch.Tensor
+
     def __init__(self, in_features: int, hidden: int = 256, layers: int = 2) -> None:
         super().__init__()
         blocks: list[nn.Module] = []

@@ -81,6 +81,9 @@ class PreActResNet18(SplitClassifier):
     load directly. `mean`/`std` normalise inside the model, keeping its input range [0, 1]; they
     are constructor arguments, not state, because those checkpoints do not carry them."""
 
+    mean: torch.Tensor
+    std: torch.Tensor
+
     def __init__(
         self,
         num_classes: int = 10,

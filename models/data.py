@@ -53,7 +53,14 @@ _HOW_TO_GET_FASHION_MNIST = (
     "Install Debian's package (`apt-get install dataset-fashion-mnist`), or pass the folder "
     f"holding the IDX files with --data-dir or the {FASHION_MNIST_DIR_ENV} environment variable."
 )
-_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+_IDX_DTYPES: dict[int, str] = {
+    0x08: "u1",
+    0x09: "i1",
+    0x0B: ">i2",
+    0x0C: ">i4",
+    0x0D: ">f4",
+    0x0E: ">f8",
+}
 
 
 class DataError(Exception):

@@ -60,9 +60,8 @@ def load_weights(model: nn.Module, path: Path) -> None:
         if path.suffix == ".safetensors":
             state = load_file(str(path))
         else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            if isinstance(state, dict) and "state_dict" in state:
-                state = state["state_dict"]
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
+            state = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else loaded
     except Exception as error:  # any reader failure means a bad file
         raise ModelError(f"cannot read weights {path}: {error}") from error
     try:

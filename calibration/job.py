@@ -29,7 +29,7 @@ from calibration.artifact import (
 )
 from calibration.config import CalibrationConfig, ConfigError
 from calibration.margins import MarginResult
-from calibration.metrics import kendall_tau
+from calibration.metrics import detection_metrics, kendall_tau
 from calibration.pseudo_margin import PseudoMarginRegressor
 from calibration.record import build_record, report_data
 from calibration.report import render_report
@@ -223,8 +223,6 @@ def compare_scores(
     pseudo_scores: np.ndarray,
     train_points: int,
 ) -> PseudoMarginFacts:
-    from calibration.metrics import detection_metrics
-
     nonrobust = margins.radius <= config.resolved_eps
     baseline_tau = kendall_tau(margins.radius, logit_scores)
     pseudo_tau = kendall_tau(margins.radius, pseudo_scores)

@@ -12,11 +12,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from calibration.estimators import NotFittedError
+from calibration.metrics import kendall_tau
 from calibration.scores import PseudoMarginHead
-
-
-class NotFittedError(ValueError):
-    """`predict` or `score` called before `fit`."""
 
 
 def regression_targets(radius: np.ndarray) -> np.ndarray:
@@ -93,6 +91,4 @@ class PseudoMarginRegressor:
 
     def score(self, features: np.ndarray, radius: np.ndarray) -> float:
         """Kendall τ between predicted pseudo-margins and input margins."""
-        from calibration.metrics import kendall_tau
-
         return kendall_tau(radius, self.predict(features))

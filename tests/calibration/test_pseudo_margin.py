@@ -1,0 +1,67 @@
+"""Calibrator contract (scikit-learn's): parameters only in __init__, fit returns self and sets
+attributes ending in `_`, predicting before fit raises, fitting twice gives the same model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from calibration.estimators import IsotonicCurve, NotFittedError
+from calibration.metrics import kendall_tau
+from calibration.pseudo_margin import PseudoMarginRegressor, regression_targets
+from calibration.scores import PseudoMarginHead, ServingGraph
+from models.architectures import FashionMnistCNN
+
+
+def synthetic(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    features = rng.normal(size=(n, 8)).astype(np.float32)
+    radius = np.exp(0.5 * features[:, 0] - 0.3 * features[:, 1] ** 2) / 10
+    return features, radius
+
+
+CALIBRATORS = [
+    (lambda: PseudoMarginRegressor(epochs=150, seed=3), lambda: synthetic(300, 0)),
+    (lambda: IsotonicCurve(), lambda: (np.linspace(0, 1, 50), np.linspace(0, 1, 50) > 0.4)),
+]
+
+
+@pytest.mark.parametrize(("make", "data"), CALIBRATORS)
+def test_calibrator_contract(make, data) -> None:  # type: ignore[no-untyped-def]
+    x, y = data()
+    calibrator = make()
+    assert not [name for name in vars(calibrator) if name.endswith("_")]
+    with pytest.raises(NotFittedError):
+        calibrator.predict(x)
+    assert calibrator.fit(x, y) is calibrator
+    assert [name for name in vars(calibrator) if name.endswith("_")]
+    first = calibrator.predict(x)
+    np.testing.assert_array_equal(make().fit(x, y).predict(x), first)
+    np.testing.assert_array_equal(calibrator.fit(x, y).predict(x), first)
+
+
+def test_pseudo_margin_learns_a_ranking_of_held_out_points() -> None:
+    features, radius = synthetic(600, 1)
+    regressor = PseudoMarginRegressor(epochs=300).fit(features[:400], radius[:400])
+    assert regressor.losses_[-1] < regressor.losses_[0]
+    assert regressor.score(features[400:], radius[400:]) > 0.7
+    assert kendall_tau(radius[400:], regressor.predict(features[400:])) > 0.7
+
+
+def test_censored_radius_targets_stay_on_top() -> None:
+    targets = regression_targets(np.array([0.04, np.inf, 0.09]))
+    np.testing.assert_allclose(targets, [0.2, 0.3, 0.3])
+
+
+def test_serving_graph_with_pseudo_margin_uses_the_head() -> None:
+    torch.manual_seed(0)
+    model = FashionMnistCNN().eval()
+    head = PseudoMarginHead(model.feature_dim).eval()
+    inputs = torch.rand(3, 1, 28, 28)
+    with torch.no_grad():
+        logits, score = ServingGraph(model, head, "features")(inputs)
+        torch.testing.assert_close(score, head(model.features(inputs)))
+        torch.testing.assert_close(logits, model(inputs))
+        _, from_logits = ServingGraph(model, PseudoMarginHead(10).eval(), "logits")(inputs)
+    assert from_logits.shape == (3,)

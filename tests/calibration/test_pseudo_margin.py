@@ -23,7 +23,7 @@ def synthetic(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 CALIBRATORS = [
     (lambda: PseudoMarginRegressor(epochs=150, seed=3), lambda: synthetic(300, 0)),
-    (lambda: IsotonicCurve(), lambda: (np.linspace(0, 1, 50), np.linspace(0, 1, 50) > 0.4)),
+    (IsotonicCurve, lambda: (np.linspace(0, 1, 50), np.linspace(0, 1, 50) > 0.4)),
 ]
 
 

@@ -3,6 +3,7 @@ calibration job and validated by the service. No torch, nothing pickled."""
 
 from __future__ import annotations
 
+from functools import cached_property
 from typing import Literal
 
 import numpy as np
@@ -48,8 +49,14 @@ class Curve(_Frozen):
             raise ValueError("knots_y are probabilities and must lie in [0, 1]")
         return self
 
+    @cached_property
+    def _knots(self) -> tuple[np.ndarray, np.ndarray]:
+        # converted once: the service evaluates the curve on every batch
+        return np.asarray(self.knots_x, dtype=np.float64), np.asarray(self.knots_y, np.float64)
+
     def __call__(self, scores: np.ndarray) -> np.ndarray:
-        return np.interp(scores, self.knots_x, self.knots_y)
+        knots_x, knots_y = self._knots
+        return np.interp(scores, knots_x, knots_y)
 
 
 class RobustAccuracyEstimate(_Frozen):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -49,21 +50,40 @@ class LiveWindow:
         self._values = np.zeros(size, dtype=np.float64)
         self._next = 0
         self._count = 0
+        self._sum = 0.0
         self._lock = threading.Lock()
 
     def add(self, values: np.ndarray) -> float:
         """Append `values` (the newest last) and return the window's mean."""
         size = len(self._values)
-        values = values[-size:]
+        values = np.asarray(values, dtype=np.float64)[-size:]
         with self._lock:
             positions = (self._next + np.arange(len(values))) % size
+            # a running sum keeps this O(batch), not O(window), on the hot path; it is rebuilt
+            # at each wrap-around so float error cannot accumulate
+            self._sum += float(values.sum()) - float(self._values[positions].sum())
             self._values[positions] = values
             self._next = (self._next + len(values)) % size
             self._count = min(self._count + len(values), size)
-            return float(self._values[: self._count].mean())
+            if self._next < len(values):
+                self._sum = float(self._values[: self._count].sum())
+            return self._sum / self._count
 
     def __len__(self) -> int:
         return self._count
+
+
+@dataclass(frozen=True)
+class _BatchSeries:
+    """One model's labelled children of the per-batch metrics."""
+
+    execution_seconds: Any
+    batch_size: Any
+    brittle: Any
+    not_brittle: Any
+    scores: Any
+    live_robust_accuracy: Any
+    live_window: Any
 
 
 class ServiceMetrics:
@@ -128,6 +148,9 @@ class ServiceMetrics:
         self._window_size = live_window_predictions
         self._windows: dict[str, LiveWindow] = {}
         self._window_lock = threading.Lock()
+        # labels() costs microseconds per call: resolve each series once, not per request
+        self._batch_series: dict[str, _BatchSeries] = {}
+        self._request_series: dict[tuple[str, str, int], tuple[Any, Any]] = {}
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
@@ -154,19 +177,42 @@ class ServiceMetrics:
         self, model: str, record: CalibrationRecord, prediction: Prediction, seconds: float
     ) -> None:
         """One model execution: its latency, size, flags, scores and the live estimate."""
-        self.execution_seconds.labels(model).observe(seconds)
-        self.batch_size.labels(model).observe(len(prediction))
+        series = self._batch_series.get(model) or self._new_batch_series(model)
+        series.execution_seconds.observe(seconds)
+        series.batch_size.observe(len(prediction))
         brittle = int(prediction.brittle.sum())
-        self.predictions.labels(model, "true").inc(brittle)
-        self.predictions.labels(model, "false").inc(len(prediction) - brittle)
-        histogram = self.scores.labels(model)
+        series.brittle.inc(brittle)
+        series.not_brittle.inc(len(prediction) - brittle)
         for score in prediction.scores.tolist():
-            histogram.observe(score)
+            series.scores.observe(score)
         window = self._window(model)
-        self.live_robust_accuracy.labels(model).set(
-            window.add(record.live_curve(prediction.scores))
+        series.live_robust_accuracy.set(window.add(record.live_curve(prediction.scores)))
+        series.live_window.set(len(window))
+
+    def _new_batch_series(self, model: str) -> _BatchSeries:
+        series = _BatchSeries(
+            execution_seconds=self.execution_seconds.labels(model),
+            batch_size=self.batch_size.labels(model),
+            brittle=self.predictions.labels(model, "true"),
+            not_brittle=self.predictions.labels(model, "false"),
+            scores=self.scores.labels(model),
+            live_robust_accuracy=self.live_robust_accuracy.labels(model),
+            live_window=self.live_window.labels(model),
         )
-        self.live_window.labels(model).set(len(window))
+        self._batch_series[model] = series
+        return series
+
+    def observe_request(self, model: str, endpoint: str, status: int, seconds: float) -> None:
+        key = (model, endpoint, status // 100)
+        series = self._request_series.get(key)
+        if series is None:
+            series = (
+                self.requests.labels(model, endpoint, f"{status // 100}xx"),
+                self.request_seconds.labels(model, endpoint),
+            )
+            self._request_series[key] = series
+        series[0].inc()
+        series[1].observe(seconds)
 
     def _window(self, model: str) -> LiveWindow:
         with self._window_lock:
@@ -206,5 +252,4 @@ class RequestMetricsMiddleware:
         model = name if isinstance(name, str) and self.known(name) else UNKNOWN_MODEL
         if name is None:
             model = ""
-        self.metrics.requests.labels(model, endpoint, f"{status // 100}xx").inc()
-        self.metrics.request_seconds.labels(model, endpoint).observe(seconds)
+        self.metrics.observe_request(model, endpoint, status, seconds)

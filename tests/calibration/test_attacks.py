@@ -32,7 +32,7 @@ INF = math.inf
 CASES = [(name, norm) for name, norms in SUPPORTED_NORMS.items() for norm in norms]
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("seeded_one_thread")
 
 
 class LinearModel(nn.Module):

@@ -24,7 +24,7 @@ from calibration.margins import (
 INF = math.inf
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("seeded_one_thread")
 
 
 class Threshold(nn.Module):

@@ -24,6 +24,7 @@ from calibration.attacks._common import (
     boundary_search,
     check_inputs,
     check_norm,
+    difference_of_logits,
     is_adversarial,
     perturbation_norm,
     worst_norm,
@@ -93,7 +94,8 @@ def _ddn_loop(
         adv_inputs = inputs + delta
         logits = model(adv_inputs)
         loss = sign * functional.cross_entropy(logits.double(), labels, reduction="none")
-        (gradient,) = torch.autograd.grad(loss.sum(), delta)
+        (gradient,) = torch.autograd.grad(loss.sum(), delta, retain_graph=True)
+        gradient = _unsaturated(gradient, logits, labels, delta, sign)
         with torch.no_grad():
             delta_norm = perturbation_norm(delta, 2.0)
             adversarial = is_adversarial(logits, labels, targeted=targeted)
@@ -110,6 +112,24 @@ def _ddn_loop(
                 adv_next = (adv_next * (levels - 1)).round() / (levels - 1)
             delta = adv_next - inputs
     return best_adv.detach()
+
+
+def _unsaturated(
+    gradient: torch.Tensor,
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    delta: torch.Tensor,
+    sign: float,
+) -> torch.Tensor:
+    """Where cross-entropy saturates (its float32 gradient underflows to 0 on confident points),
+    follow the logit difference instead, which never saturates; it points the same way as the
+    cross-entropy's gradient near a two-class boundary."""
+    vanished = perturbation_norm(gradient, 2.0) < 1e-12
+    if not bool(vanished.any()):
+        return gradient
+    margin_loss = -sign * difference_of_logits(logits, labels)
+    (fallback,) = torch.autograd.grad(margin_loss.sum(), delta)
+    return torch.where(batch_view(vanished, gradient), fallback, gradient)
 
 
 def _unit_direction(gradient: torch.Tensor) -> torch.Tensor:

@@ -37,6 +37,7 @@ from calibration.scores import ServingGraph, logit_margin
 from models.architectures import SplitClassifier
 from models.data import DataError, Dataset, load_dataset
 from models.export import export_onnx, onnx_session, run_batched
+from models.hashing import file_sha256
 from models.registry import ModelError, load_model
 
 
@@ -370,7 +371,7 @@ def finish_version(
     record = build_record(
         config=config,
         version=version,
-        model_sha256=store.sha256_of(staging / ONNX_FILE),
+        model_sha256=file_sha256(staging / ONNX_FILE),
         input_shape=list(inputs.model.input_shape),
         class_names=list(inputs.data.class_names),
         margins=margins,

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import os
 import shutil
@@ -21,6 +20,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from calibration.artifact import ONNX_FILE, RECORD_FILE, CalibrationRecord
+from models.hashing import file_sha256
 
 CURRENT_FILE = "CURRENT"
 LOCK_FILE = ".lock"
@@ -40,14 +40,6 @@ class StoreBusy(Exception):
 def default_store() -> Path:
     from_env = os.environ.get(STORE_ENV)
     return Path(from_env) if from_env else DEFAULT_STORE
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -75,7 +67,7 @@ def read_record(version_dir: Path) -> CalibrationRecord:
         record = CalibrationRecord.model_validate_json(record_path.read_bytes())
     except ValidationError as error:
         raise ArtifactError(f"{record_path} does not match the schema: {error}") from error
-    actual = sha256_of(onnx_path)
+    actual = file_sha256(onnx_path)
     if actual != record.model_sha256:
         raise ArtifactError(
             f"{onnx_path} has sha256 {actual[:12]}…, but {RECORD_FILE} records "

@@ -9,7 +9,6 @@ A spec is one of
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import json
 import warnings
@@ -28,14 +27,6 @@ TORCHSCRIPT_SUFFIXES = (".pt", ".ts", ".torchscript")
 
 class ModelError(Exception):
     """A model spec or weights file that cannot be resolved or loaded."""
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def shipped_weights(name: str) -> Path:

@@ -12,7 +12,8 @@ import torch
 
 from models.architectures import ARCHITECTURES
 from models.data import DATASETS, DataError, load_dataset, stratified_indices
-from models.registry import file_sha256, save_weights
+from models.hashing import file_sha256
+from models.registry import save_weights
 from models.training import RECIPES, Recipe, evaluate, model_card, train
 
 

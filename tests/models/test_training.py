@@ -9,8 +9,9 @@ import torch.nn.functional as F
 
 from models.architectures import FashionMnistCNN
 from models.data import Dataset, save_npz, stratified_indices
+from models.hashing import file_sha256
 from models.pgd import pgd_linf
-from models.registry import file_sha256, load_model
+from models.registry import load_model
 from models.train_cli import main as train_main
 from models.training import (
     RECIPES,

@@ -25,8 +25,9 @@ import onnxruntime as ort
 import pytest
 
 from calibration.artifact import ONNX_FILE, RECORD_FILE, CalibrationRecord
-from calibration.store import CURRENT_FILE, sha256_of
+from calibration.store import CURRENT_FILE
 from models.data import FASHION_MNIST_CLASSES, Dataset
+from models.hashing import file_sha256
 
 API_KEY = "test-key-0123456789"
 MODEL = "fmnist"
@@ -65,7 +66,7 @@ def make_record(
         {
             "model_name": name,
             "version": version,
-            "model_sha256": sha256_of(onnx),
+            "model_sha256": file_sha256(onnx),
             "input_shape": [1, 28, 28],
             "class_names": list(FASHION_MNIST_CLASSES),
             "threat_model": {"norm": "linf", "eps": 0.1},

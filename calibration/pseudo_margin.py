@@ -46,6 +46,7 @@ def train_head(
         optimizer.step()
         losses.append(float(loss.detach()))
     head.eval()
+    head.fold_standardization()
     return losses
 
 

@@ -49,6 +49,10 @@ def export_onnx(
         # this one has no extra dependency and handles these graphs exactly.
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", FutureWarning)
+        # constants built inside forward (the logit margin's (1, −1)) are meant to be constants
+        warnings.filterwarnings(
+            "ignore", message=".*registered as constants", category=torch.jit.TracerWarning
+        )
         torch.onnx.export(
             graph,
             (example,),

@@ -65,3 +65,31 @@ def test_serving_graph_with_pseudo_margin_uses_the_head() -> None:
         torch.testing.assert_close(logits, model(inputs))
         _, from_logits = ServingGraph(model, PseudoMarginHead(10).eval(), "logits")(inputs)
     assert from_logits.shape == (3,)
+
+
+def test_folding_the_standardization_keeps_the_outputs(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import onnx
+
+    from models.export import export_onnx
+
+    torch.manual_seed(0)
+    head = PseudoMarginHead(6).eval()
+    head.input_mean.copy_(torch.randn(6))
+    head.input_std.copy_(torch.rand(6) + 0.5)
+    inputs = torch.randn(5, 6)
+    with torch.no_grad():
+        before = head(inputs)
+        head.fold_standardization()
+        torch.testing.assert_close(head(inputs), before, rtol=1e-5, atol=1e-5)
+    export_onnx(head, (6,), tmp_path / "head.onnx", ["score"])
+    ops = [node.op_type for node in onnx.load(str(tmp_path / "head.onnx")).graph.node]
+    assert "Sub" not in ops and "Div" not in ops
+
+
+def test_logit_margin_is_top_one_minus_top_two() -> None:
+    from calibration.scores import logit_margin
+
+    logits = torch.tensor([[1.0, 5.0, 3.5], [-2.0, -2.0, -7.0], [0.1, 0.3, 0.2]])
+    torch.testing.assert_close(
+        logit_margin(logits), torch.tensor([1.5, 0.0, 0.1]), rtol=0, atol=1e-7
+    )

@@ -60,7 +60,8 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 \
     PATH=/opt/venv/bin:$PATH \
     MARGINWATCH_STORE=/opt/marginwatch/artifacts \
-    MARGINWATCH_DEVICE=cuda
+    MARGINWATCH_DEVICE=cuda \
+    MARGINWATCH_INLINE_MAX_SAMPLES=0
 RUN apt-get update \
     && apt-get install --yes --no-install-recommends python3 python3-venv \
     && rm -rf /var/lib/apt/lists/* \

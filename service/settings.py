@@ -69,10 +69,12 @@ class Settings(BaseSettings):
         "what is queued at once (batches still form while the model executes)",
     )
     inline_max_samples: int = Field(
-        default=0,
+        default=64,
         ge=0,
         description="batches of at most this many samples run on the event loop's thread, not "
-        "in the model's thread: faster for small models on few cores, but the loop waits",
+        "in the model's thread: faster for small models on few CPU cores (measured: "
+        "docs/benchmarks.md), but the loop waits for the batch; set 0 on a GPU or for models "
+        "that take milliseconds per batch",
     )
     max_queue_samples: int = Field(
         default=1024, gt=0, description="samples waiting per model; above this requests get 503"

@@ -10,7 +10,7 @@ import argparse
 import sys
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -92,6 +92,9 @@ class ExportCheck:
     label_mismatches_vs_torch: int
     max_abs_diff_batch1_vs_64: float
     label_flips_batch1_vs_64: int
+    # ONNX Runtime's own results at batch 64, for callers that need them after the check
+    values: np.ndarray = field(repr=False, compare=False)
+    labels: np.ndarray = field(repr=False, compare=False)
 
     def problems(self, tolerance: float) -> list[str]:
         found = []
@@ -124,6 +127,8 @@ def verify_export(
         label_mismatches_vs_torch=int((onnx_labels_64 != logits.argmax(1).numpy()).sum()),
         max_abs_diff_batch1_vs_64=float(np.abs(at_1 - at_64).max()),
         label_flips_batch1_vs_64=int((onnx_labels_1 != onnx_labels_64).sum()),
+        values=at_64,
+        labels=onnx_labels_64,
     )
 
 

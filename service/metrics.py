@@ -84,6 +84,7 @@ class _BatchSeries:
     scores: Any
     live_robust_accuracy: Any
     live_window: Any
+    window: LiveWindow
 
 
 class ServiceMetrics:
@@ -146,8 +147,7 @@ class ServiceMetrics:
             "marginwatch_queued_samples", "Samples waiting for a batch", ["model"], registry=r
         )
         self._window_size = live_window_predictions
-        self._windows: dict[str, LiveWindow] = {}
-        self._window_lock = threading.Lock()
+        self._series_lock = threading.Lock()
         # labels() costs microseconds per call: resolve each series once, not per request
         self._batch_series: dict[str, _BatchSeries] = {}
         self._request_series: dict[tuple[str, str, int], tuple[Any, Any]] = {}
@@ -185,12 +185,19 @@ class ServiceMetrics:
         series.not_brittle.inc(len(prediction) - brittle)
         for score in prediction.scores.tolist():
             series.scores.observe(score)
-        window = self._window(model)
-        series.live_robust_accuracy.set(window.add(record.live_curve(prediction.scores)))
-        series.live_window.set(len(window))
+        series.live_robust_accuracy.set(series.window.add(record.live_curve(prediction.scores)))
+        series.live_window.set(len(series.window))
 
     def _new_batch_series(self, model: str) -> _BatchSeries:
-        series = _BatchSeries(
+        with self._series_lock:  # batches of one model may finish on different threads
+            if model in self._batch_series:
+                return self._batch_series[model]
+            series = self._create_batch_series(model)
+            self._batch_series[model] = series
+            return series
+
+    def _create_batch_series(self, model: str) -> _BatchSeries:
+        return _BatchSeries(
             execution_seconds=self.execution_seconds.labels(model),
             batch_size=self.batch_size.labels(model),
             brittle=self.predictions.labels(model, "true"),
@@ -198,9 +205,8 @@ class ServiceMetrics:
             scores=self.scores.labels(model),
             live_robust_accuracy=self.live_robust_accuracy.labels(model),
             live_window=self.live_window.labels(model),
+            window=LiveWindow(self._window_size),
         )
-        self._batch_series[model] = series
-        return series
 
     def observe_request(self, model: str, endpoint: str, status: int, seconds: float) -> None:
         key = (model, endpoint, status // 100)
@@ -213,10 +219,6 @@ class ServiceMetrics:
             self._request_series[key] = series
         series[0].inc()
         series[1].observe(seconds)
-
-    def _window(self, model: str) -> LiveWindow:
-        with self._window_lock:
-            return self._windows.setdefault(model, LiveWindow(self._window_size))
 
 
 class RequestMetricsMiddleware:

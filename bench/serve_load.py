@@ -232,10 +232,9 @@ def measure(
     path = f"/v1/models/{model}/predict" if name == "marginwatch" else "/predict"
     images = load_dataset("fashion-mnist-subset", "test").float_images
     points = []
-    env = {
-        "MARGINWATCH_INTRA_OP_THREADS": str(args.threads),
-        "MARGINWATCH_INLINE_MAX_SAMPLES": str(args.inline_max_samples),
-    }
+    env = {"MARGINWATCH_INTRA_OP_THREADS": str(args.threads)}
+    if args.inline_max_samples is not None:
+        env["MARGINWATCH_INLINE_MAX_SAMPLES"] = str(args.inline_max_samples)
     with running(server_command(name, store, model, port, args.threads), env) as process:
         bodies = {
             n: encode_request(path, orjson.dumps({"inputs": images[:n].tolist()}))
@@ -286,8 +285,9 @@ def main() -> None:
     parser.add_argument("--warmup-s", type=float, default=0.5, help="seconds of warm-up per body")
     parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads")
     parser.add_argument(
-        "--inline-max-samples", type=int, default=0,
-        help="marginwatch: MARGINWATCH_INLINE_MAX_SAMPLES (batches this small skip the thread)",
+        "--inline-max-samples", type=int, default=None,
+        help="marginwatch: MARGINWATCH_INLINE_MAX_SAMPLES (batches this small run on the event "
+        "loop, not in the model's thread); default: the service's own default",
     )  # fmt: skip
     parser.add_argument("--store", type=Path, default=None, help="artifact store to serve from")
     parser.add_argument("--out", type=Path, default=None, help="write the points as JSON here")
@@ -295,7 +295,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         store, model = choose_model(args.store, Path(scratch))
         print(f"model {model} from {store}; {os.cpu_count()} CPUs; ORT threads {args.threads}; "
-              f"inline_max_samples {args.inline_max_samples}")  # fmt: skip
+              f"inline_max_samples {args.inline_max_samples or 'default'}")  # fmt: skip
         points: list[Point] = []
         memory: dict[str, float] = {}
         for name in args.servers:

@@ -1,15 +1,17 @@
 """A micro-batcher: concurrent requests to one model are gathered into one execution.
 
 One public coroutine, `submit(x)`. Requests queue in a bounded deque (counted in samples); a full
-queue rejects with `Overloaded` at once instead of blocking. A single worker task takes the
-requests queued at that moment (up to `max_batch_size` samples), waits up to `max_wait_s` for
-more if the batch is not full, and runs the model in a dedicated thread, so the event loop keeps
-parsing and answering while the model executes; requests that arrive meanwhile form the next
-batch. Batches of at most `inline_max_samples` run on the event loop's own thread instead: for a
-small model on few cores the thread hop costs more than the execution (docs/benchmarks.md).
-Each request gets back exactly its own rows. The model is deterministic per sample, so a
-sample's result does not depend on which batch it lands in (the batch-invariance test holds the
-engine to that).
+queue rejects with `Overloaded` at once instead of blocking. There is no worker task: a request
+that finds no dispatch pending schedules one with `call_soon`, so it runs after every handler
+that is ready in the same turn of the event loop has queued its request too; the dispatch takes
+the requests queued at that moment (up to `max_batch_size` samples), waits up to `max_wait_s` for
+more if the batch is not full, and runs the model. Batches of at most `inline_max_samples` run
+right there on the event loop's thread: for a small model on few cores a thread hop costs more
+than the execution (docs/benchmarks.md). Larger ones run in the model's own thread, so the loop
+keeps parsing and answering meanwhile, and requests that arrive form the next batch, dispatched
+when that execution ends. Each request gets back exactly its own rows. The model is
+deterministic per sample, so a sample's result does not depend on which batch it lands in (the
+batch-invariance test holds the engine to that).
 
 `submit` enqueues before its first suspension point: a caller that looked the batcher up and
 submits without awaiting in between is sure to be served even if `close()` is called right after.
@@ -22,7 +24,8 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 
@@ -32,11 +35,11 @@ from service.errors import ModelNotReady, Overloaded
 RunBatch = Callable[[np.ndarray], Prediction]
 
 
-@dataclass
+@dataclass(slots=True)
 class _Pending:
     x: np.ndarray
     future: asyncio.Future[Prediction]
-    queued_at: float = field(default_factory=time.monotonic)
+    queued_at: float
 
 
 class MicroBatcher:
@@ -65,75 +68,116 @@ class MicroBatcher:
         self._name = name
         self._pending: deque[_Pending] = deque()
         self._queued_samples = 0
-        self._wakeup = asyncio.Event()
         self._closing = False
-        self._worker: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._executor: ThreadPoolExecutor | None = None
+        self._dispatch_due: asyncio.Handle | None = None  # a `_dispatch` call is scheduled
+        self._waiting_to_fill = False  # ... and it is a `max_wait_s` timer
+        self._executing = False  # a batch runs in the model's thread
+        self._idle = asyncio.Event()  # nothing queued, nothing executing
+        self._idle.set()
 
     @property
     def queued_samples(self) -> int:
         return self._queued_samples
 
     def start(self) -> None:
-        if self._worker is not None:
+        if self._loop is not None:
             raise RuntimeError("batcher already started")
+        self._loop = asyncio.get_running_loop()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"run-{self._name}")
-        self._worker = asyncio.get_running_loop().create_task(
-            self._work(), name=f"batcher-{self._name}"
-        )
 
     async def submit(self, x: np.ndarray) -> Prediction:
         """The prediction for the samples of `x` (1 to `max_batch_size` of them)."""
         size = len(x)
         if not 0 < size <= self._max_batch_size:
             raise ValueError(f"a request holds 1 to {self._max_batch_size} samples, not {size}")
-        if self._closing or self._worker is None:
+        if self._closing or self._loop is None:
             raise ModelNotReady(f"model {self._name!r} is not taking requests")
         if self._queued_samples + size > self._max_queue_samples:
             raise Overloaded(
                 f"model {self._name!r} has {self._queued_samples} samples queued "
                 f"(limit {self._max_queue_samples}); retry later"
             )
-        future: asyncio.Future[Prediction] = asyncio.get_running_loop().create_future()
-        self._pending.append(_Pending(x, future))
+        future: asyncio.Future[Prediction] = self._loop.create_future()
+        self._pending.append(_Pending(x, future, time.monotonic()))
         self._queued_samples += size
-        self._wakeup.set()
+        self._idle.clear()
+        self._schedule()
         return await future
 
     async def close(self) -> None:
-        """Stop taking requests, serve those queued, then stop the worker and its thread."""
+        """Stop taking requests, serve those queued, then stop the model's thread."""
         self._closing = True
-        self._wakeup.set()
-        if self._worker is not None:
-            await self._worker
+        if self._loop is None:
+            return
+        self._schedule()  # a batch waiting to fill goes now
+        await self._idle.wait()
         if self._executor is not None:
             self._executor.shutdown(wait=True)
 
-    async def _work(self) -> None:
-        while True:
-            if not self._pending:
-                if self._closing:
-                    return
-                self._wakeup.clear()
-                await self._wakeup.wait()
-                continue
-            await self._fill()
-            await self._execute(self._take())
-
-    async def _fill(self) -> None:
-        """Wait until the batch is full, `max_wait_s` after its first request, or closing."""
-        if self._max_wait_s <= 0:
+    def _schedule(self) -> None:
+        """Make sure a dispatch follows: soon, or when the running execution ends."""
+        if self._executing or self._loop is None:
             return
-        deadline = self._pending[0].queued_at + self._max_wait_s
-        while self._queued_samples < self._max_batch_size and not self._closing:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
+        if self._dispatch_due is not None:
+            full = self._queued_samples >= self._max_batch_size
+            if not (self._waiting_to_fill and (full or self._closing)):
                 return
-            self._wakeup.clear()
+            self._dispatch_due.cancel()  # the batch filled up before its wait ended
+        self._waiting_to_fill = False
+        self._dispatch_due = self._loop.call_soon(self._dispatch)
+
+    def _dispatch(self) -> None:
+        self._dispatch_due = None
+        self._waiting_to_fill = False
+        if not self._pending:
+            self._idle.set()
+            return
+        if self._must_wait():
+            return
+        batch = self._take()
+        inputs = batch[0].x if len(batch) == 1 else np.concatenate([item.x for item in batch])
+        if len(inputs) <= self._inline_max_samples:
             try:
-                await asyncio.wait_for(self._wakeup.wait(), remaining)
-            except TimeoutError:
-                return
+                prediction = self._run(inputs)
+            except Exception as error:  # every waiter learns of the failure; serving goes on
+                _fail(batch, error)
+            else:
+                _deliver(batch, prediction)
+            if self._pending:
+                self._schedule()
+            else:
+                self._idle.set()
+            return
+        assert self._loop is not None and self._executor is not None
+        self._executing = True
+        execution = self._loop.run_in_executor(self._executor, self._run, inputs)
+        execution.add_done_callback(partial(self._finished, batch))
+
+    def _must_wait(self) -> bool:
+        """Whether the batch should wait to fill: `max_wait_s` after its first request, unless
+        it is full or the batcher is closing. Schedules the dispatch at the deadline."""
+        if self._max_wait_s <= 0 or self._closing:
+            return False
+        if self._queued_samples >= self._max_batch_size:
+            return False
+        remaining = self._pending[0].queued_at + self._max_wait_s - time.monotonic()
+        if remaining <= 0:
+            return False
+        assert self._loop is not None
+        self._dispatch_due = self._loop.call_later(remaining, self._dispatch)
+        self._waiting_to_fill = True
+        return True
+
+    def _finished(self, batch: list[_Pending], execution: asyncio.Future[Prediction]) -> None:
+        self._executing = False
+        error = execution.exception()
+        if error is not None:
+            _fail(batch, error)
+        else:
+            _deliver(batch, execution.result())
+        self._schedule()
 
     def _take(self) -> list[_Pending]:
         batch = [self._pending.popleft()]
@@ -145,22 +189,22 @@ class MicroBatcher:
         self._queued_samples -= taken
         return batch
 
-    async def _execute(self, batch: list[_Pending]) -> None:
-        inputs = batch[0].x if len(batch) == 1 else np.concatenate([item.x for item in batch])
-        loop = asyncio.get_running_loop()
-        try:
-            if len(inputs) <= self._inline_max_samples:
-                prediction = self._run(inputs)
-            else:
-                prediction = await loop.run_in_executor(self._executor, self._run, inputs)
-        except Exception as error:  # every waiter learns of the failure; the worker goes on
-            for item in batch:
-                if not item.future.done():
-                    item.future.set_exception(error)
-            return
-        start = 0
-        for item in batch:
-            stop = start + len(item.x)
-            if not item.future.done():  # a client that went away cancels its future
-                item.future.set_result(prediction.take(start, stop))
-            start = stop
+
+def _deliver(batch: list[_Pending], prediction: Prediction) -> None:
+    """Each waiter gets its own rows; a client that went away has cancelled its future."""
+    if len(batch) == 1:
+        if not batch[0].future.done():
+            batch[0].future.set_result(prediction)
+        return
+    start = 0
+    for item in batch:
+        stop = start + len(item.x)
+        if not item.future.done():
+            item.future.set_result(prediction.take(start, stop))
+        start = stop
+
+
+def _fail(batch: list[_Pending], error: BaseException) -> None:
+    for item in batch:
+        if not item.future.done():
+            item.future.set_exception(error)

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from dataclasses import dataclass
+from itertools import groupby
 from typing import Any
 
 import numpy as np
@@ -19,12 +21,20 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
-    Histogram,
     Info,
     generate_latest,
 )
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+from prometheus_client.samples import Sample
+from prometheus_client.utils import floatToGoString
 
-from calibration.artifact import CalibrationRecord
+from calibration.artifact import CalibrationRecord, Curve
 from service.engine import Prediction, calibration_timestamp_s
 
 UNKNOWN_MODEL = "_unknown"
@@ -51,40 +61,214 @@ class LiveWindow:
         self._next = 0
         self._count = 0
         self._sum = 0.0
-        self._lock = threading.Lock()
 
     def add(self, values: np.ndarray) -> float:
         """Append `values` (the newest last) and return the window's mean."""
         size = len(self._values)
         values = np.asarray(values, dtype=np.float64)[-size:]
-        with self._lock:
-            positions = (self._next + np.arange(len(values))) % size
-            # a running sum keeps this O(batch), not O(window), on the hot path; it is rebuilt
-            # at each wrap-around so float error cannot accumulate
-            self._sum += float(values.sum()) - float(self._values[positions].sum())
-            self._values[positions] = values
-            self._next = (self._next + len(values)) % size
-            self._count = min(self._count + len(values), size)
-            if self._next < len(values):
-                self._sum = float(self._values[: self._count].sum())
-            return self._sum / self._count
+        positions = (self._next + np.arange(len(values))) % size
+        # a running sum keeps this O(batch), not O(window); it is rebuilt at each wrap-around so
+        # float error cannot accumulate
+        self._sum += float(values.sum()) - float(self._values[positions].sum())
+        self._values[positions] = values
+        self._next = (self._next + len(values)) % size
+        self._count = min(self._count + len(values), size)
+        if self._next < len(values):
+            self._sum = float(self._values[: self._count].sum())
+        return self.mean()
+
+    def mean(self) -> float:
+        return self._sum / self._count if self._count else float("nan")
 
     def __len__(self) -> int:
         return self._count
 
 
-@dataclass(frozen=True)
-class _BatchSeries:
-    """One model's labelled children of the per-batch metrics."""
+class _Buckets:
+    """A histogram's state as numpy counts, filled many values at a time."""
 
-    execution_seconds: Any
-    batch_size: Any
-    brittle: Any
-    not_brittle: Any
-    scores: Any
-    live_robust_accuracy: Any
-    live_window: Any
-    window: LiveWindow
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self._bounds = np.asarray(bounds, dtype=np.float64)
+        self._counts = np.zeros(len(bounds) + 1, dtype=np.int64)  # the last one is +Inf
+        self._sum = 0.0
+        self._labels = [floatToGoString(bound) for bound in bounds] + ["+Inf"]
+
+    def add(self, values: np.ndarray) -> None:
+        # Prometheus buckets are `le`: a value equal to a bound belongs to that bound's bucket
+        slots = np.searchsorted(self._bounds, values, side="left")
+        self._counts += np.bincount(slots, minlength=len(self._counts))
+        self._sum += float(values.sum())
+
+    def add_to(self, family: HistogramMetricFamily, labels: dict[str, str]) -> None:
+        cumulative = np.cumsum(self._counts).tolist()
+        buckets = list(zip(self._labels, cumulative, strict=True))
+        family.add_metric(list(labels.values()), buckets, None)
+        # added by hand: add_metric drops _count and _sum when a bound is negative (the score's)
+        family.samples.append(Sample(f"{family.name}_count", labels, cumulative[-1]))
+        family.samples.append(Sample(f"{family.name}_sum", labels, self._sum))
+
+
+@dataclass(slots=True)
+class _Batch:
+    prediction: Prediction
+    curve: Curve
+    seconds: float
+
+
+class _ModelTraffic:
+    """One model's per-batch metrics: an inbox the hot path appends to, and folded totals."""
+
+    def __init__(self, window_predictions: int) -> None:
+        self.inbox: deque[_Batch] = deque()
+        self.execution_seconds = _Buckets(LATENCY_BUCKETS_S)
+        self.batch_size = _Buckets(BATCH_BUCKETS)
+        self.scores = _Buckets(SCORE_BUCKETS)
+        self.brittle = 0
+        self.not_brittle = 0
+        self.window = LiveWindow(window_predictions)
+
+    def fold(self) -> None:
+        """Move the inbox into the totals (the caller holds the lock)."""
+        batches: list[_Batch] = []
+        while self.inbox:
+            batches.append(self.inbox.popleft())
+        if not batches:
+            return
+        self.execution_seconds.add(np.array([batch.seconds for batch in batches]))
+        self.batch_size.add(np.array([len(batch.prediction) for batch in batches]))
+        scores = np.concatenate([batch.prediction.scores for batch in batches])
+        self.scores.add(scores)
+        brittle = int(sum(np.count_nonzero(batch.prediction.brittle) for batch in batches))
+        self.brittle += brittle
+        self.not_brittle += len(scores) - brittle
+        start = 0
+        # g is the curve of the version that served each batch; after a reload two curves mix
+        for _, same_curve in groupby(batches, key=lambda batch: id(batch.curve)):
+            run = list(same_curve)
+            stop = start + sum(len(batch.prediction) for batch in run)
+            self.window.add(run[0].curve(scores[start:stop]))
+            start = stop
+
+
+class _RequestTotals:
+    """Requests by model, endpoint and status class, and their durations by model and endpoint."""
+
+    def __init__(self) -> None:
+        self.inbox: deque[tuple[str, str, int, float]] = deque()
+        self.counts: dict[tuple[str, str, str], int] = {}
+        self.durations: dict[tuple[str, str], _Buckets] = {}
+
+    def fold(self) -> None:
+        """Move the inbox into the totals (the caller holds the lock)."""
+        seconds_by_route: dict[tuple[str, str], list[float]] = {}
+        while self.inbox:
+            model, endpoint, status, seconds = self.inbox.popleft()
+            key = (model, endpoint, f"{status // 100}xx")
+            self.counts[key] = self.counts.get(key, 0) + 1
+            seconds_by_route.setdefault((model, endpoint), []).append(seconds)
+        for route, durations in seconds_by_route.items():
+            if route not in self.durations:
+                self.durations[route] = _Buckets(LATENCY_BUCKETS_S)
+            self.durations[route].add(np.array(durations))
+
+
+class ServedTraffic(Collector):
+    """The metrics that every request or batch touches, kept off the request path: recording
+    one is a deque append; the counting (buckets, flags, the live window) happens in numpy when
+    Prometheus scrapes, or once `FOLD_EVERY` records wait, whichever comes first."""
+
+    FOLD_EVERY = 1024
+
+    def __init__(self, window_predictions: int) -> None:
+        self._window_predictions = window_predictions
+        self._models: dict[str, _ModelTraffic] = {}
+        self._requests = _RequestTotals()
+        self._queues: dict[str, Callable[[], int]] = {}
+        self._lock = threading.Lock()  # batches of one model may finish on different threads
+
+    def record_request(self, model: str, endpoint: str, status: int, seconds: float) -> None:
+        self._requests.inbox.append((model, endpoint, status, seconds))
+        if len(self._requests.inbox) >= self.FOLD_EVERY:
+            with self._lock:
+                self._requests.fold()
+
+    def record(self, model: str, curve: Curve, prediction: Prediction, seconds: float) -> None:
+        traffic = self._models.get(model)
+        if traffic is None:
+            with self._lock:
+                traffic = self._models.setdefault(model, _ModelTraffic(self._window_predictions))
+        traffic.inbox.append(_Batch(prediction, curve, seconds))
+        if len(traffic.inbox) >= self.FOLD_EVERY:
+            with self._lock:
+                traffic.fold()
+
+    def watch_queue(self, model: str, queued_samples: Callable[[], int]) -> None:
+        self._queues[model] = queued_samples
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._collect_requests()
+        yield from self._collect_batches()
+
+    def _collect_requests(self) -> Iterator[Metric]:
+        requests = CounterMetricFamily(
+            "marginwatch_requests", "HTTP requests answered, by model, endpoint and status class",
+            labels=["model", "endpoint", "status_class"],
+        )  # fmt: skip
+        durations = HistogramMetricFamily(
+            "marginwatch_request_duration_seconds", "Time from request start to response end",
+            labels=["model", "endpoint"],
+        )  # fmt: skip
+        with self._lock:
+            self._requests.fold()
+            for key, count in sorted(self._requests.counts.items()):
+                requests.add_metric(list(key), count)
+            for (model, endpoint), buckets in sorted(self._requests.durations.items()):
+                buckets.add_to(durations, {"model": model, "endpoint": endpoint})
+        yield from (requests, durations)
+
+    def _collect_batches(self) -> Iterator[Metric]:
+        execution = HistogramMetricFamily(
+            "marginwatch_model_execution_seconds", "ONNX Runtime time per batch, flags included",
+            labels=["model"],
+        )  # fmt: skip
+        batch_size = HistogramMetricFamily(
+            "marginwatch_batch_size", "Samples per model execution", labels=["model"]
+        )
+        predictions = CounterMetricFamily(
+            "marginwatch_predictions", "Samples predicted, by whether the decision is brittle",
+            labels=["model", "brittle"],
+        )  # fmt: skip
+        scores = HistogramMetricFamily(
+            "marginwatch_score", "Brittleness score of served samples (brittle below λ)",
+            labels=["model"],
+        )  # fmt: skip
+        live = GaugeMetricFamily(
+            "marginwatch_live_robust_accuracy_ratio",
+            "Mean of g(score) = P(correct and robust | score) over the recent served predictions",
+            labels=["model"],
+        )  # fmt: skip
+        window = GaugeMetricFamily(
+            "marginwatch_live_window_predictions", "Predictions in the live rolling window",
+            labels=["model"],
+        )  # fmt: skip
+        queued = GaugeMetricFamily(
+            "marginwatch_queued_samples", "Samples waiting for a batch", labels=["model"]
+        )
+        with self._lock:
+            for model, traffic in sorted(self._models.items()):
+                traffic.fold()
+                labels = {"model": model}
+                traffic.execution_seconds.add_to(execution, labels)
+                traffic.batch_size.add_to(batch_size, labels)
+                traffic.scores.add_to(scores, labels)
+                predictions.add_metric([model, "true"], traffic.brittle)
+                predictions.add_metric([model, "false"], traffic.not_brittle)
+                if len(traffic.window):
+                    live.add_metric([model], traffic.window.mean())
+                window.add_metric([model], len(traffic.window))
+        for model, queued_samples in sorted(self._queues.items()):
+            queued.add_metric([model], queued_samples())
+        yield from (execution, batch_size, predictions, scores, live, window, queued)
 
 
 class ServiceMetrics:
@@ -93,42 +277,11 @@ class ServiceMetrics:
     def __init__(self, live_window_predictions: int) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.requests = Counter(
-            "marginwatch_requests", "HTTP requests answered, by model, endpoint and status class",
-            ["model", "endpoint", "status_class"], registry=r,
-        )  # fmt: skip
-        self.request_seconds = Histogram(
-            "marginwatch_request_duration_seconds", "Time from request start to response end",
-            ["model", "endpoint"], buckets=LATENCY_BUCKETS_S, registry=r,
-        )  # fmt: skip
-        self.execution_seconds = Histogram(
-            "marginwatch_model_execution_seconds", "ONNX Runtime time per batch, flags included",
-            ["model"], buckets=LATENCY_BUCKETS_S, registry=r,
-        )  # fmt: skip
-        self.batch_size = Histogram(
-            "marginwatch_batch_size", "Samples per model execution",
-            ["model"], buckets=BATCH_BUCKETS, registry=r,
-        )  # fmt: skip
-        self.predictions = Counter(
-            "marginwatch_predictions", "Samples predicted, by whether the decision is brittle",
-            ["model", "brittle"], registry=r,
-        )  # fmt: skip
-        self.scores = Histogram(
-            "marginwatch_score", "Brittleness score of served samples (brittle below λ)",
-            ["model"], buckets=SCORE_BUCKETS, registry=r,
-        )  # fmt: skip
+        self.traffic = ServedTraffic(live_window_predictions)
+        r.register(self.traffic)
         self.calibration_robust_accuracy = Gauge(
             "marginwatch_calibration_robust_accuracy_ratio",
             "Robust accuracy estimated by the calibration job, on its evaluation set",
-            ["model"], registry=r,
-        )  # fmt: skip
-        self.live_robust_accuracy = Gauge(
-            "marginwatch_live_robust_accuracy_ratio",
-            "Mean of g(score) = P(correct and robust | score) over the recent served predictions",
-            ["model"], registry=r,
-        )  # fmt: skip
-        self.live_window = Gauge(
-            "marginwatch_live_window_predictions", "Predictions in the live rolling window",
             ["model"], registry=r,
         )  # fmt: skip
         self.calibration_timestamp = Gauge(
@@ -143,14 +296,6 @@ class ServiceMetrics:
             "marginwatch_reloads", "Attempts to load a calibration version, by result",
             ["model", "result"], registry=r,
         )  # fmt: skip
-        self.queued = Gauge(
-            "marginwatch_queued_samples", "Samples waiting for a batch", ["model"], registry=r
-        )
-        self._window_size = live_window_predictions
-        self._series_lock = threading.Lock()
-        # labels() costs microseconds per call: resolve each series once, not per request
-        self._batch_series: dict[str, _BatchSeries] = {}
-        self._request_series: dict[tuple[str, str, int], tuple[Any, Any]] = {}
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
@@ -177,48 +322,10 @@ class ServiceMetrics:
         self, model: str, record: CalibrationRecord, prediction: Prediction, seconds: float
     ) -> None:
         """One model execution: its latency, size, flags, scores and the live estimate."""
-        series = self._batch_series.get(model) or self._new_batch_series(model)
-        series.execution_seconds.observe(seconds)
-        series.batch_size.observe(len(prediction))
-        brittle = int(prediction.brittle.sum())
-        series.brittle.inc(brittle)
-        series.not_brittle.inc(len(prediction) - brittle)
-        for score in prediction.scores.tolist():
-            series.scores.observe(score)
-        series.live_robust_accuracy.set(series.window.add(record.live_curve(prediction.scores)))
-        series.live_window.set(len(series.window))
-
-    def _new_batch_series(self, model: str) -> _BatchSeries:
-        with self._series_lock:  # batches of one model may finish on different threads
-            if model in self._batch_series:
-                return self._batch_series[model]
-            series = self._create_batch_series(model)
-            self._batch_series[model] = series
-            return series
-
-    def _create_batch_series(self, model: str) -> _BatchSeries:
-        return _BatchSeries(
-            execution_seconds=self.execution_seconds.labels(model),
-            batch_size=self.batch_size.labels(model),
-            brittle=self.predictions.labels(model, "true"),
-            not_brittle=self.predictions.labels(model, "false"),
-            scores=self.scores.labels(model),
-            live_robust_accuracy=self.live_robust_accuracy.labels(model),
-            live_window=self.live_window.labels(model),
-            window=LiveWindow(self._window_size),
-        )
+        self.traffic.record(model, record.live_curve, prediction, seconds)
 
     def observe_request(self, model: str, endpoint: str, status: int, seconds: float) -> None:
-        key = (model, endpoint, status // 100)
-        series = self._request_series.get(key)
-        if series is None:
-            series = (
-                self.requests.labels(model, endpoint, f"{status // 100}xx"),
-                self.request_seconds.labels(model, endpoint),
-            )
-            self._request_series[key] = series
-        series[0].inc()
-        series[1].observe(seconds)
+        self.traffic.record_request(model, endpoint, status, seconds)
 
 
 class RequestMetricsMiddleware:

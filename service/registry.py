@@ -15,7 +15,9 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -36,8 +38,8 @@ class Deployment:
     model: ServedModel
     batcher: MicroBatcher
 
-    async def infer(self, x: np.ndarray) -> Prediction:
-        return await self.batcher.submit(x)
+    def infer(self, x: np.ndarray) -> Coroutine[Any, Any, Prediction]:
+        return self.batcher.submit(x)  # the batcher's coroutine itself: no extra frame per request
 
 
 class ModelRegistry:
@@ -144,6 +146,7 @@ class ModelRegistry:
             name=model.name,
         )
         batcher.start()
+        self._metrics.traffic.watch_queue(model.name, lambda: batcher.queued_samples)
         return Deployment(model, batcher)
 
     def _runner(self, model: ServedModel) -> RunBatch:

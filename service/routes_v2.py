@@ -3,8 +3,12 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request, Response
+from collections.abc import Sequence
 
+import numpy as np
+from fastapi import APIRouter, Request, Response, params
+
+from calibration.artifact import CalibrationRecord
 from service.engine import INPUT_NAME, calibration_facts
 from service.errors import ModelNotReady
 from service.oip_binary import (
@@ -34,7 +38,7 @@ from service.schemas import (
     ModelMetadataResponse,
     ReadyResponse,
     ServerMetadata,
-    request_body,
+    inference_route_docs,
 )
 from service.settings import Settings
 
@@ -43,8 +47,10 @@ SERVER_VERSION = "0.1.0"
 EXTENSIONS = ["binary_tensor_data"]
 
 
-def build_health_router(registry: ModelRegistry) -> APIRouter:
-    router = APIRouter(tags=["health"])
+def build_health_router(
+    registry: ModelRegistry, dependencies: Sequence[params.Depends]
+) -> APIRouter:
+    router = APIRouter(tags=["health"], dependencies=dependencies)
 
     @router.get("/v2/health/live", response_model=LiveResponse)
     async def v2_live() -> LiveResponse:
@@ -62,6 +68,22 @@ def build_health_router(registry: ModelRegistry) -> APIRouter:
     return router
 
 
+def _parse_infer(
+    body: bytes, header_length: str | None, record: CalibrationRecord, max_inputs: int
+) -> tuple[np.ndarray, str | None, list[tuple[str, bool]]]:
+    """The validated float32 batch, the request id and the requested outputs of an infer body."""
+    header, binary = split_body(body, header_length)
+    parsed = validate_schema(InferenceRequest, parse_json(header))
+    x = check_batch(
+        input_array(parsed, binary, INPUT_NAME),
+        input_shape=record.input_shape,
+        input_range=record.input_range,
+        max_inputs=max_inputs,
+        what=f"input {INPUT_NAME!r}",
+    )
+    return x, parsed.id, requested_outputs(parsed)
+
+
 def _is_ready(registry: ModelRegistry, name: str) -> bool:
     try:
         registry.get(name)
@@ -70,8 +92,10 @@ def _is_ready(registry: ModelRegistry, name: str) -> bool:
     return True
 
 
-def build_v2_router(registry: ModelRegistry, settings: Settings) -> APIRouter:
-    router = APIRouter(tags=["v2"], responses=ERROR_RESPONSES)
+def build_v2_router(
+    registry: ModelRegistry, settings: Settings, dependencies: Sequence[params.Depends]
+) -> APIRouter:
+    router = APIRouter(tags=["v2"], responses=ERROR_RESPONSES, dependencies=dependencies)
 
     @router.get("/v2", response_model=ServerMetadata)
     async def v2_server_metadata() -> ServerMetadata:
@@ -99,25 +123,20 @@ def build_v2_router(registry: ModelRegistry, settings: Settings) -> APIRouter:
     @router.post(
         "/v2/models/{name}/infer",
         response_model=InferenceResponse,
-        openapi_extra=request_body(InferenceRequest, JSON, OCTET_STREAM),
+        openapi_extra=inference_route_docs(InferenceRequest, JSON, OCTET_STREAM),
         summary="Infer (JSON, or the binary tensor data extension)",
     )
-    async def v2_infer(name: str, request: Request) -> Response:
+    async def v2_infer(request: Request) -> Response:
+        name: str = request.path_params["name"]
         registry.get(name)
         check_content_type(request, (JSON, OCTET_STREAM))
         body = await read_body(request, settings.max_body_bytes)
-        header, binary = split_body(body, request.headers.get(HEADER_LENGTH))
-        parsed = validate_schema(InferenceRequest, parse_json(header))
-        outputs = requested_outputs(parsed)
         deployment = registry.get(name)
         record = deployment.model.record
-        x = check_batch(
-            input_array(parsed, binary, INPUT_NAME),
-            input_shape=record.input_shape,
-            input_range=record.input_range,
-            max_inputs=settings.max_inputs_per_request,
-            what=f"input {INPUT_NAME!r}",
+        x, request_id, outputs = _parse_infer(
+            body, request.headers.get(HEADER_LENGTH), record, settings.max_inputs_per_request
         )
+        del body  # nothing parsed stays alive across the await (see routes_v1)
         prediction = await deployment.infer(x)
         arrays = {
             "logits": prediction.logits,
@@ -130,7 +149,7 @@ def build_v2_router(registry: ModelRegistry, settings: Settings) -> APIRouter:
             {
                 "model_name": name,
                 "model_version": record.version,
-                "id": parsed.id,
+                "id": request_id,
                 "parameters": calibration_facts(record),
             },
             [

@@ -1,8 +1,10 @@
 """Is the flag free? In one process and one run, on the same model and inputs:
 
-- plain inference (the classifier alone, output `logits`) against served inference (the serving
-  graph: `logits` and `score`, then `brittle = score < λ`, as the service does), at batch 1 and
-  64, interleaved rounds, median time; the ratio is served / plain (target ≤ 1.03);
+- plain inference (the classifier alone, output `logits`, then the label) against served
+  inference (a serving graph: `logits` and `score`, then the label and `brittle = score < λ`, as
+  the service does), at batch 1 and 64, interleaved rounds, median time; the ratio is served /
+  plain (target ≤ 1.03). Two serving graphs: the logit margin (TopK and one MatMul after the
+  classifier) and the shipped calibration's own graph (its pseudo-margin MLP), when there is one;
 - the alternative the flag replaces: a minimum-norm attack (FMN ℓ∞, 100 steps) per request,
   per-sample cost as a ratio to the served inference with the flag.
 
@@ -25,8 +27,10 @@ import torch
 PROJECT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT))
 
+from calibration.artifact import ONNX_FILE  # noqa: E402
 from calibration.attacks.fmn import fmn  # noqa: E402
 from calibration.scores import ServingGraph  # noqa: E402
+from calibration.store import current_dir, default_store, list_models, read_record  # noqa: E402
 from models.architectures import FashionMnistCNN  # noqa: E402
 from models.data import load_dataset  # noqa: E402
 from models.export import export_onnx  # noqa: E402
@@ -40,13 +44,44 @@ def session(path: Path) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def median_time_s(run: Callable[[], object], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - started)
-    return float(np.median(times))
+def interleaved_times(
+    plain: ort.InferenceSession,
+    served: dict[str, tuple[ort.InferenceSession, float]],
+    x: np.ndarray,
+    rounds: int,
+    repeats: int,
+) -> dict[str, float]:
+    """Median seconds per call of each way to infer, over `rounds` interleaved rounds."""
+
+    def run_plain() -> object:
+        return plain.run(["logits"], {"input": x})[0].argmax(1)
+
+    def served_run(graph: ort.InferenceSession, threshold: float) -> Callable[[], object]:
+        def run() -> object:
+            logits, score = graph.run(["logits", "score"], {"input": x})
+            return logits.argmax(1), score < threshold
+
+        return run
+
+    runs = {"plain": run_plain} | {name: served_run(*pair) for name, pair in served.items()}
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, run in runs.items():
+            started = time.perf_counter()
+            for _ in range(repeats):
+                run()
+            times[name].append(time.perf_counter() - started)
+    return {name: float(np.median(values)) / repeats for name, values in times.items()}
+
+
+def shipped_graph() -> tuple[Path, float, str] | None:
+    """The shipped calibration's serving graph, its λ and its score kind, if there is one."""
+    store = default_store()
+    if "fmnist-cnn-pgd" not in list_models(store):
+        return None
+    folder = current_dir(store, "fmnist-cnn-pgd")
+    record = read_record(folder)
+    return folder / ONNX_FILE, record.threshold, record.score_kind
 
 
 def main() -> None:
@@ -65,33 +100,25 @@ def main() -> None:
         source = "random weights (shipped ones missing)"
     images = load_dataset("fashion-mnist-subset", "test").float_images
     with tempfile.TemporaryDirectory() as scratch:
-        plain_path, served_path = Path(scratch) / "plain.onnx", Path(scratch) / "served.onnx"
+        plain_path, margin_path = Path(scratch) / "plain.onnx", Path(scratch) / "served.onnx"
         export_onnx(model, (1, 28, 28), plain_path, ["logits"])
-        export_onnx(ServingGraph(model).eval(), (1, 28, 28), served_path, ["logits", "score"])
-        plain, served = session(plain_path), session(served_path)
-    threshold = 0.5
+        export_onnx(ServingGraph(model).eval(), (1, 28, 28), margin_path, ["logits", "score"])
+        plain = session(plain_path)
+        served = {"logit margin": (session(margin_path), 0.5)}
+    shipped = shipped_graph()
+    if shipped is not None and source == "shipped weights":
+        served[f"shipped {shipped[2]}"] = (session(shipped[0]), shipped[1])
     print(f"FashionMnistCNN ({source}); ONNX Runtime CPU, 1 thread")
     per_sample_flag_s = 0.0
     for batch in (1, 64):
-        x = images[:batch]
-
-        def run_plain(x: np.ndarray = x) -> object:
-            return plain.run(["logits"], {"input": x})[0].argmax(1)
-
-        def run_served(x: np.ndarray = x) -> object:
-            logits, score = served.run(["logits", "score"], {"input": x})
-            return logits.argmax(1), score < threshold
-
-        plain_s, served_s = [], []
-        for _ in range(args.rounds):
-            plain_s.append(median_time_s(lambda: [run_plain() for _ in range(args.repeats)], 1))
-            served_s.append(median_time_s(lambda: [run_served() for _ in range(args.repeats)], 1))
-        plain_t = float(np.median(plain_s)) / args.repeats
-        served_t = float(np.median(served_s)) / args.repeats
-        print(f"batch {batch:2d}: plain {plain_t * 1e6:8.1f} µs, with score and flag "
-              f"{served_t * 1e6:8.1f} µs, ratio {served_t / plain_t:.3f}")  # fmt: skip
+        times = interleaved_times(plain, served, images[:batch], args.rounds, args.repeats)
+        line = f"batch {batch:2d}: plain {times['plain'] * 1e6:8.1f} µs"
+        for name in served:
+            ratio = times[name] / times["plain"]
+            line += f"; {name} {times[name] * 1e6:8.1f} µs, ratio {ratio:.3f}"
+        print(line)
         if batch == 1:
-            per_sample_flag_s = served_t
+            per_sample_flag_s = times["logit margin"]
     inputs = torch.from_numpy(images[: args.attack_samples])
     with torch.no_grad():
         labels = model(inputs).argmax(1)

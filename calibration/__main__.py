@@ -111,6 +111,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="what the pseudo-margin MLP reads",
     )
     fit.add_argument("--pseudo-epochs", type=int, default=500, help="MLP training epochs")
+    fit.add_argument(
+        "--pseudo-hidden",
+        type=int,
+        default=64,
+        help="width of the pseudo-margin MLP's hidden layers: its cost on every served request "
+        "(docs/benchmarks.md compares 16 to 256 on the shipped model)",
+    )
+    fit.add_argument(
+        "--pseudo-layers",
+        type=int,
+        default=2,
+        help="hidden layers of the pseudo-margin MLP (0: a linear function of its input)",
+    )
     run = parser.add_argument_group("store, sharding, output")
     run.add_argument(
         "--store",
@@ -184,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
             target_tpr=args.target_tpr, estimator=args.estimator, bootstrap=args.bootstrap,
             pseudo_margin=args.pseudo_margin, tau_cutoff=args.tau_cutoff,
             pseudo_train_size=args.pseudo_train_size, pseudo_input=args.pseudo_input,
-            pseudo_epochs=args.pseudo_epochs, device=args.device,
+            pseudo_epochs=args.pseudo_epochs, pseudo_hidden=args.pseudo_hidden,
+            pseudo_layers=args.pseudo_layers, device=args.device,
             store=args.store or store.default_store(), shard=args.shard,
             num_shards=args.num_shards, merge_only=args.merge, version=args.version,
             progress=not args.quiet and not args.json,

@@ -77,6 +77,8 @@ class PseudoMarginFacts(_Frozen):
     """Held-out comparison of the learned pseudo-margin against the logit margin."""
 
     score_input: Literal["features", "logits"]
+    hidden: int | None = Field(default=None, description="MLP hidden width (absent: 256)")
+    layers: int | None = Field(default=None, description="MLP hidden layers (absent: 2)")
     train_points: int
     held_out_points: int
     logit_margin_tau: float

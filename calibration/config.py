@@ -62,6 +62,8 @@ class CalibrationConfig:
     pseudo_train_size: int = 1000
     pseudo_input: Literal["features", "logits"] = "features"
     pseudo_epochs: int = 500
+    pseudo_hidden: int = 64
+    pseudo_layers: int = 2
     device: str = "auto"
     shard: int | None = None
     num_shards: int = 1
@@ -99,6 +101,8 @@ class CalibrationConfig:
             raise ConfigError(f"shard must lie in [0, {self.num_shards}), got {self.shard}")
         if not 0 < self.target_tpr < 1:
             raise ConfigError(f"target TPR must lie in (0, 1), got {self.target_tpr}")
+        if self.pseudo_hidden < 1 or self.pseudo_layers < 0:
+            raise ConfigError("the pseudo-margin MLP needs hidden width ≥ 1 and layers ≥ 0")
         if self.bootstrap < 10 or self.attack_batch_size < 1 or self.pseudo_train_size < 10:
             raise ConfigError("bootstrap ≥ 10, attack batch size ≥ 1, pseudo-train size ≥ 10")
 

@@ -207,7 +207,12 @@ def choose_score(
         raise CalibrationError("pseudo-margin training points are not attacked")
     features, train_margins = training
     radius = np.where(train_margins.success, train_margins.radius, train_margins.censored_at)
-    regressor = PseudoMarginRegressor(seed=config.seed, epochs=config.pseudo_epochs)
+    regressor = PseudoMarginRegressor(
+        hidden=config.pseudo_hidden,
+        layers=config.pseudo_layers,
+        epochs=config.pseudo_epochs,
+        seed=config.seed,
+    )
     regressor.fit(features, radius)
     pseudo_scores = regressor.predict(subset.score_inputs(config.pseudo_input))
     facts = compare_scores(config, margins, subset.scores, pseudo_scores, len(features))
@@ -229,6 +234,8 @@ def compare_scores(
     pseudo_tau = kendall_tau(margins.radius, pseudo_scores)
     return PseudoMarginFacts(
         score_input=config.pseudo_input,
+        hidden=config.pseudo_hidden,
+        layers=config.pseudo_layers,
         train_points=train_points,
         held_out_points=len(pseudo_scores),
         logit_margin_tau=baseline_tau,

@@ -56,7 +56,7 @@ class PseudoMarginRegressor:
     def __init__(
         self,
         *,
-        hidden: int = 256,
+        hidden: int = 64,
         layers: int = 2,
         epochs: int = 500,
         learning_rate: float = 1e-3,

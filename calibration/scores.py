@@ -32,7 +32,7 @@ class PseudoMarginHead(nn.Module):
     input_mean: torch.Tensor
     input_std: torch.Tensor
 
-    def __init__(self, in_features: int, hidden: int = 256, layers: int = 2) -> None:
+    def __init__(self, in_features: int, hidden: int = 64, layers: int = 2) -> None:
         super().__init__()
         blocks: list[nn.Module] = []
         width = in_features

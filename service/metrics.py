@@ -202,6 +202,11 @@ class ServedTraffic(Collector):
             with self._lock:
                 traffic.fold()
 
+    def pending(self) -> int:
+        """Records not yet folded (the most any inbox holds)."""
+        inboxes = [traffic.inbox for traffic in self._models.values()] + [self._requests.inbox]
+        return max(len(inbox) for inbox in inboxes)
+
     def watch_queue(self, model: str, queued_samples: Callable[[], int]) -> None:
         self._queues[model] = queued_samples
 

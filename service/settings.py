@@ -77,7 +77,9 @@ class Settings(BaseSettings):
         "that take milliseconds per batch",
     )
     max_queue_samples: int = Field(
-        default=1024, gt=0, description="samples waiting per model; above this requests get 503"
+        default=4096,
+        gt=0,
+        description="samples waiting per model; above this requests get 503 at once",
     )
     max_inputs_per_request: int = Field(
         default=64, gt=0, description="most samples in one request (at most max_batch_size)"

@@ -1,6 +1,7 @@
 """The deployment files agree with the code: every metric the dashboard and the rules query is
 one the service exports, every setting they set is a real one, every probe path and CLI flag
-exists. Text checks only (no YAML parser is a dependency), so they run in milliseconds.
+exists. Text checks only (no YAML parser is a dependency), so they run in milliseconds; the
+metric names come from the service's real exposition.
 """
 
 from __future__ import annotations
@@ -10,7 +11,13 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from calibration.store import current_dir, default_store, read_record
+from service.engine import Prediction
+from service.metrics import ServiceMetrics
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -22,13 +29,6 @@ COMPOSE = DEPLOY / "compose"
 # A metric name not preceded by `:` (which would make it part of a recording rule's name).
 METRIC_NAME = re.compile(r"(?<![\w:])marginwatch_[a-z0-9_]+")
 RECORDED_NAME = re.compile(r"\b[a-z_]+:[a-z0-9_]+:[a-z0-9_]+\b")
-SUFFIXES = {
-    "Counter": ("_total", "_created"),
-    "Gauge": ("",),
-    "Histogram": ("_bucket", "_sum", "_count", "_created"),
-    "Summary": ("_sum", "_count", "_created"),
-    "Info": ("_info",),
-}
 KINDS = {
     "namespace.yaml": ["Namespace"],
     "configmap.yaml": ["ConfigMap"],
@@ -47,12 +47,23 @@ def service_source() -> str:
 
 
 def exported_metrics() -> set[str]:
-    """Sample names the service's collectors expose, from their constructors in metrics.py."""
-    source = (ROOT / "service" / "metrics.py").read_text()
-    names = set()
-    for kind, base in re.findall(r"\b(Counter|Gauge|Histogram|Summary|Info)\(\s*\"(\w+)\"", source):
-        names.update(base + suffix for suffix in SUFFIXES[kind])
-    return names
+    """Sample names in the service's real exposition once it has served a batch and a request."""
+    metrics = ServiceMetrics(live_window_predictions=10)
+    record = read_record(current_dir(default_store(), "fmnist-cnn-pgd"))
+    scores = np.array([0.1, 2.0], dtype=np.float32)
+    prediction = Prediction(
+        np.zeros((2, 10), dtype=np.float32), scores, np.zeros(2, dtype=np.int64),
+        scores < record.threshold, np.zeros(2, dtype=bool),
+    )  # fmt: skip
+    metrics.observe_version("m", record)
+    metrics.observe_refusal("m")
+    metrics.observe_batch("m", record, prediction, 0.001)
+    metrics.observe_request("m", "v1_predict", 200, 0.002)
+    metrics.traffic.watch_queue("m", lambda: 0)
+    text = metrics.exposition().decode()
+    return {
+        sample.name for family in text_string_to_metric_families(text) for sample in family.samples
+    }
 
 
 def dashboard_queries() -> Iterator[str]:

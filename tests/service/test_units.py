@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
+from calibration.artifact import Curve
 from service.batcher import MicroBatcher
 from service.engine import Prediction
 from service.errors import ModelNotReady, Overloaded
-from service.metrics import LiveWindow
+from service.metrics import LiveWindow, ServedTraffic
 from service.settings import Settings
 
 
@@ -150,3 +151,93 @@ def test_console_script_help_explains_every_option() -> None:
     )
     for option in ("--host", "--port", "--store", "--models", "--log-format", "--log-level"):
         assert option in result.stdout
+
+
+def test_batcher_waits_to_fill_and_goes_at_once_when_full() -> None:
+    sizes: list[int] = []
+
+    def run(x: np.ndarray) -> Prediction:
+        sizes.append(len(x))
+        return echo(x)
+
+    async def scenario() -> tuple[float, float]:
+        batcher = MicroBatcher(run, max_batch_size=4, max_wait_s=0.2, max_queue_samples=16,
+                               inline_max_samples=4)  # fmt: skip
+        batcher.start()
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await batcher.submit(np.zeros((1, 1), dtype=np.float32))  # alone: waits max_wait_s
+        alone = loop.time() - started
+        started = loop.time()
+        one = np.zeros((1, 1), dtype=np.float32)
+        await asyncio.gather(*(batcher.submit(one) for _ in range(4)))
+        full = loop.time() - started  # four samples fill the batch: no wait
+        await batcher.close()
+        return alone, full
+
+    alone, full = asyncio.run(scenario())
+    assert alone >= 0.19
+    assert full < 0.1
+    assert sizes == [1, 4]
+
+
+def test_batcher_close_sends_a_waiting_batch_at_once() -> None:
+    async def scenario() -> float:
+        batcher = MicroBatcher(echo, max_batch_size=8, max_wait_s=5.0, max_queue_samples=8)
+        batcher.start()
+        waiting = asyncio.ensure_future(batcher.submit(np.ones((2, 1), dtype=np.float32)))
+        await asyncio.sleep(0.01)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await batcher.close()
+        assert len(await waiting) == 2
+        return loop.time() - started
+
+    assert asyncio.run(scenario()) < 1.0  # not the 5 s wait
+
+
+def test_served_traffic_folds_batches_into_prometheus_families() -> None:
+    traffic = ServedTraffic(window_predictions=4)
+    low = Curve(knots_x=[0.0, 1.0], knots_y=[0.0, 1.0])
+    high = Curve(knots_x=[0.0, 1.0], knots_y=[1.0, 1.0])
+    traffic.record("m", low, echo(np.array([[0.0], [0.5], [1.0]], dtype=np.float32)), 0.0005)
+    traffic.record("m", high, echo(np.array([[0.2]], dtype=np.float32)), 0.003)
+    traffic.record_request("m", "v1_predict", 200, 0.001)
+    traffic.record_request("m", "v1_predict", 404, 0.0001)
+    traffic.watch_queue("m", lambda: 7)
+    samples = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in traffic.collect()
+        for sample in family.samples
+    }
+
+    def value(name: str, **labels: str) -> float:
+        return samples[(name, tuple(sorted({"model": "m", **labels}.items())))]
+
+    assert value("marginwatch_batch_size_count") == 2
+    assert value("marginwatch_batch_size_sum") == 4
+    assert value("marginwatch_batch_size_bucket", le="1.0") == 1
+    assert value("marginwatch_batch_size_bucket", le="4.0") == 2
+    # `le` buckets: 0.5 counts in le="0.5", as prometheus_client's own histograms count it
+    assert value("marginwatch_score_bucket", le="0.5") == 3  # 0.0, 0.2, 0.5
+    assert value("marginwatch_score_count") == 4
+    assert value("marginwatch_score_sum") == pytest.approx(1.7)
+    assert value("marginwatch_model_execution_seconds_bucket", le="0.0005") == 1
+    assert value("marginwatch_predictions_total", brittle="true") == 2  # scores 0.0 and 0.2
+    assert value("marginwatch_predictions_total", brittle="false") == 2
+    # g of each batch comes from its own version's curve: 0, 0.5, 1 and then 1
+    assert value("marginwatch_live_robust_accuracy_ratio") == pytest.approx(2.5 / 4)
+    assert value("marginwatch_live_window_predictions") == 4
+    assert value("marginwatch_queued_samples") == 7
+    assert value("marginwatch_requests_total", endpoint="v1_predict", status_class="2xx") == 1
+    assert value("marginwatch_requests_total", endpoint="v1_predict", status_class="4xx") == 1
+    assert value("marginwatch_request_duration_seconds_count", endpoint="v1_predict") == 2
+
+
+def test_served_traffic_folds_on_its_own_when_nobody_scrapes() -> None:
+    traffic = ServedTraffic(window_predictions=10)
+    curve = Curve(knots_x=[0.0], knots_y=[1.0])
+    for _ in range(ServedTraffic.FOLD_EVERY + 5):
+        traffic.record("m", curve, echo(np.zeros((1, 1), dtype=np.float32)), 0.001)
+        traffic.record_request("m", "v1_predict", 200, 0.001)
+    assert traffic.pending() < ServedTraffic.FOLD_EVERY  # memory stays bounded

@@ -9,7 +9,10 @@ more if the batch is not full, and runs the model. Batches of at most `inline_ma
 right there on the event loop's thread: for a small model on few cores a thread hop costs more
 than the execution (docs/benchmarks.md). Larger ones run in the model's own thread, so the loop
 keeps parsing and answering meanwhile, and requests that arrive form the next batch, dispatched
-when that execution ends. Each request gets back exactly its own rows. The model is
+when that execution ends. When requests come one at a time (the last batches each held one, and
+nothing is queued or running), a small request runs at once, without the loop turn that would
+let others join it; every 16th such request takes the usual way, so a rise in traffic turns
+batching back on. Each request gets back exactly its own rows. The model is
 deterministic per sample, so a sample's result does not depend on which batch it lands in (the
 batch-invariance test holds the engine to that).
 
@@ -46,6 +49,9 @@ class MicroBatcher:
     """Batches `submit(x)` calls into calls of `run(batch)`; start with `start()`, end with
     `close()`, which serves everything already queued before returning."""
 
+    ALONE_STREAK = 8
+    PROBE_EVERY = 16
+
     def __init__(
         self,
         run: RunBatch,
@@ -76,6 +82,8 @@ class MicroBatcher:
         self._executing = False  # a batch runs in the model's thread
         self._idle = asyncio.Event()  # nothing queued, nothing executing
         self._idle.set()
+        self._alone_streak = 0  # consecutive dispatched batches that held one request
+        self._alone_runs = 0
 
     @property
     def queued_samples(self) -> int:
@@ -99,12 +107,34 @@ class MicroBatcher:
                 f"model {self._name!r} has {self._queued_samples} samples queued "
                 f"(limit {self._max_queue_samples}); retry later"
             )
+        if self._may_run_alone(size):
+            return self._run_alone(x)
         future: asyncio.Future[Prediction] = self._loop.create_future()
         self._pending.append(_Pending(x, future, time.monotonic()))
         self._queued_samples += size
         self._idle.clear()
         self._schedule()
         return await future
+
+    def _may_run_alone(self, size: int) -> bool:
+        """Whether this request may skip the loop turn that lets others join its batch: the
+        batcher is idle and the last `ALONE_STREAK` batches each held a single request (so
+        nobody is likely to join), except every `PROBE_EVERY`-th such request, which goes the
+        usual way to find out whether traffic has picked up again."""
+        if (
+            self._alone_streak < self.ALONE_STREAK
+            or self._pending
+            or self._dispatch_due is not None
+            or self._executing
+            or size > self._inline_max_samples
+            or self._max_wait_s > 0
+        ):
+            return False
+        self._alone_runs += 1
+        return self._alone_runs % self.PROBE_EVERY != 0
+
+    def _run_alone(self, x: np.ndarray) -> Prediction:
+        return self._run(x)
 
     async def close(self) -> None:
         """Stop taking requests, serve those queued, then stop the model's thread."""
@@ -137,6 +167,7 @@ class MicroBatcher:
         if self._must_wait():
             return
         batch = self._take()
+        self._alone_streak = self._alone_streak + 1 if len(batch) == 1 else 0
         inputs = batch[0].x if len(batch) == 1 else np.concatenate([item.x for item in batch])
         if len(inputs) <= self._inline_max_samples:
             try:

@@ -241,3 +241,32 @@ def test_served_traffic_folds_on_its_own_when_nobody_scrapes() -> None:
         traffic.record("m", curve, echo(np.zeros((1, 1), dtype=np.float32)), 0.001)
         traffic.record_request("m", "v1_predict", 200, 0.001)
     assert traffic.pending() < ServedTraffic.FOLD_EVERY  # memory stays bounded
+
+
+def test_batcher_runs_lone_requests_at_once_and_batches_again_under_load() -> None:
+    sizes: list[int] = []
+
+    def run(x: np.ndarray) -> Prediction:
+        sizes.append(len(x))
+        return echo(x)
+
+    async def scenario() -> None:
+        batcher = MicroBatcher(run, max_batch_size=64, max_wait_s=0, max_queue_samples=256,
+                               inline_max_samples=64)  # fmt: skip
+        batcher.start()
+        one = np.zeros((1, 1), dtype=np.float32)
+        for _ in range(MicroBatcher.ALONE_STREAK):  # one request at a time: batches of one
+            await batcher.submit(one)
+        turns: list[bool] = []
+        asyncio.get_running_loop().call_soon(turns.append, True)
+        await batcher.submit(one)
+        assert not turns  # served without giving the loop a turn
+        sizes.clear()
+        await asyncio.gather(*(batcher.submit(one) for _ in range(64)))
+        assert max(sizes) > 1  # a probe request found company: batching again
+        sizes.clear()
+        await asyncio.gather(*(batcher.submit(one) for _ in range(64)))
+        assert sizes == [64]
+        await batcher.close()
+
+    asyncio.run(scenario())

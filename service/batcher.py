@@ -108,7 +108,7 @@ class MicroBatcher:
                 f"(limit {self._max_queue_samples}); retry later"
             )
         if self._may_run_alone(size):
-            return self._run_alone(x)
+            return self._run(x)
         future: asyncio.Future[Prediction] = self._loop.create_future()
         self._pending.append(_Pending(x, future, time.monotonic()))
         self._queued_samples += size
@@ -132,9 +132,6 @@ class MicroBatcher:
             return False
         self._alone_runs += 1
         return self._alone_runs % self.PROBE_EVERY != 0
-
-    def _run_alone(self, x: np.ndarray) -> Prediction:
-        return self._run(x)
 
     async def close(self) -> None:
         """Stop taking requests, serve those queued, then stop the model's thread."""
@@ -176,10 +173,7 @@ class MicroBatcher:
                 _fail(batch, error)
             else:
                 _deliver(batch, prediction)
-            if self._pending:
-                self._schedule()
-            else:
-                self._idle.set()
+            self._next_or_idle()
             return
         assert self._loop is not None and self._executor is not None
         self._executing = True
@@ -208,7 +202,14 @@ class MicroBatcher:
             _fail(batch, error)
         else:
             _deliver(batch, execution.result())
-        self._schedule()
+        self._next_or_idle()
+
+    def _next_or_idle(self) -> None:
+        """After a batch: dispatch the next one, or mark the batcher idle (close waits for it)."""
+        if self._pending:
+            self._schedule()
+        else:
+            self._idle.set()
 
     def _take(self) -> list[_Pending]:
         batch = [self._pending.popleft()]

@@ -161,12 +161,7 @@ class ServedModel:
         record, session = self._require()
         logits, scores = session.run(OUTPUTS, {INPUT_NAME: x})
         threshold = record.threshold
-        # |s − λ| ≤ 0 is s = λ: one comparison instead of three array operations on CPU
-        borderline = (
-            np.abs(scores - threshold) <= record.guard_band
-            if record.guard_band > 0
-            else scores == threshold
-        )
+        borderline = np.abs(scores - threshold) <= record.guard_band
         return Prediction(logits, scores, logits.argmax(axis=1), scores < threshold, borderline)
 
     def metadata(self) -> ModelMetadata:

@@ -9,6 +9,7 @@ ratios against both baselines, and each server's peak resident memory.
 
     python bench/serve_load.py                       # everything, about 2 minutes
     python bench/serve_load.py --servers marginwatch --concurrency 1 --images 1
+    python bench/serve_load.py --servers marginwatch minimal --images 1 --rounds 5  # medians
 
 Needs LitServe only for the `litserve` server (install it beside the project, not in it). With
 no --store, the model comes from `artifacts/` when a calibrated one is there, else a store is
@@ -24,12 +25,13 @@ import json
 import os
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +57,7 @@ class Point:
     samples_per_s: float
     p50_ms: float
     p99_ms: float
+    round: int = 0
 
     def line(self) -> str:
         return (
@@ -256,21 +259,33 @@ def measure(
 
 
 def report(points: list[Point], memory: dict[str, float]) -> None:
-    by_key = {(p.server, p.images, p.concurrency): p for p in points}
+    """One row per server and load point: medians over rounds; a ratio is the median of the
+    ratios within each round, so both servers' figures come from the same minutes."""
+    groups: dict[tuple[str, int, int], list[Point]] = {}
+    for p in points:
+        groups.setdefault((p.server, p.images, p.concurrency), []).append(p)
+    by_round = {(p.server, p.images, p.concurrency, p.round): p for p in points}
     print(
         "\n| images | concurrency | server | req/s | p50 ms | p99 ms | vs LitServe | vs minimal |"
     )
     print("|---:|---:|---|---:|---:|---:|---:|---:|")
-    for p in points:
+    for (server, images, concurrency), group in groups.items():
         ratios = []
         for baseline in ("litserve", "minimal"):
-            other = by_key.get((baseline, p.images, p.concurrency))
-            if p.server == "marginwatch" and other is not None and other.requests_per_s:
-                ratios.append(f"{p.requests_per_s / other.requests_per_s:.2f}×")
-            else:
-                ratios.append("")
-        print(f"| {p.images} | {p.concurrency} | {p.server} | {p.requests_per_s:.0f} | "
-              f"{p.p50_ms:.2f} | {p.p99_ms:.2f} | {ratios[0]} | {ratios[1]} |")  # fmt: skip
+            per_round = [
+                p.requests_per_s / other.requests_per_s
+                for p in group
+                if (other := by_round.get((baseline, images, concurrency, p.round)))
+                and other.requests_per_s
+            ]
+            shown = f"{statistics.median(per_round):.2f}×" if per_round else ""
+            if len(per_round) > 1:
+                shown += f" ({', '.join(f'{ratio:.2f}' for ratio in per_round)})"
+            ratios.append(shown if server == "marginwatch" else "")
+        rate, p50, p99 = (statistics.median(getattr(p, field) for p in group)
+                          for field in ("requests_per_s", "p50_ms", "p99_ms"))  # fmt: skip
+        print(f"| {images} | {concurrency} | {server} | {rate:.0f} | {p50:.2f} | {p99:.2f} | "
+              f"{ratios[0]} | {ratios[1]} |")  # fmt: skip
     print("\npeak resident memory: " + ", ".join(f"{k} {v:.0f} MB" for k, v in memory.items()))
 
 
@@ -290,6 +305,11 @@ def main() -> None:
         "loop, not in the model's thread); default: the service's own default",
     )  # fmt: skip
     parser.add_argument("--store", type=Path, default=None, help="artifact store to serve from")
+    parser.add_argument(
+        "--rounds", type=int, default=1,
+        help="repeat the whole run this many times (servers still one at a time) and report "
+        "medians: this machine's speed drifts by about 10 %% from minute to minute",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, default=None, help="write the points as JSON here")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch:
@@ -298,9 +318,11 @@ def main() -> None:
               f"inline_max_samples {args.inline_max_samples or 'default'}")  # fmt: skip
         points: list[Point] = []
         memory: dict[str, float] = {}
-        for name in args.servers:
-            measured, memory[name] = measure(args, name, store, model)
-            points += measured
+        for round_ in range(args.rounds):
+            for name in args.servers:
+                measured, peak = measure(args, name, store, model)
+                points += [replace(point, round=round_) for point in measured]
+                memory[name] = max(peak, memory.get(name, 0.0))
     report(points, memory)
     if args.out:
         args.out.write_text(

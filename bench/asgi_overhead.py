@@ -1,0 +1,135 @@
+"""What the service costs per request beyond the minimal endpoint, without sockets.
+
+Both ASGI apps (the service, with its lifespan started, and `bench/minimal_baseline.py`) are
+called in one process with the same one-image body, one request at a time (or `--concurrency`
+at once), in interleaved rounds; prints the median time per request of each and the difference.
+This isolates the apps' own Python from the HTTP server and the load generator, which are the
+same for both, and is steady to about a microsecond where a load test over loopback moves by
+10 % from run to run.
+
+    OMP_NUM_THREADS=1 .venv/bin/python bench/asgi_overhead.py [--requests 2000] [--rounds 7]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import statistics
+import sys
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+PROJECT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(PROJECT))
+sys.path.insert(0, str(PROJECT / "bench"))
+
+from minimal_baseline import build_app  # noqa: E402
+
+from calibration.artifact import ONNX_FILE  # noqa: E402
+from calibration.store import current_dir, default_store  # noqa: E402
+from models.data import load_dataset  # noqa: E402
+from service.app import create_app  # noqa: E402
+from service.settings import Settings  # noqa: E402
+
+MODEL = "fmnist-cnn-pgd"
+Message = MutableMapping[str, Any]
+App = Callable[[Message, Callable[[], Awaitable[Message]], Callable[[Message], Awaitable[None]]],
+               Awaitable[None]]  # fmt: skip
+
+
+def http_scope(path: str, body: bytes) -> Message:
+    headers = [(b"host", b"127.0.0.1"), (b"content-type", b"application/json"),
+               (b"content-length", str(len(body)).encode())]  # fmt: skip
+    return {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+            "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"",
+            "headers": headers, "client": ("127.0.0.1", 50000), "server": ("127.0.0.1", 8000),
+            "root_path": "", "state": {}}  # fmt: skip
+
+
+async def one_request(app: App, path: str, body: bytes) -> None:
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    await app(http_scope(path, body), receive, send)
+    if sent[0]["status"] != 200:
+        raise RuntimeError(f"{path} answered {sent[0]['status']}: {sent[-1].get('body')!r}")
+
+
+async def start_lifespan(app: App) -> asyncio.Task[None]:
+    """Run the app's lifespan until startup completes; the task keeps it alive."""
+    inbox: asyncio.Queue[Message] = asyncio.Queue()
+    outbox: asyncio.Queue[Message] = asyncio.Queue()
+    await inbox.put({"type": "lifespan.startup"})
+    scope = {"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}
+    task = asyncio.ensure_future(app(scope, inbox.get, outbox.put))
+    message = await outbox.get()
+    if message["type"] != "lifespan.startup.complete":
+        raise RuntimeError(f"the service did not start: {message}")
+    return task
+
+
+async def measure(args: argparse.Namespace) -> None:
+    store = args.store or default_store()
+    onnx = current_dir(store, MODEL) / ONNX_FILE
+    body = orjson.dumps({"inputs": load_dataset("fashion-mnist-subset", "test").float_images[:1]
+                                             .tolist()})  # fmt: skip
+    service = create_app(
+        Settings(store=store, models=[MODEL], intra_op_threads=1, reload_interval_s=0)
+    )
+    lifespan = await start_lifespan(service)
+    apps: dict[str, tuple[App, str]] = {
+        "minimal": (build_app(str(onnx), 1), "/predict"),
+        "marginwatch": (service, f"/v1/models/{MODEL}/predict"),
+    }
+    gc.collect()
+    gc.freeze()  # as marginwatch-serve does; applied to both apps alike
+    per_request: dict[str, list[float]] = {name: [] for name in apps}
+    batches = max(1, args.requests // args.concurrency)
+    for _ in range(args.rounds):
+        for name, (app, path) in apps.items():
+            started = time.perf_counter()
+            for _ in range(batches):
+                await asyncio.gather(
+                    *(one_request(app, path, body) for _ in range(args.concurrency))
+                )
+            per_request[name].append((time.perf_counter() - started) / (batches * args.concurrency))
+    medians = {name: statistics.median(times) * 1e6 for name, times in per_request.items()}
+    print(f"{MODEL}, one image per request, concurrency {args.concurrency}, "
+          f"{args.rounds} rounds of {batches * args.concurrency} requests")  # fmt: skip
+    for name, value in medians.items():
+        print(f"  {name:12s} {value:7.1f} µs per request")
+    extra = medians["marginwatch"] - medians["minimal"]
+    rate = medians["minimal"] / medians["marginwatch"]
+    print(f"  marginwatch costs {extra:+.1f} µs per request ({rate:.3f}× the minimal app's rate)")
+    lifespan.cancel()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--requests", type=int, default=2000, help="requests per app per round")
+    parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds (median taken)")
+    parser.add_argument("--concurrency", type=int, default=1, help="requests awaited together")
+    parser.add_argument("--store", type=Path, default=None, help="artifact store (default: ours)")
+    args = parser.parse_args()
+    try:
+        import uvloop
+    except ImportError:  # plain asyncio: both apps still compare like for like
+        asyncio.run(measure(args))
+    else:
+        uvloop.run(measure(args))
+
+
+if __name__ == "__main__":
+    main()

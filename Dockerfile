@@ -19,6 +19,8 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/venv
 WORKDIR /src
 COPY pyproject.toml README.md ./
+COPY marginwatch ./marginwatch
+COPY artifact ./artifact
 COPY service ./service
 COPY calibration ./calibration
 COPY models ./models
@@ -42,6 +44,8 @@ RUN python -m venv /opt/venv \
     && pip install ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} torch==2.13.0
 WORKDIR /src
 COPY pyproject.toml README.md ./
+COPY marginwatch ./marginwatch
+COPY artifact ./artifact
 COPY service ./service
 COPY calibration ./calibration
 COPY models ./models
@@ -68,6 +72,8 @@ RUN apt-get update \
     && python3 -m venv /opt/venv
 WORKDIR /src
 COPY pyproject.toml README.md ./
+COPY marginwatch ./marginwatch
+COPY artifact ./artifact
 COPY service ./service
 COPY calibration ./calibration
 COPY models ./models

@@ -30,11 +30,11 @@ sys.path.insert(0, str(PROJECT / "bench"))
 
 from minimal_baseline import build_app  # noqa: E402
 
-from calibration.artifact import ONNX_FILE  # noqa: E402
-from calibration.store import current_dir, default_store  # noqa: E402
-from models.data import load_dataset  # noqa: E402
-from service.app import create_app  # noqa: E402
-from service.settings import Settings  # noqa: E402
+from marginwatch.artifact.schema import ONNX_FILE  # noqa: E402
+from marginwatch.artifact.store import current_dir, default_store  # noqa: E402
+from marginwatch.models.data import load_dataset  # noqa: E402
+from marginwatch.service.app import create_app  # noqa: E402
+from marginwatch.service.settings import Settings  # noqa: E402
 
 MODEL = "fmnist-cnn-pgd"
 Message = MutableMapping[str, Any]

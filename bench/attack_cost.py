@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from calibration.attacks import attacks_for_norm, parse_norm
-from calibration.margins import input_margins, predicted_labels
-from models.architectures import FashionMnistCNN
+from marginwatch.calibration.attacks import attacks_for_norm, parse_norm
+from marginwatch.calibration.margins import input_margins, predicted_labels
+from marginwatch.models.architectures import FashionMnistCNN
 
 ROOT = Path(__file__).resolve().parents[1]
 WEIGHTS = ROOT / "models" / "weights" / "fmnist-cnn-pgd.safetensors"
@@ -28,7 +28,7 @@ SUBSET = ROOT / "models" / "datasets" / "fashion-mnist-test-subset.npz"
 
 def load_model() -> tuple[torch.nn.Module, str]:
     if WEIGHTS.exists():
-        from models.registry import load_model as load_registered
+        from marginwatch.models.registry import load_model as load_registered
 
         return load_registered("fmnist-cnn-pgd"), "fmnist-cnn-pgd"
     torch.manual_seed(0)
@@ -37,7 +37,7 @@ def load_model() -> tuple[torch.nn.Module, str]:
 
 def load_inputs(batch: int) -> tuple[torch.Tensor, str]:
     if SUBSET.exists():
-        from models.data import load_dataset
+        from marginwatch.models.data import load_dataset
 
         images = load_dataset("fashion-mnist-subset", "test").float_images[:batch]
         return torch.from_numpy(np.ascontiguousarray(images)), "fashion-mnist subset"

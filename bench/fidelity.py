@@ -22,15 +22,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from calibration import margin_cache
-from calibration.config import NORM_VALUES
-from calibration.estimators import estimate_robust_accuracy
-from calibration.job import forward_all, subset_indices
-from calibration.metrics import detection_metrics, kendall_tau, nonrobust_mask
-from calibration.pseudo_margin import PseudoMarginRegressor
-from calibration.threshold import make_threshold_rule
-from models.data import load_dataset
-from models.registry import load_model
+from marginwatch.calibration import margin_cache
+from marginwatch.calibration.config import NORM_VALUES
+from marginwatch.calibration.estimators import estimate_robust_accuracy
+from marginwatch.calibration.job import forward_all, subset_indices
+from marginwatch.calibration.metrics import detection_metrics, kendall_tau, nonrobust_mask
+from marginwatch.calibration.pseudo_margin import PseudoMarginRegressor
+from marginwatch.calibration.threshold import make_threshold_rule
+from marginwatch.models.data import load_dataset
+from marginwatch.models.registry import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -27,14 +27,14 @@ import torch
 PROJECT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT))
 
-from calibration.artifact import ONNX_FILE  # noqa: E402
-from calibration.attacks.fmn import fmn  # noqa: E402
-from calibration.scores import ServingGraph  # noqa: E402
-from calibration.store import current_dir, default_store, list_models, read_record  # noqa: E402
-from models.architectures import FashionMnistCNN  # noqa: E402
-from models.data import load_dataset  # noqa: E402
-from models.export import export_onnx  # noqa: E402
-from models.registry import ModelError, load_model  # noqa: E402
+from marginwatch.artifact.schema import ONNX_FILE  # noqa: E402
+from marginwatch.artifact.store import current_dir, default_store, list_models, read_record  # noqa: E402
+from marginwatch.calibration.attacks.fmn import fmn  # noqa: E402
+from marginwatch.calibration.scores import ServingGraph  # noqa: E402
+from marginwatch.models.architectures import FashionMnistCNN  # noqa: E402
+from marginwatch.models.data import load_dataset  # noqa: E402
+from marginwatch.models.export import export_onnx  # noqa: E402
+from marginwatch.models.registry import ModelError, load_model  # noqa: E402
 
 
 def session(path: Path) -> ort.InferenceSession:

@@ -20,15 +20,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from calibration import margin_cache
-from calibration.config import NORM_VALUES
-from calibration.job import subset_indices
-from calibration.metrics import detection_metrics, kendall_tau, nonrobust_mask
-from calibration.pseudo_margin import PseudoMarginRegressor
-from calibration.scores import logit_margin
-from models.architectures import SplitClassifier
-from models.data import load_dataset
-from models.registry import load_model
+from marginwatch.calibration import margin_cache
+from marginwatch.calibration.config import NORM_VALUES
+from marginwatch.calibration.job import subset_indices
+from marginwatch.calibration.metrics import detection_metrics, kendall_tau, nonrobust_mask
+from marginwatch.calibration.pseudo_margin import PseudoMarginRegressor
+from marginwatch.calibration.scores import logit_margin
+from marginwatch.models.architectures import SplitClassifier
+from marginwatch.models.data import load_dataset
+from marginwatch.models.registry import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -40,8 +40,8 @@ import orjson
 PROJECT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT))
 
-from calibration.store import current_dir, default_store, list_models  # noqa: E402
-from models.data import load_dataset  # noqa: E402
+from marginwatch.artifact.store import current_dir, default_store, list_models  # noqa: E402
+from marginwatch.models.data import load_dataset  # noqa: E402
 
 SERVERS = ("marginwatch", "minimal", "litserve")
 
@@ -95,10 +95,10 @@ def make_store(folder: Path) -> tuple[Path, str]:
     sys.path.insert(0, str(PROJECT / "tests" / "service"))
     from conftest import make_version  # the tests' helper: export + hand-written record
 
-    from calibration.scores import ServingGraph
-    from models.architectures import FashionMnistCNN
-    from models.export import export_onnx
-    from models.registry import ModelError, load_model
+    from marginwatch.calibration.scores import ServingGraph
+    from marginwatch.models.architectures import FashionMnistCNN
+    from marginwatch.models.export import export_onnx
+    from marginwatch.models.registry import ModelError, load_model
 
     try:
         model = load_model("fmnist-cnn-pgd")
@@ -124,7 +124,8 @@ def choose_model(store: Path | None, scratch: Path) -> tuple[Path, str]:
 def server_command(name: str, store: Path, model: str, port: int, threads: int) -> list[str]:
     onnx = str(current_dir(store, model) / "model.onnx")
     if name == "marginwatch":
-        return [sys.executable, "-m", "service", "--port", str(port), "--store", str(store),
+        return [sys.executable, "-m", "marginwatch.service", "--port", str(port),
+                "--store", str(store),
                 "--models", model, "--log-level", "warning"]  # fmt: skip
     script = PROJECT / "bench" / f"{name}_baseline.py"
     return [sys.executable, str(script), "--onnx", onnx, "--port", str(port),

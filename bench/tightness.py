@@ -20,10 +20,10 @@ import time
 import numpy as np
 import torch
 
-from calibration.attacks import ATTACKS
-from calibration.margins import confirmed_radius, input_margins, predicted_labels
-from models.data import load_dataset, stratified_indices
-from models.registry import load_model
+from marginwatch.calibration.attacks import ATTACKS
+from marginwatch.calibration.margins import confirmed_radius, input_margins, predicted_labels
+from marginwatch.models.data import load_dataset, stratified_indices
+from marginwatch.models.registry import load_model
 
 
 def foolbox_fmn(model: torch.nn.Module, inputs: torch.Tensor, labels: torch.Tensor, steps: int):  # type: ignore[no-untyped-def]

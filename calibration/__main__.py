@@ -1,4 +1,4 @@
-"""`marginwatch-calibrate` (also `python -m calibration`): the calibration job's command line.
+"""`marginwatch-calibrate` (also `python -m marginwatch.calibration`): the job's command line.
 
 Exit codes: 0 published (or shard done), 1 verification failed, 2 bad input, 3 another run of
 the same model holds the lock. Meant for cron: idempotent, lock-protected, safe to kill.
@@ -183,9 +183,9 @@ def _summary(record) -> str:  # type: ignore[no-untyped-def]
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # Imported here so that `--help` answers at once.
-    from calibration import store
-    from calibration.config import CalibrationConfig, ConfigError, parse_attack
-    from calibration.job import CalibrationError, run
+    from marginwatch.artifact import store
+    from marginwatch.calibration.config import CalibrationConfig, ConfigError, parse_attack
+    from marginwatch.calibration.job import CalibrationError, run
 
     try:
         config = CalibrationConfig(

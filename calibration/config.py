@@ -9,10 +9,10 @@ from typing import Literal
 
 import torch
 
-from calibration.artifact import Norm
-from calibration.attacks import ATTACKS, SUPPORTED_NORMS
-from calibration.margin_cache import AttackPlan
-from calibration.threshold import THRESHOLD_RULES
+from marginwatch.artifact.schema import Norm
+from marginwatch.calibration.attacks import ATTACKS, SUPPORTED_NORMS
+from marginwatch.calibration.margin_cache import AttackPlan
+from marginwatch.calibration.threshold import THRESHOLD_RULES
 
 DEFAULT_EPS: dict[str, float] = {"linf": 0.1, "l2": 1.5}
 DEFAULT_ATTACKS: dict[str, tuple[str, ...]] = {"linf": ("fmn", "fab-top3"), "l2": ("fmn", "ddn")}

@@ -8,7 +8,7 @@ Inputs, everywhere in this module:
 * ``*_scores``: the detector score s(x), larger = more robust (finite floats).
 * ``*_correct``: the prediction matches the label (boolean).
 * ``subset_robust``: ``input margin > eps``, the margin measured against the *predicted* label
-  (label-free), i.e. ``~calibration.metrics.nonrobust_mask(...)``. A censored margin (every
+  (label-free), i.e. ``~metrics.nonrobust_mask(...)``. A censored margin (every
   attack failed) counts as robust when its lower bound exceeds eps, which ``nonrobust_mask``
   checks. It is the complement of the detection task's positive class, so
   ``threshold_rule(scores, ~subset_robust)`` fits λ and robust accuracy is
@@ -302,7 +302,7 @@ def estimate_robust_accuracy(
 
     ``subset_robust`` is ``margin > eps`` (label-free; see the module docstring). The
     ``threshold_rule`` (``(scores, nonrobust) -> λ``, e.g. from
-    ``calibration.threshold.make_threshold_rule``) is used by ``"count"`` only; it is required
+    ``threshold.make_threshold_rule``) is used by ``"count"`` only; it is required
     anyway so that switching methods never changes which rule an artifact records.
     Each bootstrap draw resamples the attacked subset and refits λ or r (the dominant source of
     variance), and resamples the big set. ``bootstrap=0`` skips the interval (nan bounds).

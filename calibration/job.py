@@ -18,8 +18,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from calibration import margin_cache, store
-from calibration.artifact import (
+from marginwatch.artifact import store
+from marginwatch.artifact.graph import LOGITS, OUTPUTS, SCORE
+from marginwatch.artifact.hashing import file_sha256
+from marginwatch.artifact.schema import (
     ONNX_FILE,
     REPORT_FILE,
     AttackBudget,
@@ -27,18 +29,18 @@ from calibration.artifact import (
     DataSource,
     PseudoMarginFacts,
 )
-from calibration.config import CalibrationConfig, ConfigError
-from calibration.margins import MarginResult
-from calibration.metrics import detection_metrics, kendall_tau
-from calibration.pseudo_margin import PseudoMarginRegressor
-from calibration.record import build_record, report_data
-from calibration.report import render_report
-from calibration.scores import ServingGraph, logit_margin
-from models.architectures import SplitClassifier
-from models.data import DataError, Dataset, load_dataset
-from models.export import export_onnx, verify_export
-from models.hashing import file_sha256
-from models.registry import ModelError, load_model
+from marginwatch.calibration import margin_cache
+from marginwatch.calibration.config import CalibrationConfig, ConfigError
+from marginwatch.calibration.margins import MarginResult
+from marginwatch.calibration.metrics import detection_metrics, kendall_tau
+from marginwatch.calibration.pseudo_margin import PseudoMarginRegressor
+from marginwatch.calibration.record import build_record, report_data
+from marginwatch.calibration.report import render_report
+from marginwatch.calibration.scores import ServingGraph, logit_margin
+from marginwatch.models.architectures import SplitClassifier
+from marginwatch.models.data import DataError, Dataset, load_dataset
+from marginwatch.models.export import export_onnx, verify_export
+from marginwatch.models.registry import ModelError, load_model
 
 
 class CalibrationError(Exception):
@@ -254,12 +256,12 @@ def export_serving_graph(
     between batch 1 and batch 64. Returns ONNX Runtime's labels and scores, and the band."""
     path = folder / ONNX_FILE
     graph = graph.cpu().eval()
-    export_onnx(graph, input_shape, path, ["logits", "score"])
+    export_onnx(graph, input_shape, path, list(OUTPUTS))
     with torch.no_grad():
         torch_logits, torch_scores = graph(torch.from_numpy(inputs))
     logits_check, score_check = (
         verify_export(path, reference, inputs, output, torch_logits)
-        for output, reference in (("logits", torch_logits), ("score", torch_scores))
+        for output, reference in ((LOGITS, torch_logits), (SCORE, torch_scores))
     )
     problems = logits_check.problems(1e-4) + score_check.problems(1e-4)
     if problems:

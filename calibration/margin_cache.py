@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from calibration.attacks import ATTACKS
-from calibration.margins import MarginResult, input_margins
+from marginwatch.calibration.attacks import ATTACKS
+from marginwatch.calibration.margins import MarginResult, input_margins
 
 CHUNK_SIZE = 50
 

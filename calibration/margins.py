@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from calibration.attacks._common import (
+from marginwatch.calibration.attacks._common import (
     KNOWN_NORMS,
     Model,
     check_inputs,

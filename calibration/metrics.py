@@ -2,7 +2,7 @@
 
 Pure numpy/scipy (no torch, no scikit-learn) so that the service and the report can import it.
 
-Conventions, shared with :mod:`calibration.threshold` and :mod:`calibration.estimators`:
+Conventions, shared with `threshold` and `estimators`:
 
 * ``scores``: the detector's margin-like score s(x) (logit margin or pseudo-margin); LARGER means
   more robust. The brittleness detector's output is therefore ``-score``.

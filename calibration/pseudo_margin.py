@@ -12,9 +12,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from calibration.estimators import NotFittedError
-from calibration.metrics import kendall_tau
-from calibration.scores import PseudoMarginHead
+from marginwatch.calibration.estimators import NotFittedError
+from marginwatch.calibration.metrics import kendall_tau
+from marginwatch.calibration.scores import PseudoMarginHead
 
 
 def regression_targets(radius: np.ndarray) -> np.ndarray:

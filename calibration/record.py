@@ -6,7 +6,7 @@ import time
 
 import numpy as np
 
-from calibration.artifact import (
+from marginwatch.artifact.schema import (
     AttackBudget,
     CalibrationRecord,
     Curve,
@@ -15,12 +15,12 @@ from calibration.artifact import (
     RobustAccuracyEstimate,
     ThreatModel,
 )
-from calibration.config import CalibrationConfig
-from calibration.estimators import estimate_robust_accuracy, fit_live_curve
-from calibration.margins import MarginResult
-from calibration.metrics import detection_metrics, kendall_tau, nonrobust_mask
-from calibration.report import ReportData
-from calibration.threshold import make_threshold_rule
+from marginwatch.calibration.config import CalibrationConfig
+from marginwatch.calibration.estimators import estimate_robust_accuracy, fit_live_curve
+from marginwatch.calibration.margins import MarginResult
+from marginwatch.calibration.metrics import detection_metrics, kendall_tau, nonrobust_mask
+from marginwatch.calibration.report import ReportData
+from marginwatch.calibration.threshold import make_threshold_rule
 
 
 def _probability(value: float) -> float:

@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from calibration.metrics import detection_metrics, kendall_tau, roc_curve
-from calibration.threshold import flag_rates
+from marginwatch.calibration.metrics import detection_metrics, kendall_tau, roc_curve
+from marginwatch.calibration.threshold import flag_rates
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes

@@ -11,7 +11,7 @@ from typing import Literal, cast
 import torch
 from torch import nn
 
-from models.architectures import SplitClassifier
+from marginwatch.models.architectures import SplitClassifier
 
 ScoreInput = Literal["features", "logits"]
 

@@ -17,11 +17,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.architectures import SplitClassifier
-from models.data import DATASETS, DataError, load_dataset, stratified_indices
-from models.registry import ModelError, load_model
+from marginwatch.artifact.graph import INPUT_NAME, LOGITS
+from marginwatch.models.architectures import SplitClassifier
+from marginwatch.models.data import DATASETS, DataError, load_dataset, stratified_indices
+from marginwatch.models.registry import ModelError, load_model
 
-INPUT_NAME = "input"
 OPSET = 17
 
 
@@ -118,8 +118,8 @@ def verify_export(
     session = onnx_session(path)
     at_64 = run_batched(session, inputs, output, 64)
     at_1 = run_batched(session, inputs, output, 1)
-    onnx_labels_64 = run_batched(session, inputs, "logits", 64).argmax(1)
-    onnx_labels_1 = run_batched(session, inputs, "logits", 1).argmax(1)
+    onnx_labels_64 = run_batched(session, inputs, LOGITS, 64).argmax(1)
+    onnx_labels_1 = run_batched(session, inputs, LOGITS, 1).argmax(1)
     return ExportCheck(
         output=output,
         samples=len(inputs),
@@ -179,11 +179,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     graph = LogitsAndFeatures(model)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    export_onnx(graph, model.input_shape, args.out, ["logits", "features"])
+    export_onnx(graph, model.input_shape, args.out, [LOGITS, "features"])
     inputs = data.float_images
     with torch.no_grad():
         logits, _ = graph(torch.from_numpy(inputs))
-    check = verify_export(args.out, logits, inputs, "logits", logits)
+    check = verify_export(args.out, logits, inputs, LOGITS, logits)
     print(
         f"wrote {args.out}; on {check.samples} images: max |ONNX − torch| logit "
         f"{check.max_abs_diff_vs_torch:.2e}, label mismatches {check.label_mismatches_vs_torch}; "

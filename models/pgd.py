@@ -1,6 +1,6 @@
 """ℓ∞ projected gradient descent (Madry et al., ICLR 2018): the fixed-budget attack used for
 adversarial training and for the robust accuracy in model cards. Minimum-norm attacks, which
-measure margins, live in `calibration.attacks`."""
+measure margins, live in `marginwatch.calibration.attacks`."""
 
 from __future__ import annotations
 

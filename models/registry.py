@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from models.architectures import ARCHITECTURES, LogitsAsFeatures, SplitClassifier
+from marginwatch.models.architectures import ARCHITECTURES, LogitsAsFeatures, SplitClassifier
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 SHIPPED_MODELS = {"fmnist-cnn-pgd": "fmnist-cnn", "fmnist-cnn-standard": "fmnist-cnn"}

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import torch
 
-from models.architectures import ARCHITECTURES
-from models.data import DATASETS, DataError, load_dataset, stratified_indices
-from models.hashing import file_sha256
-from models.registry import save_weights
-from models.training import RECIPES, Recipe, evaluate, model_card, train
+from marginwatch.artifact.hashing import file_sha256
+from marginwatch.models.architectures import ARCHITECTURES
+from marginwatch.models.data import DATASETS, DataError, load_dataset, stratified_indices
+from marginwatch.models.registry import save_weights
+from marginwatch.models.training import RECIPES, Recipe, evaluate, model_card, train
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from models.architectures import SplitClassifier
-from models.data import Dataset
-from models.pgd import pgd_linf
+from marginwatch.models.architectures import SplitClassifier
+from marginwatch.models.data import Dataset
+from marginwatch.models.pgd import pgd_linf
 
 RecipeName = Literal["standard", "pgd", "sovr"]
 RECIPES: tuple[RecipeName, ...] = ("standard", "pgd", "sovr")

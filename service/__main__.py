@@ -1,6 +1,6 @@
 """`marginwatch-serve`: run the service in one uvicorn process (scale with replicas).
 
-Every option also has an environment variable (prefix `MARGINWATCH_`, see `service.settings`);
+Every option also has an environment variable (prefix `MARGINWATCH_`, see `settings.py`);
 an option given here wins over its variable.
 """
 
@@ -16,8 +16,8 @@ from typing import Any
 import uvicorn
 from pydantic import ValidationError
 
-from service.app import create_app
-from service.settings import Settings
+from marginwatch.service.app import create_app
+from marginwatch.service.settings import Settings
 
 
 class JsonFormatter(logging.Formatter):

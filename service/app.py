@@ -16,8 +16,8 @@ import orjson
 from fastapi import APIRouter, Depends, FastAPI, Request, Response, params
 from fastapi.exceptions import RequestValidationError
 
-from service.auth import api_key_check
-from service.errors import (
+from marginwatch.service.auth import api_key_check
+from marginwatch.service.errors import (
     InvalidInput,
     ModelNotFound,
     ModelNotReady,
@@ -27,12 +27,12 @@ from service.errors import (
     Unauthorized,
     UnsupportedMediaType,
 )
-from service.metrics import CONTENT_TYPE, RequestMetricsMiddleware, ServiceMetrics
-from service.payload import JSON
-from service.registry import ModelRegistry
-from service.routes_v1 import build_v1_router
-from service.routes_v2 import SERVER_VERSION, build_health_router, build_v2_router
-from service.settings import Settings
+from marginwatch.service.metrics import CONTENT_TYPE, RequestMetricsMiddleware, ServiceMetrics
+from marginwatch.service.payload import JSON
+from marginwatch.service.registry import ModelRegistry
+from marginwatch.service.routes_v1 import build_v1_router
+from marginwatch.service.routes_v2 import SERVER_VERSION, build_health_router, build_v2_router
+from marginwatch.service.settings import Settings
 
 logger = logging.getLogger("marginwatch.service")
 

@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from pydantic import SecretStr
 from starlette.requests import Request
 
-from service.errors import Unauthorized
+from marginwatch.service.errors import Unauthorized
 
 Check = Callable[[Request], Awaitable[None]]
 

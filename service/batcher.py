@@ -32,8 +32,8 @@ from functools import partial
 
 import numpy as np
 
-from service.engine import Prediction
-from service.errors import ModelNotReady, Overloaded
+from marginwatch.service.engine import Prediction
+from marginwatch.service.errors import ModelNotReady, Overloaded
 
 RunBatch = Callable[[np.ndarray], Prediction]
 

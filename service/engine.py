@@ -1,7 +1,7 @@
 """The served model: one verified calibration version and its ONNX Runtime session.
 
 `ServedModel` follows the load/predict split: the constructor only stores where the version lies;
-`load()` verifies the artifact (schema and sha256, through `calibration.store.read_record`),
+`load()` verifies the artifact (schema and sha256, through `artifact.store.read_record`),
 creates the session and runs it once; `predict(x)` returns a `Prediction`. The score comes out of
 the graph itself (output `score`); the engine only compares it with λ. Nothing here knows HTTP.
 """
@@ -16,14 +16,11 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from calibration.artifact import ONNX_FILE, CalibrationRecord
-from calibration.store import ArtifactError, read_record
-from service.errors import ModelNotReady
+from marginwatch.artifact.graph import INPUT_NAME, LOGITS, OUTPUTS, SCORE
+from marginwatch.artifact.schema import ONNX_FILE, CalibrationRecord
+from marginwatch.artifact.store import ArtifactError, read_record
+from marginwatch.service.errors import ModelNotReady
 
-INPUT_NAME = "input"
-LOGITS = "logits"
-SCORE = "score"
-OUTPUTS = [LOGITS, SCORE]
 PLATFORM = "onnxruntime_onnx"
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
@@ -159,7 +156,7 @@ class ServedModel:
     def predict(self, x: np.ndarray) -> Prediction:
         """Labels, logits, scores and flags of a float32 batch N×C×H×W (already validated)."""
         record, session = self._require()
-        logits, scores = session.run(OUTPUTS, {INPUT_NAME: x})
+        logits, scores = session.run(list(OUTPUTS), {INPUT_NAME: x})
         threshold = record.threshold
         borderline = np.abs(scores - threshold) <= record.guard_band
         return Prediction(logits, scores, logits.argmax(axis=1), scores < threshold, borderline)
@@ -209,7 +206,7 @@ def _check_graph(session: ort.InferenceSession, record: CalibrationRecord) -> No
         )
     probe = np.zeros((2, *record.input_shape), dtype=np.float32)
     try:
-        logits, scores = session.run([LOGITS, SCORE], {INPUT_NAME: probe})
+        logits, scores = session.run(list(OUTPUTS), {INPUT_NAME: probe})
     except Exception as error:
         raise ArtifactError(f"the graph fails on a zero input: {error}") from error
     if logits.shape != (2, len(record.class_names)) or scores.shape != (2,):

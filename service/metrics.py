@@ -34,8 +34,8 @@ from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString
 
-from calibration.artifact import CalibrationRecord, Curve
-from service.engine import Prediction, calibration_timestamp_s
+from marginwatch.artifact.schema import CalibrationRecord, Curve
+from marginwatch.service.engine import Prediction, calibration_timestamp_s
 
 UNKNOWN_MODEL = "_unknown"
 OTHER_ENDPOINT = "other"

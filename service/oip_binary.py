@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 import orjson
 
-from service.errors import InvalidInput
-from service.schemas import InferenceRequest
+from marginwatch.service.errors import InvalidInput
+from marginwatch.service.schemas import InferenceRequest
 
 HEADER_LENGTH = "inference-header-content-length"
 DTYPES: dict[str, np.dtype[Any]] = {

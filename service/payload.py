@@ -13,7 +13,7 @@ import orjson
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 
-from service.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
+from marginwatch.service.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
 JSON = "application/json"

@@ -21,12 +21,12 @@ from typing import Any
 
 import numpy as np
 
-from calibration.store import ArtifactError, current_version, list_models
-from service.batcher import MicroBatcher, RunBatch
-from service.engine import EngineOptions, Prediction, ServedModel
-from service.errors import ModelNotFound, ModelNotReady
-from service.metrics import ServiceMetrics
-from service.settings import Settings
+from marginwatch.artifact.store import ArtifactError, current_version, list_models
+from marginwatch.service.batcher import MicroBatcher, RunBatch
+from marginwatch.service.engine import EngineOptions, Prediction, ServedModel
+from marginwatch.service.errors import ModelNotFound, ModelNotReady
+from marginwatch.service.metrics import ServiceMetrics
+from marginwatch.service.settings import Settings
 
 logger = logging.getLogger("marginwatch.service")
 

@@ -9,18 +9,25 @@ import numpy as np
 import orjson
 from fastapi import APIRouter, Request, Response, params
 
-from calibration.artifact import CalibrationRecord
-from service.engine import Prediction
-from service.payload import JSON, as_float32, check_batch, check_content_type, parse_json, read_body
-from service.payload import validate as validate_schema
-from service.registry import ModelRegistry
-from service.schemas import (
+from marginwatch.artifact.schema import CalibrationRecord
+from marginwatch.service.engine import Prediction
+from marginwatch.service.payload import (
+    JSON,
+    as_float32,
+    check_batch,
+    check_content_type,
+    parse_json,
+    read_body,
+)
+from marginwatch.service.payload import validate as validate_schema
+from marginwatch.service.registry import ModelRegistry
+from marginwatch.service.schemas import (
     ERROR_RESPONSES,
     PredictRequest,
     PredictResponse,
     inference_route_docs,
 )
-from service.settings import Settings
+from marginwatch.service.settings import Settings
 
 
 def build_v1_router(

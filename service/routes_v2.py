@@ -8,10 +8,11 @@ from collections.abc import Sequence
 import numpy as np
 from fastapi import APIRouter, Request, Response, params
 
-from calibration.artifact import CalibrationRecord
-from service.engine import INPUT_NAME, calibration_facts
-from service.errors import ModelNotReady
-from service.oip_binary import (
+from marginwatch.artifact.graph import INPUT_NAME
+from marginwatch.artifact.schema import CalibrationRecord
+from marginwatch.service.engine import calibration_facts
+from marginwatch.service.errors import ModelNotReady
+from marginwatch.service.oip_binary import (
     HEADER_LENGTH,
     OUTPUT_DATATYPES,
     OutputTensor,
@@ -20,7 +21,7 @@ from service.oip_binary import (
     requested_outputs,
     split_body,
 )
-from service.payload import (
+from marginwatch.service.payload import (
     JSON,
     OCTET_STREAM,
     check_batch,
@@ -28,9 +29,9 @@ from service.payload import (
     parse_json,
     read_body,
 )
-from service.payload import validate as validate_schema
-from service.registry import ModelRegistry
-from service.schemas import (
+from marginwatch.service.payload import validate as validate_schema
+from marginwatch.service.registry import ModelRegistry
+from marginwatch.service.schemas import (
     ERROR_RESPONSES,
     InferenceRequest,
     InferenceResponse,
@@ -40,7 +41,7 @@ from service.schemas import (
     ServerMetadata,
     inference_route_docs,
 )
-from service.settings import Settings
+from marginwatch.service.settings import Settings
 
 SERVER_NAME = "marginwatch"
 SERVER_VERSION = "0.1.0"

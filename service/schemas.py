@@ -1,6 +1,6 @@
 """Request and response models: the service's own REST API (v1) and the Open Inference Protocol
 v2 subset. Bodies are parsed with orjson and then checked against these models; tensor data stay
-`Any` here and become one numpy array in one call (`service.payload`), never element by element.
+`Any` here and become one numpy array in one call (`payload.py`), never element by element.
 """
 
 from __future__ import annotations

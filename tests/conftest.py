@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from models.data import Dataset, load_dataset
+from marginwatch.models.data import Dataset, load_dataset
 
 
 @pytest.fixture(scope="session")

@@ -14,13 +14,13 @@ from collections.abc import Callable
 
 import torch
 
-from calibration.attacks import ddn as _ddn
-from calibration.attacks import fab as _fab
-from calibration.attacks import fmn as _fmn
-from calibration.attacks._common import perturbation_norm
-from calibration.attacks.ddn import ddn
-from calibration.attacks.fab import fab
-from calibration.attacks.fmn import fmn
+from marginwatch.calibration.attacks import ddn as _ddn
+from marginwatch.calibration.attacks import fab as _fab
+from marginwatch.calibration.attacks import fmn as _fmn
+from marginwatch.calibration.attacks._common import perturbation_norm
+from marginwatch.calibration.attacks.ddn import ddn
+from marginwatch.calibration.attacks.fab import fab
+from marginwatch.calibration.attacks.fmn import fmn
 
 Attack = Callable[..., torch.Tensor]
 

@@ -18,7 +18,7 @@ import math
 import torch
 from torch.nn import functional
 
-from calibration.attacks._common import (
+from marginwatch.calibration.attacks._common import (
     Model,
     batch_view,
     boundary_search,

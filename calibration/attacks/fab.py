@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from calibration.attacks._common import (
+from marginwatch.calibration.attacks._common import (
     Model,
     batch_view,
     boundary_search,

@@ -18,7 +18,7 @@ import torch
 from scipy import optimize
 from torch import nn
 
-from calibration.attacks import (
+from marginwatch.calibration.attacks import (
     ATTACKS,
     SUPPORTED_NORMS,
     attacks_for_norm,
@@ -26,7 +26,7 @@ from calibration.attacks import (
     perturbation_norm,
     supported_norms,
 )
-from calibration.attacks.fab import project_onto_hyperplane
+from marginwatch.calibration.attacks.fab import project_onto_hyperplane
 
 INF = math.inf
 CASES = [(name, norm) for name, norms in SUPPORTED_NORMS.items() for norm in norms]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy.optimize import isotonic_regression
 
-from calibration.estimators import (
+from marginwatch.calibration.estimators import (
     IsotonicCurve,
     NotFittedError,
     count_estimate,
@@ -17,7 +17,7 @@ from calibration.estimators import (
     fit_robust_curve,
     regression_estimate,
 )
-from calibration.threshold import make_threshold_rule
+from marginwatch.calibration.threshold import make_threshold_rule
 
 Arrays = tuple[np.ndarray, np.ndarray, np.ndarray]
 

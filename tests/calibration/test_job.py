@@ -16,13 +16,13 @@ import numpy as np
 import pytest
 import torch
 
-from calibration import store
-from calibration.__main__ import main
-from calibration.artifact import ONNX_FILE, REPORT_FILE, CalibrationRecord
-from calibration.scores import ServingGraph, logit_margin
-from models.data import Dataset, save_npz
-from models.export import onnx_session, run_batched
-from models.registry import load_model
+from marginwatch.artifact import store
+from marginwatch.artifact.schema import ONNX_FILE, REPORT_FILE, CalibrationRecord
+from marginwatch.calibration.__main__ import main
+from marginwatch.calibration.scores import ServingGraph, logit_margin
+from marginwatch.models.data import Dataset, save_npz
+from marginwatch.models.export import onnx_session, run_batched
+from marginwatch.models.registry import load_model
 
 PROJECT = Path(__file__).resolve().parents[2]
 # Small budgets keep each run to seconds; the figures themselves are measured in bench/.
@@ -127,8 +127,8 @@ def test_bad_input_exits_2_with_a_message(
     capsys: pytest.CaptureFixture[str],
 ) -> None:  # fmt: skip
     if "__resnet__" in args:
-        from models.architectures import PreActResNet18
-        from models.registry import save_weights
+        from marginwatch.models.architectures import PreActResNet18
+        from marginwatch.models.registry import save_weights
 
         save_weights(PreActResNet18(), tmp_path / "resnet.safetensors")
         args = [str(tmp_path / "resnet.safetensors") if a == "__resnet__" else a for a in args]
@@ -150,7 +150,7 @@ def test_second_concurrent_run_is_refused(
 def _run_cli(args: list[str], **kwargs: object) -> subprocess.Popen[bytes]:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(  # type: ignore[call-overload,no-any-return]
-        [sys.executable, "-m", "calibration", *args], cwd=PROJECT, env=env,
+        [sys.executable, "-m", "marginwatch.calibration", *args], cwd=PROJECT, env=env,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs,
     )  # fmt: skip
 

@@ -12,8 +12,8 @@ import pytest
 import torch
 from torch import nn
 
-from calibration.attacks import fab, fmn
-from calibration.margins import (
+from marginwatch.calibration.attacks import fab, fmn
+from marginwatch.calibration.margins import (
     MarginResult,
     attack_name,
     input_margins,

@@ -8,8 +8,13 @@ import numpy as np
 import pytest
 from scipy.stats import kendalltau
 
-from calibration.metrics import detection_metrics, kendall_tau, nonrobust_mask, roc_curve
-from calibration.threshold import flag_rates
+from marginwatch.calibration.metrics import (
+    detection_metrics,
+    kendall_tau,
+    nonrobust_mask,
+    roc_curve,
+)
+from marginwatch.calibration.threshold import flag_rates
 
 # Scores 1..4 with a tie at 2; positives (non-robust) score {1, 2, 3}, negatives {2, 4}.
 HAND_Y = np.array([True, False, True, True, False])

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from calibration.estimators import IsotonicCurve, NotFittedError
-from calibration.metrics import kendall_tau
-from calibration.pseudo_margin import PseudoMarginRegressor, regression_targets
-from calibration.scores import PseudoMarginHead, ServingGraph
-from models.architectures import FashionMnistCNN
+from marginwatch.calibration.estimators import IsotonicCurve, NotFittedError
+from marginwatch.calibration.metrics import kendall_tau
+from marginwatch.calibration.pseudo_margin import PseudoMarginRegressor, regression_targets
+from marginwatch.calibration.scores import PseudoMarginHead, ServingGraph
+from marginwatch.models.architectures import FashionMnistCNN
 
 
 def synthetic(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -70,7 +70,7 @@ def test_serving_graph_with_pseudo_margin_uses_the_head() -> None:
 def test_folding_the_standardization_keeps_the_outputs(tmp_path) -> None:  # type: ignore[no-untyped-def]
     import onnx
 
-    from models.export import export_onnx
+    from marginwatch.models.export import export_onnx
 
     torch.manual_seed(0)
     head = PseudoMarginHead(6).eval()
@@ -87,7 +87,7 @@ def test_folding_the_standardization_keeps_the_outputs(tmp_path) -> None:  # typ
 
 
 def test_logit_margin_is_top_one_minus_top_two() -> None:
-    from calibration.scores import logit_margin
+    from marginwatch.calibration.scores import logit_margin
 
     logits = torch.tensor([[1.0, 5.0, 3.5], [-2.0, -2.0, -7.0], [0.1, 0.3, 0.2]])
     torch.testing.assert_close(

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from calibration.report import ReportData, render_report
+from marginwatch.calibration.report import ReportData, render_report
 
 TITLE = 'cnn <script>alert("x")</script> & co'
 
@@ -70,8 +70,9 @@ def test_report_renders_degenerate_data() -> None:
 def test_numeric_modules_import_without_torch_or_matplotlib() -> None:
     code = (
         "import sys\n"
-        "import calibration.metrics, calibration.threshold, calibration.estimators\n"
-        "import calibration.report\n"
+        "import marginwatch.calibration.metrics, marginwatch.calibration.threshold\n"
+        "import marginwatch.calibration.estimators\n"
+        "import marginwatch.calibration.report\n"
         "heavy = {'torch', 'matplotlib'} & set(sys.modules)\n"
         "assert not heavy, heavy\n"
     )

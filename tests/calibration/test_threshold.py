@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from calibration.threshold import (
+from marginwatch.calibration.threshold import (
     THRESHOLD_RULES,
     flag_rates,
     make_threshold_rule,

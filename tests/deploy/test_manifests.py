@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from calibration.store import current_dir, default_store, read_record
-from service.engine import Prediction
-from service.metrics import ServiceMetrics
+from marginwatch.artifact.store import current_dir, default_store, read_record
+from marginwatch.service.engine import Prediction
+from marginwatch.service.metrics import ServiceMetrics
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from models.architectures import ARCHITECTURES, FashionMnistCNN, PreActResNet18
-from models.registry import ModelError, load_model, save_weights
+from marginwatch.models.architectures import ARCHITECTURES, FashionMnistCNN, PreActResNet18
+from marginwatch.models.registry import ModelError, load_model, save_weights
 
 
 @pytest.mark.parametrize("name", sorted(ARCHITECTURES))
@@ -77,7 +77,7 @@ def test_torchscript_without_split_uses_logits_as_features(tmp_path: Path) -> No
 
 def test_factory_spec(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "my_models.py").write_text(
-        "from models.architectures import FashionMnistCNN\n"
+        "from marginwatch.models.architectures import FashionMnistCNN\n"
         "def build():\n    return FashionMnistCNN()\n"
         "def not_a_model():\n    return 3\n"
     )

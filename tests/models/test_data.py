@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from models.data import (
+from marginwatch.models.data import (
     FASHION_MNIST_CLASSES,
     DataError,
     Dataset,

@@ -7,10 +7,16 @@ import onnx
 import pytest
 import torch
 
-from models.architectures import FashionMnistCNN
-from models.data import Dataset, stratified_indices
-from models.export import LogitsAndFeatures, export_onnx, main, onnx_session, verify_export
-from models.registry import SHIPPED_MODELS, load_model, save_weights
+from marginwatch.models.architectures import FashionMnistCNN
+from marginwatch.models.data import Dataset, stratified_indices
+from marginwatch.models.export import (
+    LogitsAndFeatures,
+    export_onnx,
+    main,
+    onnx_session,
+    verify_export,
+)
+from marginwatch.models.registry import SHIPPED_MODELS, load_model, save_weights
 
 
 @pytest.mark.parametrize("name", sorted(SHIPPED_MODELS))

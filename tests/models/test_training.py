@@ -7,13 +7,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.architectures import FashionMnistCNN
-from models.data import Dataset, save_npz, stratified_indices
-from models.hashing import file_sha256
-from models.pgd import pgd_linf
-from models.registry import load_model
-from models.train_cli import main as train_main
-from models.training import (
+from marginwatch.artifact.hashing import file_sha256
+from marginwatch.models.architectures import FashionMnistCNN
+from marginwatch.models.data import Dataset, save_npz, stratified_indices
+from marginwatch.models.pgd import pgd_linf
+from marginwatch.models.registry import load_model
+from marginwatch.models.train_cli import main as train_main
+from marginwatch.models.training import (
     RECIPES,
     Recipe,
     logit_margin_to_label,

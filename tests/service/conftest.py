@@ -2,7 +2,8 @@
 
 `make_version` exports a (seeded, random-weight) FashionMnistCNN with its score head to ONNX and
 writes a `calibration.json` by hand, so the tests need no calibration run. Servers run as
-subprocesses (`python -m service`) on a free 127.0.0.1 port and are spoken to with httpx.
+subprocesses (`python -m marginwatch.service`) on a free 127.0.0.1 port and are spoken to with
+httpx.
 """
 
 from __future__ import annotations
@@ -24,10 +25,10 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from calibration.artifact import ONNX_FILE, RECORD_FILE, CalibrationRecord
-from calibration.store import CURRENT_FILE
-from models.data import FASHION_MNIST_CLASSES, Dataset
-from models.hashing import file_sha256
+from marginwatch.artifact.hashing import file_sha256
+from marginwatch.artifact.schema import ONNX_FILE, RECORD_FILE, CalibrationRecord
+from marginwatch.artifact.store import CURRENT_FILE
+from marginwatch.models.data import FASHION_MNIST_CLASSES, Dataset
 
 API_KEY = "test-key-0123456789"
 MODEL = "fmnist"
@@ -38,9 +39,9 @@ def export_graph(path: Path, seed: int = 0) -> Path:
     """A random-weight FashionMnistCNN plus its logit-margin score, as the serving ONNX graph."""
     import torch
 
-    from calibration.scores import ServingGraph
-    from models.architectures import FashionMnistCNN
-    from models.export import export_onnx
+    from marginwatch.calibration.scores import ServingGraph
+    from marginwatch.models.architectures import FashionMnistCNN
+    from marginwatch.models.export import export_onnx
 
     torch.manual_seed(seed)
     graph = ServingGraph(FashionMnistCNN()).eval()
@@ -163,7 +164,8 @@ class Server:
 
 @contextlib.contextmanager
 def run_server(store: Path, log_dir: Path, **settings: str) -> Iterator[Server]:
-    """`python -m service` on a free port with MARGINWATCH_* settings; stopped with SIGTERM."""
+    """`python -m marginwatch.service` on a free port with MARGINWATCH_* settings; stopped
+    with SIGTERM."""
     port = free_port()
     env = {
         **os.environ,
@@ -178,7 +180,11 @@ def run_server(store: Path, log_dir: Path, **settings: str) -> Iterator[Server]:
     log = log_dir / f"server-{port}.log"
     with log.open("wb") as sink:
         process = subprocess.Popen(
-            [sys.executable, "-m", "service"], cwd=PROJECT, env=env, stdout=sink, stderr=sink
+            [sys.executable, "-m", "marginwatch.service"],
+            cwd=PROJECT,
+            env=env,
+            stdout=sink,
+            stderr=sink,
         )
     server = Server(f"http://127.0.0.1:{port}", process, log)
     try:

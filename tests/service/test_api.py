@@ -8,7 +8,7 @@ import httpx
 import numpy as np
 import orjson
 
-from calibration.artifact import CalibrationRecord
+from marginwatch.artifact.schema import CalibrationRecord
 
 MODEL = "fmnist"
 

@@ -10,7 +10,7 @@ import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from calibration.artifact import CalibrationRecord
+from marginwatch.artifact.schema import CalibrationRecord
 
 MODEL = "fmnist"
 API_KEY = "test-key-0123456789"

@@ -14,7 +14,7 @@ import numpy as np
 import orjson
 from prometheus_client.parser import text_string_to_metric_families
 
-from calibration.artifact import ONNX_FILE, RECORD_FILE
+from marginwatch.artifact.schema import ONNX_FILE, RECORD_FILE
 
 MODEL = "fmnist"
 JSON_TYPE = {"Content-Type": "application/json"}

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from calibration.artifact import Curve
-from service.batcher import MicroBatcher
-from service.engine import Prediction
-from service.errors import ModelNotReady, Overloaded
-from service.metrics import LiveWindow, ServedTraffic
-from service.settings import Settings
+from marginwatch.artifact.schema import Curve
+from marginwatch.service.batcher import MicroBatcher
+from marginwatch.service.engine import Prediction
+from marginwatch.service.errors import ModelNotReady, Overloaded
+from marginwatch.service.metrics import LiveWindow, ServedTraffic
+from marginwatch.service.settings import Settings
 
 
 def echo(x: np.ndarray) -> Prediction:
@@ -138,8 +138,8 @@ def test_settings_lists_are_comma_separated(monkeypatch: pytest.MonkeyPatch) -> 
 def test_service_imports_without_torch() -> None:
     code = (
         "import sys; sys.modules['torch'] = None\n"
-        "import service.app, service.__main__\n"
-        "service.app.create_app(service.settings.Settings(store='/nonexistent'))\n"
+        "import marginwatch.service.app, marginwatch.service.__main__\n"
+        "marginwatch.service.app.create_app(marginwatch.service.settings.Settings(store='/nonexistent'))\n"
         "assert sys.modules['torch'] is None\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
@@ -147,7 +147,10 @@ def test_service_imports_without_torch() -> None:
 
 def test_console_script_help_explains_every_option() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "service", "--help"], capture_output=True, text=True, check=True
+        [sys.executable, "-m", "marginwatch.service", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     for option in ("--host", "--port", "--store", "--models", "--log-format", "--log-level"):
         assert option in result.stdout

@@ -19,8 +19,8 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from calibration.artifact import ONNX_FILE, RECORD_FILE, CalibrationRecord
-from models.hashing import file_sha256
+from marginwatch.artifact.hashing import file_sha256
+from marginwatch.artifact.schema import ONNX_FILE, RECORD_FILE, CalibrationRecord
 
 CURRENT_FILE = "CURRENT"
 LOCK_FILE = ".lock"

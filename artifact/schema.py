@@ -1,21 +1,28 @@
 """The calibration artifact's schema: one pydantic model of plain data, written by the
-calibration job and validated by the service. No torch, nothing pickled."""
+calibration job and validated by the service. No torch, nothing pickled.
+
+Schema 2 spells the threshold rule as typed fields (`ThresholdRuleSpec`); schema 1 spelled it
+as one string. Version-1 records are still read: `CalibrationRecord` upgrades them on validation.
+"""
 
 from __future__ import annotations
 
 from functools import cached_property
-from typing import Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-SCHEMA_VERSION: Literal[1] = 1
+SCHEMA_VERSION: Literal[2] = 2
 ONNX_FILE = "model.onnx"
 RECORD_FILE = "calibration.json"
 REPORT_FILE = "report.html"
 
 Norm = Literal["linf", "l2"]
 ScoreKind = Literal["logit-margin", "pseudo-margin"]
+ThresholdRuleName = Literal["match-fraction", "target-tpr"]
+EstimateMethod = Literal["count", "regression"]
+Probability = Annotated[float, Field(ge=0, le=1)]
 
 
 class _Frozen(BaseModel):
@@ -33,11 +40,39 @@ class AttackBudget(_Frozen):
     succeeded: int = Field(ge=0, description="subset points where this attack found a flip")
 
 
-class Curve(_Frozen):
-    """A non-decreasing piecewise-linear function of the score, flat beyond its knots."""
+class ThresholdRuleSpec(_Frozen):
+    """How λ was chosen on the attacked subset.
 
-    knots_x: list[float] = Field(min_length=1)
-    knots_y: list[float] = Field(min_length=1)
+    ``match-fraction`` flags as many subset points as are non-robust; ``target-tpr`` takes the
+    least-flagging λ that catches ``target_tpr`` of the non-robust points. ``target_tpr`` is
+    present exactly for ``target-tpr``, so a result-changing parameter is never implied.
+    """
+
+    name: ThresholdRuleName
+    target_tpr: float | None = Field(
+        default=None, gt=0, le=1, description="fraction of non-robust points to flag (target-tpr)"
+    )
+
+    @model_validator(mode="after")
+    def _target_tpr_iff_target_rule(self) -> ThresholdRuleSpec:
+        if self.name == "target-tpr" and self.target_tpr is None:
+            raise ValueError("threshold rule 'target-tpr' needs target_tpr in (0, 1]")
+        if self.name != "target-tpr" and self.target_tpr is not None:
+            raise ValueError(f"threshold rule {self.name!r} takes no target_tpr")
+        return self
+
+    def __str__(self) -> str:
+        """``match-fraction`` or ``target-tpr@0.95``: the display form, and schema 1's encoding."""
+        return self.name if self.target_tpr is None else f"{self.name}@{self.target_tpr:g}"
+
+
+class Curve(_Frozen):
+    """A non-decreasing piecewise-linear function of the score into [0, 1], flat beyond its
+    knots: ``np.interp(s, knots_x, knots_y)``. The job fits it (isotonic regression, see
+    `calibration.estimators`); the service evaluates it on every batch."""
+
+    knots_x: list[Annotated[float, Field(allow_inf_nan=False)]] = Field(min_length=1)
+    knots_y: list[Probability] = Field(min_length=1)
 
     @model_validator(mode="after")
     def _check(self) -> Curve:
@@ -45,8 +80,8 @@ class Curve(_Frozen):
             raise ValueError("knots_x and knots_y differ in length")
         if any(b < a for a, b in zip(self.knots_x, self.knots_x[1:], strict=False)):
             raise ValueError("knots_x must be sorted")
-        if any(not 0.0 <= y <= 1.0 for y in self.knots_y):
-            raise ValueError("knots_y are probabilities and must lie in [0, 1]")
+        if any(b < a for a, b in zip(self.knots_y, self.knots_y[1:], strict=False)):
+            raise ValueError("knots_y must be non-decreasing")
         return self
 
     @cached_property
@@ -60,10 +95,25 @@ class Curve(_Frozen):
 
 
 class RobustAccuracyEstimate(_Frozen):
-    method: Literal["count", "regression"]
-    estimate: float = Field(ge=0, le=1)
-    ci_low: float = Field(ge=0, le=1)
-    ci_high: float = Field(ge=0, le=1)
+    """A point estimate with its percentile-bootstrap interval (none without bootstrap draws)."""
+
+    method: EstimateMethod
+    estimate: Probability
+    ci_low: Probability | None
+    ci_high: Probability | None
+    bootstrap: int | None = Field(
+        default=None, ge=0, description="bootstrap draws behind the interval (schema 1: absent)"
+    )
+
+    @model_validator(mode="after")
+    def _check_interval(self) -> RobustAccuracyEstimate:
+        if (self.ci_low is None) != (self.ci_high is None):
+            raise ValueError("ci_low and ci_high are both given or both absent")
+        if self.ci_low is not None and self.ci_high is not None and self.ci_high < self.ci_low:
+            raise ValueError(f"ci_low {self.ci_low} exceeds ci_high {self.ci_high}")
+        if self.bootstrap is not None and (self.bootstrap == 0) != (self.ci_low is None):
+            raise ValueError("an interval comes from bootstrap draws: bootstrap = 0 has none")
+        return self
 
 
 class DataSource(_Frozen):
@@ -91,7 +141,7 @@ class PseudoMarginFacts(_Frozen):
 class CalibrationRecord(_Frozen):
     """`calibration.json`: what the service needs to flag, and what a person needs to trust it."""
 
-    schema_version: Literal[1] = SCHEMA_VERSION
+    schema_version: Literal[2] = SCHEMA_VERSION
     model_name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     version: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     model_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
@@ -101,7 +151,7 @@ class CalibrationRecord(_Frozen):
     threat_model: ThreatModel
     score_kind: ScoreKind
     threshold: float = Field(description="λ: a prediction is brittle when score < λ")
-    threshold_rule: str
+    threshold_rule: ThresholdRuleSpec
     guard_band: float = Field(ge=0, description="largest |score change| between batch 1 and 64")
     subset: DataSource
     big_set: DataSource
@@ -124,3 +174,23 @@ class CalibrationRecord(_Frozen):
     created_at: str
     duration_s: float = Field(ge=0)
     software: dict[str, str] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _upgrade_schema_1(cls, data: Any) -> Any:
+        """Read a version-1 record as version 2. The one field whose form changed is the
+        threshold rule, one string (``match-fraction``, ``target-tpr@0.95``) that becomes a
+        `ThresholdRuleSpec`; version 2's other changes only add (an estimate's ``bootstrap``,
+        an interval that may be absent), so every other version-1 field reads as it is.
+
+        Version 1 defaulted ``schema_version`` to 1, so a record without it is version 1 when
+        its rule is a string. An unknown rule name fails the spec's own validation.
+        """
+        if not isinstance(data, dict) or data.get("schema_version", 1) != 1:
+            return data
+        rule = data.get("threshold_rule")
+        if not isinstance(rule, str):
+            return data
+        name, at, target_tpr = rule.partition("@")
+        spec = {"name": name, "target_tpr": target_tpr if at else None}
+        return {**data, "schema_version": SCHEMA_VERSION, "threshold_rule": spec}

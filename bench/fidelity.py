@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from marginwatch.artifact.schema import ThresholdRuleSpec
 from marginwatch.calibration import margin_cache
 from marginwatch.calibration.config import NORM_VALUES
 from marginwatch.calibration.estimators import estimate_robust_accuracy
@@ -97,7 +98,8 @@ def main() -> None:
         print(f"shard {args.shard} done in {time.monotonic() - started:.0f} s")
         return
     correct = outputs.labels == test.labels
-    robust = ~nonrobust_mask(truth_margins.radius, truth_margins.success, args.eps)
+    nonrobust = nonrobust_mask(truth_margins.radius, truth_margins.success, args.eps)
+    robust = ~nonrobust
     truth = float(np.mean(correct & robust))
     train = load_dataset(args.dataset, "train")
     train_idx = subset_indices(args.pseudo_train_size, len(train), 12345)
@@ -106,10 +108,9 @@ def main() -> None:
     train_margins = margins_of(
         args, model, train_images, train_out.labels, tag="train-pm", plan=plan
     )
-    radius = np.where(train_margins.success, train_margins.radius, train_margins.censored_at)
-    regressor = PseudoMarginRegressor().fit(train_out.features, radius)
+    regressor = PseudoMarginRegressor().fit(train_out.features, train_margins.finite_radius)
     scores = {"logit-margin": outputs.scores, "pseudo-margin": regressor.predict(outputs.features)}
-    rule = make_threshold_rule("match-fraction")
+    rule = make_threshold_rule(ThresholdRuleSpec(name="match-fraction"))
     figures: dict[str, object] = {
         "model": args.model,
         "points": len(images),
@@ -122,9 +123,7 @@ def main() -> None:
     }
     for score_name, score in scores.items():
         figures[f"{score_name}/kendall_tau_all"] = kendall_tau(truth_margins.radius, score)
-        figures[f"{score_name}/auroc_all"] = detection_metrics(
-            nonrobust_mask(truth_margins.radius, truth_margins.success, args.eps), score
-        ).auroc
+        figures[f"{score_name}/auroc_all"] = detection_metrics(nonrobust, score).auroc
         for method in ("count", "regression"):
             errors, covered = [], 0
             for seed in range(args.seeds):
@@ -134,7 +133,8 @@ def main() -> None:
                     threshold_rule=rule, method=method, bootstrap=args.bootstrap, seed=seed,
                 )  # fmt: skip
                 errors.append(estimate.estimate - truth)
-                covered += estimate.ci_low <= truth <= estimate.ci_high
+                low, high = estimate.ci_low, estimate.ci_high  # None with --bootstrap 0
+                covered += low is not None and high is not None and low <= truth <= high
             prefix = f"{score_name}/{method}"
             figures[f"{prefix}/mae_points"] = 100 * float(np.mean(np.abs(errors)))
             figures[f"{prefix}/bias_points"] = 100 * float(np.mean(errors))

@@ -82,7 +82,6 @@ def main() -> None:
     train_images = train.float_images[subset_indices(args.pseudo_train_size, len(train), 12345)]
     test_m = cached_margins(args.cache, base, len(test), "test-all", plan)
     train_m = cached_margins(args.cache, base, len(train_images), "train-pm", plan)
-    train_radius = np.where(train_m.success, train_m.radius, train_m.censored_at)
     nonrobust = nonrobust_mask(test_m.radius, test_m.success, args.eps)
     figures: dict[str, float] = {}
     for name, model in [("pgd", base), ("scrambled", ScrambledLogits(base, args.alpha).eval())]:
@@ -94,7 +93,7 @@ def main() -> None:
             ("features", train_features, test_features),
             ("logits", train_logits, test_logits),
         ]:
-            pseudo = PseudoMarginRegressor().fit(train_x, train_radius).predict(test_x)
+            pseudo = PseudoMarginRegressor().fit(train_x, train_m.finite_radius).predict(test_x)
             figures[f"{name}/pseudo-{source}/tau"] = kendall_tau(test_m.radius, pseudo)
             figures[f"{name}/pseudo-{source}/auroc"] = detection_metrics(nonrobust, pseudo).auroc
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,8 @@
 """Robust accuracy of a large labelled set, estimated from a small attacked subset.
 
-Pure numpy/scipy so that the service can import :class:`IsotonicCurve` (the live curve g) and
-the job can use the rest without loading torch.
+Pure numpy/scipy (no torch). Fitted curves are the artifact's own `Curve` (plain data, what the
+service evaluates as the live curve g) and estimates the artifact's `RobustAccuracyEstimate`, so
+what is fitted here is what gets written and served, with no conversion between.
 
 Inputs, everywhere in this module:
 
@@ -29,26 +30,23 @@ Two estimators (compare them on the same seeds):
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import Literal
+from collections.abc import Callable
 
 import numpy as np
 from scipy.optimize import isotonic_regression
 
+from marginwatch.artifact.schema import Curve, EstimateMethod, RobustAccuracyEstimate
+
 __all__ = [
     "IsotonicCurve",
     "NotFittedError",
-    "RobustAccuracyEstimate",
     "count_estimate",
     "estimate_robust_accuracy",
+    "fit_isotonic_curve",
     "fit_live_curve",
     "fit_robust_curve",
-    "isotonic_knots",
     "regression_estimate",
 ]
-
-Method = Literal["count", "regression"]
 
 
 class NotFittedError(ValueError):
@@ -69,6 +67,12 @@ def _bools(name: str, a: np.ndarray, size: int) -> np.ndarray:
     return out
 
 
+def _probability(value: float) -> float:
+    """A fraction computed in floats, clipped into [0, 1]: rounding may leave it a hair
+    outside, and the schema's bounds would reject the whole record for that."""
+    return float(np.clip(value, 0.0, 1.0))
+
+
 def _pool_blocks(
     first: np.ndarray, last: np.ndarray, value: np.ndarray, weight: np.ndarray, groups: int
 ) -> tuple[np.ndarray, ...]:
@@ -87,10 +91,8 @@ def _pool_blocks(
     return first[starts], last[ends], v, w
 
 
-def isotonic_knots(
-    x: np.ndarray, y: np.ndarray, *, max_knots: int = 200
-) -> tuple[np.ndarray, np.ndarray]:
-    """Knots of the increasing isotonic fit of ``y`` on ``x``, for ``np.interp``.
+def fit_isotonic_curve(x: np.ndarray, y: np.ndarray, *, max_knots: int = 200) -> Curve:
+    """The increasing isotonic fit of ``y`` on ``x``, as a `Curve` (evaluated by ``np.interp``).
 
     Tied x are averaged first (weight = count), then scipy's PAVA runs on the averages. Each
     constant block of the step fit becomes two knots (its first and last x) so that
@@ -120,52 +122,29 @@ def isotonic_knots(
     knots_x = np.column_stack([first, last]).ravel()
     knots_y = np.repeat(value, 2)
     distinct = np.r_[True, np.diff(knots_x) > 0]  # a one-point block needs a single knot
-    return knots_x[distinct], np.clip(knots_y[distinct], 0.0, 1.0)
+    return Curve(
+        knots_x=knots_x[distinct].tolist(),
+        knots_y=np.clip(knots_y[distinct], 0.0, 1.0).tolist(),
+    )
 
 
 class IsotonicCurve:
-    """An increasing curve s -> probability, fitted by isotonic regression.
-
-    Evaluated as ``clip(np.interp(s, knots_x, knots_y), 0, 1)`` (flat outside the knots), which
-    is all the service needs to reproduce it from ``to_dict()``.
-    """
+    """:func:`fit_isotonic_curve` behind scikit-learn's estimator contract, for code that
+    wants a calibrator object: the fitted `Curve` is ``curve_``."""
 
     def __init__(self, max_knots: int = 200) -> None:
         self.max_knots = max_knots
 
     def fit(self, x: np.ndarray, y: np.ndarray) -> IsotonicCurve:
         """Fit on scores ``x`` and 0/1 (or [0, 1]) targets ``y``; returns self."""
-        self.x_, self.y_ = isotonic_knots(x, y, max_knots=self.max_knots)
+        self.curve_ = fit_isotonic_curve(x, y, max_knots=self.max_knots)
         return self
-
-    def _check_fitted(self) -> None:
-        if not hasattr(self, "x_"):
-            raise NotFittedError("IsotonicCurve is not fitted; call fit() or from_dict() first")
 
     def predict(self, s: np.ndarray) -> np.ndarray:
         """Curve value at scores ``s`` (any shape), in [0, 1]."""
-        self._check_fitted()
-        return np.clip(np.interp(np.asarray(s, dtype=np.float64), self.x_, self.y_), 0.0, 1.0)
-
-    def to_dict(self) -> dict[str, list[float]]:
-        """Plain lists for the JSON artifact: ``{"knots_x": [...], "knots_y": [...]}``."""
-        self._check_fitted()
-        return {"knots_x": self.x_.tolist(), "knots_y": self.y_.tolist()}
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, list[float]]) -> IsotonicCurve:
-        """Rebuild a fitted curve from :meth:`to_dict`'s output, validating the knots."""
-        kx = np.asarray(d["knots_x"], dtype=np.float64)
-        ky = np.asarray(d["knots_y"], dtype=np.float64)
-        if kx.ndim != 1 or kx.size == 0 or kx.shape != ky.shape:
-            raise ValueError("knots_x and knots_y must be non-empty lists of equal length")
-        if not (np.all(np.isfinite(kx)) and np.all(np.diff(kx) > 0)):
-            raise ValueError("knots_x must be finite and strictly increasing")
-        if not (np.all(np.diff(ky) >= 0) and ky[0] >= 0.0 and ky[-1] <= 1.0):
-            raise ValueError("knots_y must be non-decreasing within [0, 1]")
-        curve = cls(max_knots=max(2, kx.size))
-        curve.x_, curve.y_ = kx, ky
-        return curve
+        if not hasattr(self, "curve_"):
+            raise NotFittedError("IsotonicCurve is not fitted; call fit() first")
+        return self.curve_(np.asarray(s, dtype=np.float64))
 
 
 def fit_robust_curve(
@@ -174,7 +153,7 @@ def fit_robust_curve(
     subset_robust: np.ndarray,
     *,
     max_knots: int = 200,
-) -> IsotonicCurve:
+) -> Curve:
     """r(s) = P(robust | score = s, correct), fitted on the correctly classified points only.
 
     See the module docstring for why the conditioning on ``correct`` is needed.
@@ -184,7 +163,7 @@ def fit_robust_curve(
     robust = _bools("subset_robust", subset_robust, s.size)
     if not np.any(correct):
         raise ValueError("no correctly classified point to fit P(robust | score, correct) on")
-    return IsotonicCurve(max_knots=max_knots).fit(s[correct], robust[correct])
+    return fit_isotonic_curve(s[correct], robust[correct], max_knots=max_knots)
 
 
 def fit_live_curve(
@@ -193,7 +172,7 @@ def fit_live_curve(
     subset_robust: np.ndarray,
     *,
     max_knots: int = 200,
-) -> IsotonicCurve:
+) -> Curve:
     """g(s) = P(correct and robust | score = s), fitted on every subset point.
 
     Served traffic has no labels, so the service can only average a function of the score:
@@ -203,7 +182,7 @@ def fit_live_curve(
     s = _floats("subset_scores", subset_scores)
     correct = _bools("subset_correct", subset_correct, s.size)
     robust = _bools("subset_robust", subset_robust, s.size)
-    return IsotonicCurve(max_knots=max_knots).fit(s, correct & robust)
+    return fit_isotonic_curve(s, correct & robust, max_knots=max_knots)
 
 
 def count_estimate(correct_big: np.ndarray, scores_big: np.ndarray, threshold: float) -> float:
@@ -213,24 +192,11 @@ def count_estimate(correct_big: np.ndarray, scores_big: np.ndarray, threshold: f
     return float(np.mean(correct & (s >= threshold)))
 
 
-def regression_estimate(
-    correct_big: np.ndarray, scores_big: np.ndarray, curve_r: IsotonicCurve
-) -> float:
+def regression_estimate(correct_big: np.ndarray, scores_big: np.ndarray, curve_r: Curve) -> float:
     """mean(correct · r(score)) on the big set, r from :func:`fit_robust_curve`."""
     s = _floats("scores_big", scores_big)
     correct = _bools("correct_big", correct_big, s.size)
-    return float(np.sum(curve_r.predict(s[correct])) / s.size)
-
-
-@dataclass(frozen=True)
-class RobustAccuracyEstimate:
-    """A point estimate with its percentile-bootstrap interval (nan when ``bootstrap == 0``)."""
-
-    method: Method
-    estimate: float
-    ci_low: float
-    ci_high: float
-    bootstrap: int
+    return float(np.sum(curve_r(s[correct])) / s.size)
 
 
 def _bootstrap_count(
@@ -279,9 +245,9 @@ def _bootstrap_regression(
         i = i[sub_correct[i]]
         if i.size == 0:
             raise ValueError("a bootstrap resample has no correctly classified point")
-        kx, ky = isotonic_knots(sub_s[i], sub_robust[i])
+        curve = fit_isotonic_curve(sub_s[i], sub_robust[i])
         j = rng.integers(0, n_c, size=rng.binomial(n_big, n_c / n_big))
-        out[b] = np.sum(np.interp(big_correct_scores[j], kx, ky)) / n_big
+        out[b] = np.sum(curve(big_correct_scores[j])) / n_big
     return out
 
 
@@ -293,7 +259,7 @@ def estimate_robust_accuracy(
     big_correct: np.ndarray,
     *,
     threshold_rule: Callable[[np.ndarray, np.ndarray], float],
-    method: Method,
+    method: EstimateMethod,
     bootstrap: int = 1000,
     seed: int = 0,
     confidence: float = 0.95,
@@ -305,7 +271,7 @@ def estimate_robust_accuracy(
     ``threshold.make_threshold_rule``) is used by ``"count"`` only; it is required
     anyway so that switching methods never changes which rule an artifact records.
     Each bootstrap draw resamples the attacked subset and refits λ or r (the dominant source of
-    variance), and resamples the big set. ``bootstrap=0`` skips the interval (nan bounds).
+    variance), and resamples the big set. ``bootstrap=0`` skips the interval (no bounds).
     """
     sub_s = _floats("subset_scores", subset_scores)
     sub_c = _bools("subset_correct", subset_correct, sub_s.size)
@@ -335,9 +301,14 @@ def estimate_robust_accuracy(
         )
     else:
         raise ValueError(f"method must be 'count' or 'regression', got {method!r}")
-    if bootstrap == 0:
-        low = high = float("nan")
-    else:
+    low = high = None
+    if bootstrap > 0:
         alpha = (1.0 - confidence) / 2.0
-        low, high = (float(q) for q in np.quantile(draws, [alpha, 1.0 - alpha]))
-    return RobustAccuracyEstimate(method, point, low, high, bootstrap)
+        low, high = (_probability(q) for q in np.quantile(draws, [alpha, 1.0 - alpha]))
+    return RobustAccuracyEstimate(
+        method=method,
+        estimate=_probability(point),
+        ci_low=low,
+        ci_high=high,
+        bootstrap=bootstrap,
+    )

@@ -32,7 +32,7 @@ from marginwatch.artifact.schema import (
 from marginwatch.calibration import margin_cache
 from marginwatch.calibration.config import CalibrationConfig, ConfigError
 from marginwatch.calibration.margins import MarginResult
-from marginwatch.calibration.metrics import detection_metrics, kendall_tau
+from marginwatch.calibration.metrics import detection_metrics, kendall_tau, nonrobust_mask
 from marginwatch.calibration.pseudo_margin import PseudoMarginRegressor
 from marginwatch.calibration.record import build_record, report_data
 from marginwatch.calibration.report import render_report
@@ -208,14 +208,13 @@ def choose_score(
     if training is None:
         raise CalibrationError("pseudo-margin training points are not attacked")
     features, train_margins = training
-    radius = np.where(train_margins.success, train_margins.radius, train_margins.censored_at)
     regressor = PseudoMarginRegressor(
         hidden=config.pseudo_hidden,
         layers=config.pseudo_layers,
         epochs=config.pseudo_epochs,
         seed=config.seed,
     )
-    regressor.fit(features, radius)
+    regressor.fit(features, train_margins.finite_radius)
     pseudo_scores = regressor.predict(subset.score_inputs(config.pseudo_input))
     facts = compare_scores(config, margins, subset.scores, pseudo_scores, len(features))
     if not facts.chosen:
@@ -231,7 +230,7 @@ def compare_scores(
     pseudo_scores: np.ndarray,
     train_points: int,
 ) -> PseudoMarginFacts:
-    nonrobust = margins.radius <= config.resolved_eps
+    nonrobust = nonrobust_mask(margins.radius, margins.success, config.resolved_eps)
     baseline_tau = kendall_tau(margins.radius, logit_scores)
     pseudo_tau = kendall_tau(margins.radius, pseudo_scores)
     return PseudoMarginFacts(

@@ -6,11 +6,12 @@ Margins are label-free: `labels` are the model's own predictions (`predicted_lab
 paper. An attack's output counts only where a fresh forward pass confirms the label changed and
 the point lies in [0, 1]; the radius is never read off ‖adv − x‖ alone.
 
-Censoring: where every attack failed, `success` is False and `radius` is +∞ (never 0), so
-`radius ≤ ε` is False and the point ranks as the most robust. `censored_at` holds, for every
-sample, the largest norm the attacks can reach inside the box, ‖max(x, 1 − x)‖ (each attack
-clips its search radius there); a consumer that needs a finite value for a censored point
-(say, a regression on √d) should substitute it and keep the point flagged as censored.
+Censoring: where every attack failed, `success` is False and `radius` is +∞ (never 0), so the
+point ranks as the most robust; whether a point is non-robust at ε is decided in one place,
+`metrics.nonrobust_mask(radius, success, eps)`. `censored_at` holds, for every sample, the
+largest norm the attacks can reach inside the box, ‖max(x, 1 − x)‖ (each attack clips its
+search radius there); a consumer that needs a finite value for a censored point (say, a
+regression on √d) takes `MarginResult.finite_radius` and keeps the point flagged as censored.
 """
 
 from __future__ import annotations
@@ -82,6 +83,11 @@ class MarginResult:
     def censored(self) -> np.ndarray:
         """True where every attack failed."""
         return ~self.success
+
+    @property
+    def finite_radius(self) -> np.ndarray:
+        """`radius`, with `censored_at` (a lower bound) where every attack failed."""
+        return np.where(self.success, self.radius, self.censored_at)
 
 
 def attack_name(attack: Callable[..., torch.Tensor]) -> str:

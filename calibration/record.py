@@ -9,11 +9,11 @@ import numpy as np
 from marginwatch.artifact.schema import (
     AttackBudget,
     CalibrationRecord,
-    Curve,
     DataSource,
     PseudoMarginFacts,
     RobustAccuracyEstimate,
     ThreatModel,
+    ThresholdRuleSpec,
 )
 from marginwatch.calibration.config import CalibrationConfig
 from marginwatch.calibration.estimators import estimate_robust_accuracy, fit_live_curve
@@ -23,9 +23,13 @@ from marginwatch.calibration.report import ReportData
 from marginwatch.calibration.threshold import make_threshold_rule
 
 
-def _probability(value: float) -> float:
-    """Clip float noise (and the nan of an empty interval) into the schema's [0, 1]."""
-    return float(np.clip(np.nan_to_num(value, nan=0.0), 0.0, 1.0))
+def threshold_rule_spec(config: CalibrationConfig) -> ThresholdRuleSpec:
+    """The configured rule as the artifact spells it. The config always holds a target TPR (it
+    has a default); only the target-tpr rule takes it."""
+    target_tpr = config.target_tpr if config.threshold_rule == "target-tpr" else None
+    return ThresholdRuleSpec.model_validate(
+        {"name": config.threshold_rule, "target_tpr": target_tpr}
+    )
 
 
 def build_record(
@@ -52,10 +56,8 @@ def build_record(
     nonrobust = nonrobust_mask(margins.radius, margins.success, eps)
     robust = ~nonrobust
     detection = detection_metrics(nonrobust, subset_scores)
-    rule = make_threshold_rule(
-        config.threshold_rule,
-        target_tpr=config.target_tpr if config.threshold_rule == "target-tpr" else None,
-    )
+    rule_spec = threshold_rule_spec(config)
+    rule = make_threshold_rule(rule_spec)
     threshold = rule(subset_scores, nonrobust)
     estimates = [
         estimate_robust_accuracy(
@@ -71,16 +73,6 @@ def build_record(
         )
         for method in ("count", "regression")
     ]
-    as_records = [
-        RobustAccuracyEstimate(
-            method=e.method,
-            estimate=_probability(e.estimate),
-            ci_low=_probability(e.ci_low),
-            ci_high=_probability(e.ci_high),
-        )
-        for e in estimates
-    ]
-    live = fit_live_curve(subset_scores, subset_correct, robust).to_dict()
     not_brittle = subset_scores >= threshold
     precision = (subset_correct & robust)[not_brittle].mean() if not_brittle.any() else 0.0
     return CalibrationRecord(
@@ -92,8 +84,7 @@ def build_record(
         threat_model=ThreatModel(norm=config.norm, eps=eps),
         score_kind="pseudo-margin" if pseudo_facts and pseudo_facts.chosen else "logit-margin",
         threshold=float(threshold),
-        threshold_rule=config.threshold_rule
-        + (f"@{config.target_tpr:g}" if config.threshold_rule == "target-tpr" else ""),
+        threshold_rule=rule_spec,
         guard_band=guard_band,
         subset=subset_source,
         big_set=big_source,
@@ -106,15 +97,23 @@ def build_record(
         subset_clean_accuracy=float(subset_correct.mean()),
         subset_robust_accuracy=float((subset_correct & robust).mean()),
         big_set_clean_accuracy=float(big_correct.mean()),
-        robust_accuracy=next(e for e in as_records if e.method == config.estimator),
-        robust_accuracy_estimates=as_records,
-        precision_not_brittle=_probability(float(precision)),
-        live_curve=Curve(knots_x=live["knots_x"], knots_y=live["knots_y"]),
+        robust_accuracy=next(e for e in estimates if e.method == config.estimator),
+        robust_accuracy_estimates=estimates,
+        precision_not_brittle=float(precision),
+        live_curve=fit_live_curve(subset_scores, subset_correct, robust),
         pseudo_margin=pseudo_facts,
         created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         duration_s=duration_s,
         software=software,
     )
+
+
+def _estimate_text(estimate: RobustAccuracyEstimate, *, digits: int) -> str:
+    """``0.703 [0.684, 0.724]``; the point alone when the estimate has no interval."""
+    text = f"{estimate.estimate:.{digits}f}"
+    if estimate.ci_low is None or estimate.ci_high is None:
+        return text
+    return f"{text} [{estimate.ci_low:.{digits}f}, {estimate.ci_high:.{digits}f}]"
 
 
 def report_data(
@@ -127,9 +126,7 @@ def report_data(
         "version": record.version,
         "threat model": f"{record.threat_model.norm}, ε = {record.threat_model.eps:g}",
         "score": record.score_kind,
-        f"robust accuracy ({estimate.method})": (
-            f"{estimate.estimate:.3f} [{estimate.ci_low:.3f}, {estimate.ci_high:.3f}]"
-        ),
+        f"robust accuracy ({estimate.method})": _estimate_text(estimate, digits=3),
     }
     summary = {
         key: (value if isinstance(value, str | int | float) else str(value))
@@ -137,10 +134,9 @@ def report_data(
             mode="json", exclude={"live_curve", "robust_accuracy", "software"}
         ).items()
     }
+    summary["threshold_rule"] = str(record.threshold_rule)  # its display form, not a dict
     for item in record.robust_accuracy_estimates:
-        summary[f"robust accuracy, {item.method}"] = (
-            f"{item.estimate:.4f} [{item.ci_low:.4f}, {item.ci_high:.4f}]"
-        )
+        summary[f"robust accuracy, {item.method}"] = _estimate_text(item, digits=4)
     return ReportData(
         margins=margins.radius,
         success=margins.success,

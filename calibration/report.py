@@ -18,7 +18,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from marginwatch.calibration.metrics import detection_metrics, kendall_tau, roc_curve
+from marginwatch.calibration.metrics import (
+    detection_metrics,
+    kendall_tau,
+    nonrobust_mask,
+    roc_curve,
+)
 from marginwatch.calibration.threshold import flag_rates
 
 if TYPE_CHECKING:
@@ -48,7 +53,8 @@ td,th{border:1px solid #ccc;padding:.3em .7em;text-align:left}
 class ReportData:
     """Everything the report shows; arrays are per attacked-subset point.
 
-    ``margins``: input margin (for ``success == False`` a lower bound, possibly ``inf``);
+    ``margins``: input margin (for ``success == False`` a lower bound, possibly ``inf``; which
+    points are non-robust at ``eps`` is decided as everywhere, by ``metrics.nonrobust_mask``);
     ``scores``: detector score (larger = more robust); ``correct``: prediction matches label.
     ``headline``: caller's key facts shown as cards before the computed τ, AUROC, λ and ε
     (model, version, threat model, estimated robust accuracy with CI, ...); ``summary``: the
@@ -71,11 +77,6 @@ def _fmt(value: Value) -> str:
     if isinstance(value, float | np.floating):
         return html.escape(f"{float(value):.4g}")
     return html.escape(str(value))
-
-
-def _nonrobust(data: ReportData) -> np.ndarray:
-    """``margin <= eps``; a censored lower bound counts as robust (the report never raises)."""
-    return np.asarray(data.success, dtype=bool) & (np.asarray(data.margins) <= data.eps)
 
 
 def _png(fig: Figure) -> str:
@@ -172,7 +173,7 @@ def render_report(data: ReportData) -> str:
     """The whole report as one HTML string (title, headline cards, three plots, table)."""
     scores = np.asarray(data.scores, dtype=np.float64)
     data = dataclasses.replace(data, scores=scores)
-    nonrobust = _nonrobust(data)
+    nonrobust = nonrobust_mask(data.margins, data.success, data.eps)
     det = detection_metrics(nonrobust, scores)
     computed: dict[str, Value] = {
         "Kendall τ": kendall_tau(np.asarray(data.margins, dtype=np.float64), scores),

@@ -3,7 +3,9 @@
 Both rules return the midpoint of the open interval of λ values that produce the chosen flag set
 on the subset (between two consecutive distinct scores), the usual max-margin choice: it keeps
 the subset's flags unchanged under small score noise on either side, and it makes the two rules
-return the same λ whenever they select the same flags. Pure numpy, importable by the service.
+return the same λ whenever they select the same flags. Which rule, with which parameter, is the
+artifact's `ThresholdRuleSpec`; :func:`make_threshold_rule` turns one into the function. Pure
+numpy, importable by the service.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import math
 from collections.abc import Callable
 
 import numpy as np
+
+from marginwatch.artifact.schema import ThresholdRuleName, ThresholdRuleSpec
 
 __all__ = [
     "THRESHOLD_RULES",
@@ -88,28 +92,23 @@ def threshold_at_tpr(scores: np.ndarray, nonrobust: np.ndarray, target_tpr: floa
     return _lambda_flagging_k(sorted_all, int(np.searchsorted(sorted_all, p_m, side="right")))
 
 
-THRESHOLD_RULES: dict[str, Callable[..., float]] = {
+THRESHOLD_RULES: dict[ThresholdRuleName, Callable[..., float]] = {
     "match-fraction": threshold_matching_fraction,
     "target-tpr": threshold_at_tpr,
 }
 """Rule name (as written in the calibration artifact) → function; see make_threshold_rule."""
 
 
-def make_threshold_rule(name: str, *, target_tpr: float | None = None) -> ThresholdRule:
-    """Bind a named rule to its parameters, giving the ``(scores, nonrobust) -> λ`` shape.
+def make_threshold_rule(spec: ThresholdRuleSpec) -> ThresholdRule:
+    """Bind the rule that ``spec`` names to its parameters: ``(scores, nonrobust) -> λ``.
 
-    ``target_tpr`` is required by ``"target-tpr"`` and refused by ``"match-fraction"``, so a
-    result-changing parameter is never silently defaulted or ignored.
+    The spec has already checked that ``target_tpr`` is given exactly for ``target-tpr``, so a
+    result-changing parameter is never silently defaulted or ignored here.
     """
-    if name not in THRESHOLD_RULES:
-        raise ValueError(f"unknown threshold rule {name!r}; choose from {sorted(THRESHOLD_RULES)}")
-    if name == "target-tpr":
-        if target_tpr is None:
-            raise ValueError("rule 'target-tpr' needs target_tpr")
-        return functools.partial(threshold_at_tpr, target_tpr=target_tpr)
-    if target_tpr is not None:
-        raise ValueError(f"rule {name!r} takes no target_tpr")
-    return THRESHOLD_RULES[name]
+    rule = THRESHOLD_RULES[spec.name]
+    if spec.target_tpr is None:
+        return rule
+    return functools.partial(rule, target_tpr=spec.target_tpr)
 
 
 def _ratio(num: int, den: int) -> float:

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 from scipy.optimize import isotonic_regression
 
+from marginwatch.artifact.schema import Curve, RobustAccuracyEstimate, ThresholdRuleSpec
 from marginwatch.calibration.estimators import (
     IsotonicCurve,
     NotFittedError,
     count_estimate,
     estimate_robust_accuracy,
+    fit_isotonic_curve,
     fit_live_curve,
     fit_robust_curve,
     regression_estimate,
@@ -30,7 +30,7 @@ def synth(n: int, rng: np.random.Generator) -> Arrays:
     return s, correct, robust
 
 
-MATCH = make_threshold_rule("match-fraction")
+MATCH = make_threshold_rule(ThresholdRuleSpec(name="match-fraction"))
 
 
 @pytest.mark.parametrize("method", ["count", "regression"])
@@ -42,7 +42,9 @@ def test_estimators_close_to_truth(method: str) -> None:
         *sub, big_s, big_c, threshold_rule=MATCH, method=method, bootstrap=200, seed=1
     )
     truth = float(np.mean(big_c & big_r))
+    assert isinstance(est, RobustAccuracyEstimate)  # the artifact's type, written as is
     assert abs(est.estimate - truth) < 0.04
+    assert est.ci_low is not None and est.ci_high is not None
     assert est.ci_low <= est.estimate <= est.ci_high
     assert (est.method, est.bootstrap) == (method, 200)
 
@@ -61,6 +63,7 @@ def test_regression_interval_covers_truth() -> None:
             bootstrap=100,
             seed=rep,
         )
+        assert est.ci_low is not None and est.ci_high is not None
         covered += est.ci_low <= np.mean(big_c & big_r) <= est.ci_high
     assert covered >= 34  # nominal 95 %: at least 85 % of 40
 
@@ -69,7 +72,7 @@ def test_bootstrap_zero_gives_point_estimate_only() -> None:
     rng = np.random.default_rng(2)
     s, c, r = synth(200, rng)
     est = estimate_robust_accuracy(s, c, r, s, c, threshold_rule=MATCH, method="count", bootstrap=0)
-    assert np.isnan(est.ci_low) and np.isnan(est.ci_high)
+    assert est.ci_low is None and est.ci_high is None and est.bootstrap == 0
     assert est.estimate == count_estimate(c, s, MATCH(s, ~r))
 
 
@@ -85,7 +88,7 @@ def test_count_and_regression_estimates_by_hand() -> None:
     s = np.array([0.0, 1.0, 2.0, 3.0])
     c = np.array([True, True, False, True])
     assert count_estimate(c, s, 1.0) == 0.5  # indices 1 and 3
-    half = IsotonicCurve.from_dict({"knots_x": [0.0], "knots_y": [0.5]})
+    half = Curve(knots_x=[0.0], knots_y=[0.5])
     assert regression_estimate(c, s, half) == pytest.approx(3 * 0.5 / 4)
 
 
@@ -95,72 +98,75 @@ def test_robust_curve_is_fitted_on_correct_points_only() -> None:
     r_wrong = r.copy()
     r_wrong[~c] = ~r[~c]  # changing misclassified points must not move r
     a, b = fit_robust_curve(s, c, r), fit_robust_curve(s, c, r_wrong)
-    np.testing.assert_array_equal(a.predict(s), b.predict(s))
-    np.testing.assert_array_equal(a.predict(s), IsotonicCurve().fit(s[c], r[c]).predict(s))
-    live = fit_live_curve(s, c, r)
-    np.testing.assert_array_equal(live.predict(s), IsotonicCurve().fit(s, c & r).predict(s))
+    assert a == b
+    assert a == fit_isotonic_curve(s[c], r[c])
+    assert fit_live_curve(s, c, r) == fit_isotonic_curve(s, c & r)
 
 
 def test_isotonic_exact_on_training_points_when_not_pooled() -> None:
     x = np.array([0.0, 1.0, 1.0, 2.0, 3.0, 4.0, 5.0])
     y = np.array([0, 1, 0, 1, 0, 1, 1], dtype=float)
-    curve = IsotonicCurve().fit(x, y)
+    curve = fit_isotonic_curve(x, y)
     ux = np.unique(x)
     means = np.array([y[x == u].mean() for u in ux])
     counts = np.array([np.sum(x == u) for u in ux], dtype=float)
     expected = isotonic_regression(means, weights=counts).x
-    np.testing.assert_allclose(curve.predict(ux), expected)
-    assert curve.predict(np.array([-10.0]))[0] == expected[0]  # flat extrapolation
-    assert curve.predict(np.array([10.0]))[0] == expected[-1]
+    np.testing.assert_allclose(curve(ux), expected)
+    assert curve(np.array([-10.0]))[0] == expected[0]  # flat extrapolation
+    assert curve(np.array([10.0]))[0] == expected[-1]
 
 
 def test_isotonic_monotone_bounded_and_small() -> None:
     rng = np.random.default_rng(6)
     x = rng.normal(size=20_000)
     y = (rng.random(20_000) < 1 / (1 + np.exp(-3 * x))).astype(float)
-    curve = IsotonicCurve(max_knots=200).fit(x, y)
-    assert curve.x_.size <= 200
-    assert np.all(np.diff(curve.x_) > 0) and np.all(np.diff(curve.y_) >= 0)
+    curve = fit_isotonic_curve(x, y, max_knots=200)
+    assert len(curve.knots_x) <= 200
+    assert np.all(np.diff(curve.knots_x) > 0) and np.all(np.diff(curve.knots_y) >= 0)
     grid = np.linspace(-5, 5, 1001)
-    pred = curve.predict(grid)
+    pred = curve(grid)
     assert np.all(np.diff(pred) >= 0) and pred.min() >= 0 and pred.max() <= 1
-    assert curve.predict(x).mean() == pytest.approx(y.mean())  # pooling keeps the mean
+    assert curve(x).mean() == pytest.approx(y.mean())  # pooling keeps the mean
 
 
-def test_isotonic_fit_is_idempotent_and_round_trips() -> None:
+def test_isotonic_fit_is_idempotent_and_round_trips_through_json() -> None:
     rng = np.random.default_rng(7)
     s, c, r = synth(500, rng)
-    curve = IsotonicCurve().fit(s, c & r)
-    first = curve.to_dict()
-    assert curve.fit(s, c & r).to_dict() == first
-    again = IsotonicCurve.from_dict(json.loads(json.dumps(first)))
-    assert again.to_dict() == first
+    curve = fit_isotonic_curve(s, c & r)
+    assert fit_isotonic_curve(s, c & r) == curve
+    again = Curve.model_validate_json(curve.model_dump_json())  # as the artifact stores it
+    assert again == curve
     grid = np.linspace(-4, 4, 97)
-    np.testing.assert_array_equal(again.predict(grid), curve.predict(grid))
-    served = np.interp(grid, first["knots_x"], first["knots_y"])  # what the service does
-    np.testing.assert_array_equal(served, curve.predict(grid))
+    np.testing.assert_array_equal(again(grid), curve(grid))
+    served = np.interp(grid, curve.knots_x, curve.knots_y)  # what the service does
+    np.testing.assert_array_equal(served, curve(grid))
 
 
-def test_not_fitted_error() -> None:
+def test_isotonic_estimator_wraps_the_fitted_curve() -> None:
+    x = np.linspace(0, 1, 50)
+    y = (x > 0.4).astype(float)
+    with pytest.raises(NotFittedError):
+        IsotonicCurve().predict(x)
     assert issubclass(NotFittedError, ValueError)
-    with pytest.raises(NotFittedError):
-        IsotonicCurve().predict(np.zeros(2))
-    with pytest.raises(NotFittedError):
-        IsotonicCurve().to_dict()
+    fitted = IsotonicCurve(max_knots=10).fit(x, y)
+    assert fitted.curve_ == fit_isotonic_curve(x, y, max_knots=10)
+    np.testing.assert_array_equal(fitted.predict(x), fitted.curve_(x))
 
 
 @pytest.mark.parametrize(
-    "bad",
+    ("bad", "message"),
     [
-        {"knots_x": [1.0, 0.0], "knots_y": [0.1, 0.2]},
-        {"knots_x": [0.0, 1.0], "knots_y": [0.3, 0.2]},
-        {"knots_x": [0.0, 1.0], "knots_y": [0.3, 1.2]},
-        {"knots_x": [], "knots_y": []},
+        ({"knots_x": [1.0, 0.0], "knots_y": [0.1, 0.2]}, "sorted"),
+        ({"knots_x": [0.0, 1.0], "knots_y": [0.3, 0.2]}, "non-decreasing"),
+        ({"knots_x": [0.0, 1.0], "knots_y": [0.3, 1.2]}, "less than or equal to 1"),
+        ({"knots_x": [0.0, float("inf")], "knots_y": [0.3, 0.4]}, "finite"),
+        ({"knots_x": [0.0], "knots_y": [0.3, 0.4]}, "differ in length"),
+        ({"knots_x": [], "knots_y": []}, "at least 1 item"),
     ],
 )
-def test_from_dict_validates(bad: dict[str, list[float]]) -> None:
-    with pytest.raises(ValueError):
-        IsotonicCurve.from_dict(bad)
+def test_curve_validates_its_knots(bad: dict[str, list[float]], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        Curve.model_validate(bad)
 
 
 def test_estimate_rejects_bad_arguments() -> None:

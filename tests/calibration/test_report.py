@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import subprocess
 import sys
@@ -10,6 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from marginwatch.artifact.schema import RobustAccuracyEstimate, ThresholdRuleSpec
+from marginwatch.artifact.store import read_record
+from marginwatch.calibration.margins import MarginResult
+from marginwatch.calibration.record import report_data
 from marginwatch.calibration.report import ReportData, render_report
 
 TITLE = 'cnn <script>alert("x")</script> & co'
@@ -77,3 +82,36 @@ def test_numeric_modules_import_without_torch_or_matplotlib() -> None:
         "assert not heavy, heavy\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[2])
+
+
+def test_report_decides_nonrobustness_as_the_job_does() -> None:
+    # a censored margin whose lower bound is at or below ε: robustness unknown, as in the job
+    data = dataclasses.replace(
+        _data(20, 2), margins=np.full(20, 0.05), success=np.r_[False, np.ones(19, bool)]
+    )
+    with pytest.raises(ValueError, match="censored"):
+        render_report(data)
+
+
+def test_report_shows_the_record_as_the_cli_does() -> None:
+    shipped = Path(__file__).parents[2] / "artifacts" / "fmnist-cnn-pgd" / "20261125T192841Z"
+    record = read_record(shipped)
+    rule = ThresholdRuleSpec(name="target-tpr", target_tpr=0.9)
+    point_only = RobustAccuracyEstimate(
+        method="count", estimate=0.5, ci_low=None, ci_high=None, bootstrap=0
+    )
+    record = record.model_copy(
+        update={"threshold_rule": rule, "robust_accuracy_estimates": [point_only]}
+    )
+    radius = np.array([0.05, np.inf])
+    margins = MarginResult(
+        radius=radius,
+        success=np.isfinite(radius),
+        per_attack={"fmn": radius},
+        censored_at=np.ones(2),
+        norm=np.inf,
+    )
+    data = report_data(record, margins, np.array([0.1, 0.9]), np.array([True, True]))
+    assert data.summary["threshold_rule"] == "target-tpr@0.9"  # not the spec's dict
+    assert data.summary["robust accuracy, count"] == "0.5000"  # no interval to show
+    assert data.headline["robust accuracy (regression)"] == "0.703 [0.684, 0.724]"

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+from typing import get_args
 
 import numpy as np
 import pytest
 
+from marginwatch.artifact.schema import ThresholdRuleName, ThresholdRuleSpec
 from marginwatch.calibration.threshold import (
     THRESHOLD_RULES,
     flag_rates,
@@ -74,13 +76,12 @@ def test_flag_rates_hand_example() -> None:
 
 def test_rule_registry_and_binding() -> None:
     s, y = _data(1)
-    assert set(THRESHOLD_RULES) == {"match-fraction", "target-tpr"}
-    assert make_threshold_rule("match-fraction")(s, y) == threshold_matching_fraction(s, y)
-    bound = make_threshold_rule("target-tpr", target_tpr=0.9)
+    assert set(THRESHOLD_RULES) == set(get_args(ThresholdRuleName))  # one list of names
+    match = make_threshold_rule(ThresholdRuleSpec(name="match-fraction"))
+    assert match(s, y) == threshold_matching_fraction(s, y)
+    bound = make_threshold_rule(ThresholdRuleSpec(name="target-tpr", target_tpr=0.9))
     assert bound(s, y) == threshold_at_tpr(s, y, 0.9)
-    for name, kwargs in [("target-tpr", {}), ("match-fraction", {"target_tpr": 0.9}), ("x", {})]:
-        with pytest.raises(ValueError):
-            make_threshold_rule(name, **kwargs)
+    assert bound(s, y) != match(s, y)  # the parameter reaches the rule
 
 
 @pytest.mark.parametrize(

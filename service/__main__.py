@@ -1,23 +1,29 @@
 """`marginwatch-serve`: run the service in one uvicorn process (scale with replicas).
 
-Every option also has an environment variable (prefix `MARGINWATCH_`, see `settings.py`);
-an option given here wins over its variable.
+Every field of `Settings` is an option here, written from the field itself (flag, help text,
+default), so the command line cannot drift from the settings. Every option also has an
+environment variable (prefix `MARGINWATCH_`, see `settings.py`); an option given here wins over
+its variable, and the variable over the default.
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import logging
 import sys
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
 
 import uvicorn
 from pydantic import ValidationError
+from pydantic.fields import FieldInfo
 
 from marginwatch.service.app import create_app
+from marginwatch.service.fastpath import tune_garbage_collector
 from marginwatch.service.settings import Settings
+
+METAVARS: dict[object, str] = {int: "N", float: "NUMBER", str: "TEXT", Path: "PATH"}
 
 
 class JsonFormatter(logging.Formatter):
@@ -61,62 +67,56 @@ def log_config(log_format: str, level: str) -> dict[str, Any]:
     }
 
 
-def tune_garbage_collector() -> None:
-    """Keep the cyclic garbage collector off the request path.
+def _flag_options(field: FieldInfo) -> dict[str, Any]:
+    """argparse keywords for a field: choices for a Literal, --x/--no-x for a bool; any other
+    value stays a string for pydantic to convert and check, with the field's own message."""
+    if field.annotation is bool:
+        return {"action": argparse.BooleanOptionalAction}
+    if get_origin(field.annotation) is Literal:
+        return {"choices": get_args(field.annotation)}
+    if get_origin(field.annotation) is list:
+        return {"metavar": "A,B"}
+    return {"metavar": METAVARS.get(field.annotation, "VALUE")}
 
-    Requests in flight together keep thousands of small objects alive at once, which with the
-    default gen-0 threshold (700) starts a collection every few requests, and the full ones walk
-    every object the imports created: measured at concurrency 64, 22 % of the server's time
-    (docs/benchmarks.md). Nearly everything a request allocates is freed by reference counting,
-    so collections can be rare; what the imports made is moved out of the collector's sight.
-    """
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(100_000, 50, 100)
+
+def _shown(value: object) -> str:
+    if isinstance(value, list):
+        return ",".join(map(str, value)) or "none"
+    return str(value)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """One flag per `Settings` field, written from the field: `--max-batch-size` for
+    `max_batch_size`, its description, its environment variable and its default."""
     parser = argparse.ArgumentParser(
         prog="marginwatch-serve",
         description="Serve calibrated classifiers over HTTP (own REST API under /v1, the Open "
         "Inference Protocol under /v2, Prometheus metrics on /metrics, OpenAPI on /docs). "
-        "Each option overrides its MARGINWATCH_* environment variable.",
+        "Each option overrides its MARGINWATCH_* environment variable, which overrides the "
+        "default.",
     )
-    parser.add_argument(
-        "--host", help="interface to listen on (MARGINWATCH_HOST; default 127.0.0.1)"
-    )
-    parser.add_argument(
-        "--port", type=int, help="TCP port to listen on (MARGINWATCH_PORT; default 8000)"
-    )
-    parser.add_argument(
-        "--store",
-        help="artifact store folder: <store>/<model>/<version>/ and <store>/<model>/CURRENT "
-        "(MARGINWATCH_STORE; default: the project's artifacts/ folder)",
-    )
-    parser.add_argument(
-        "--models",
-        help="comma-separated models to serve (MARGINWATCH_MODELS; default: every model in "
-        "the store that has a CURRENT pointer)",
-    )
-    parser.add_argument(
-        "--log-format",
-        choices=["text", "json"],
-        help="log lines for people (text) or for a log collector (json) "
-        "(MARGINWATCH_LOG_FORMAT; default text)",
-    )
-    parser.add_argument(
-        "--log-level",
-        choices=["debug", "info", "warning", "error"],
-        help="lowest level logged (MARGINWATCH_LOG_LEVEL; default info)",
-    )
+    prefix = Settings.model_config.get("env_prefix", "")
+    for name, field in Settings.model_fields.items():
+        default = _shown(field.get_default(call_default_factory=True))
+        text = f"{field.description} ({prefix}{name.upper()}; default: {default})"
+        parser.add_argument(
+            f"--{name.replace('_', '-')}",
+            dest=name,
+            help=text.replace("%", "%%"),  # argparse %-formats help texts
+            **_flag_options(field),
+        )
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def settings_from(argv: list[str] | None) -> Settings:
+    """The settings: a flag given here, else its environment variable, else the default."""
     args = build_parser().parse_args(argv)
-    overrides = {key: value for key, value in vars(args).items() if value is not None}
+    return Settings(**{key: value for key, value in vars(args).items() if value is not None})
+
+
+def main(argv: list[str] | None = None) -> int:
     try:
-        settings = Settings(**overrides)
+        settings = settings_from(argv)
     except ValidationError as error:
         print(f"marginwatch-serve: invalid settings:\n{error}", file=sys.stderr)
         return 2

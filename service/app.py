@@ -1,9 +1,11 @@
 """`create_app(settings) -> FastAPI`: every part of the service, wired explicitly.
 
-The route table, the one table from domain exceptions to HTTP status codes, the lifespan (load
-models and start batchers and the reload watcher; on shutdown stop the watcher and let the
-batchers finish what is queued), and the middleware that counts requests. Uvicorn itself stops
-accepting connections on SIGTERM and waits for requests in flight before the lifespan ends.
+The route table, the one table from exceptions to HTTP status codes (every status the service
+answers with, its OpenAPI error responses and the status the request metrics give an unhandled
+error all come from it), the lifespan (load models and start batchers and the reload watcher; on
+shutdown stop the watcher and let the batchers finish what is queued), and the middleware that
+counts requests. Uvicorn itself stops accepting connections on SIGTERM and waits for requests in
+flight before the lifespan ends.
 """
 
 from __future__ import annotations
@@ -13,10 +15,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 
 import orjson
-from fastapi import APIRouter, Depends, FastAPI, Request, Response, params
+from fastapi import APIRouter, FastAPI, Request, Response, params
 from fastapi.exceptions import RequestValidationError
 
-from marginwatch.service.auth import api_key_check
 from marginwatch.service.errors import (
     InvalidInput,
     ModelNotFound,
@@ -27,25 +28,30 @@ from marginwatch.service.errors import (
     Unauthorized,
     UnsupportedMediaType,
 )
-from marginwatch.service.metrics import CONTENT_TYPE, RequestMetricsMiddleware, ServiceMetrics
-from marginwatch.service.payload import JSON
+from marginwatch.service.fastpath import auth_dependencies, splice_routes
+from marginwatch.service.metrics import CONTENT_TYPE, ServiceMetrics
+from marginwatch.service.middleware import RequestMetricsMiddleware
+from marginwatch.service.payload import JSON, RequestReader
 from marginwatch.service.registry import ModelRegistry
 from marginwatch.service.routes_v1 import build_v1_router
 from marginwatch.service.routes_v2 import SERVER_VERSION, build_health_router, build_v2_router
+from marginwatch.service.schemas import error_responses
 from marginwatch.service.settings import Settings
 
 logger = logging.getLogger("marginwatch.service")
 
-STATUS_OF: dict[type[ServiceError], int] = {
+STATUS_OF: dict[type[Exception], int] = {
     InvalidInput: 400,
+    RequestValidationError: 400,  # FastAPI's check of a declared path parameter
     Unauthorized: 401,
     ModelNotFound: 404,
     PayloadTooLarge: 413,
     UnsupportedMediaType: 415,
     ModelNotReady: 503,
     Overloaded: 503,
+    Exception: 500,  # anything unhandled: logged, and answered without its text
 }
-EXTRA_HEADERS: dict[type[ServiceError], dict[str, str]] = {
+EXTRA_HEADERS: dict[type[Exception], dict[str, str]] = {
     Unauthorized: {"WWW-Authenticate": "Bearer"},
     Overloaded: {"Retry-After": "1"},
 }
@@ -53,26 +59,26 @@ EXTRA_HEADERS: dict[type[ServiceError], dict[str, str]] = {
 Handler = Callable[[Request, Exception], Awaitable[Response]]
 
 
-def _error(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
-    return Response(orjson.dumps({"error": message}), status, headers, media_type=JSON)
+def _client_message(request: Request, error: Exception) -> str:
+    """What the client is told: a domain error's own message, FastAPI's validation problems,
+    and for anything else a generic line (the details go to the log only)."""
+    if isinstance(error, ServiceError):
+        return str(error)
+    if isinstance(error, RequestValidationError):
+        problems = "; ".join(
+            f"{'.'.join(map(str, problem['loc']))}: {problem['msg']}" for problem in error.errors()
+        )
+        return f"invalid request: {problems or error}"
+    logger.error("unhandled error on %s %s", request.method, request.url.path, exc_info=error)
+    return "internal server error"
 
 
 def _handler(status: int, headers: dict[str, str] | None) -> Handler:
-    async def handle(_: Request, error: Exception) -> Response:
-        return _error(status, str(error), headers)
+    async def handle(request: Request, error: Exception) -> Response:
+        body = orjson.dumps({"error": _client_message(request, error)})
+        return Response(body, status, headers, media_type=JSON)
 
     return handle
-
-
-async def _invalid_request(_: Request, error: Exception) -> Response:
-    problems = error.errors() if isinstance(error, RequestValidationError) else []
-    text = "; ".join(f"{'.'.join(map(str, p['loc']))}: {p['msg']}" for p in problems)
-    return _error(400, f"invalid request: {text or error}")
-
-
-async def _internal_error(request: Request, error: Exception) -> Response:
-    logger.error("unhandled error on %s %s", request.method, request.url.path, exc_info=error)
-    return _error(500, "internal server error")
 
 
 def _metrics_router(metrics: ServiceMetrics, dependencies: Sequence[params.Depends]) -> APIRouter:
@@ -90,6 +96,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings if settings is not None else Settings()
     metrics = ServiceMetrics(settings.live_window_predictions)
     registry = ModelRegistry(settings, metrics)
+    reader = RequestReader(registry, settings.max_body_bytes, settings.max_inputs_per_request)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -108,24 +115,25 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description="Classifier serving with a per-request brittleness flag.",
         lifespan=lifespan,
     )
-    # No dependency at all without keys: FastAPI's dependency solving costs time per request.
-    guarded = [Depends(api_key_check(settings.api_keys))] if settings.api_keys else []
+    guarded = auth_dependencies(settings.api_keys)
+    errors = error_responses(STATUS_OF.values())
     routers = [
-        build_v1_router(registry, settings, guarded),
-        build_v2_router(registry, settings, guarded),
-        build_health_router(registry, guarded if settings.protect_health else []),
+        build_v1_router(reader, dependencies=guarded, errors=errors),
+        build_v2_router(registry, reader, dependencies=guarded, errors=errors),
+        build_health_router(
+            registry, dependencies=guarded if settings.protect_health else [], errors=errors
+        ),
         _metrics_router(metrics, guarded if settings.protect_metrics else []),
     ]
-    # The routes go straight into the app's route list, inference first, instead of through
-    # `include_router`: FastAPI 0.165 keeps included routers nested and matching a request
-    # through them cost about 13 µs (docs/benchmarks.md). Each router already carries its
-    # dependencies, tags and responses on its routes.
-    app.router.routes[:0] = [route for router in routers for route in router.routes]
+    splice_routes(app, routers)
     for error_type, status in STATUS_OF.items():
         app.add_exception_handler(error_type, _handler(status, EXTRA_HEADERS.get(error_type)))
-    app.add_exception_handler(RequestValidationError, _invalid_request)
-    app.add_exception_handler(Exception, _internal_error)
-    app.add_middleware(RequestMetricsMiddleware, metrics=metrics, known=registry.known)
+    app.add_middleware(
+        RequestMetricsMiddleware,
+        metrics=metrics,
+        known=registry.known,
+        unhandled_status=STATUS_OF[Exception],
+    )
     app.state.registry = registry
     app.state.metrics = metrics
     return app

@@ -3,7 +3,9 @@
 `ServedModel` follows the load/predict split: the constructor only stores where the version lies;
 `load()` verifies the artifact (schema and sha256, through `artifact.store.read_record`),
 creates the session and runs it once; `predict(x)` returns a `Prediction`. The score comes out of
-the graph itself (output `score`); the engine only compares it with λ. Nothing here knows HTTP.
+the graph itself (output `score`); the engine only compares it with λ. `SERVED_OUTPUTS` is the one
+table of the output tensors a client can ask for (name, datatype, shape, `Prediction` field): the
+model metadata and both of the Open Inference Protocol's encodings read it. Nothing here knows HTTP.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import numpy as np
 import onnxruntime as ort
@@ -70,6 +72,30 @@ class TensorSpec:
     name: str
     datatype: str
     shape: list[int]
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    """One output tensor a client may ask for, in Open Inference Protocol terms."""
+
+    name: str
+    datatype: str
+    field: str  # the `Prediction` attribute that holds it
+    per_class: bool = False  # shape [N, classes] instead of [N]
+
+    def shape(self, classes: int) -> list[int]:
+        return [-1, classes] if self.per_class else [-1]
+
+
+INPUT_DATATYPE: Final = "FP32"
+# In the order responses list them when a client asks for no particular outputs.
+SERVED_OUTPUTS: Final = (
+    OutputSpec(LOGITS, "FP32", "logits", per_class=True),
+    OutputSpec("label", "INT64", "labels"),
+    OutputSpec(SCORE, "FP32", "scores"),
+    OutputSpec("brittle", "BOOL", "brittle"),
+    OutputSpec("borderline", "BOOL", "borderline"),
+)
 
 
 @dataclass(frozen=True)
@@ -169,13 +195,10 @@ class ServedModel:
             version=self.version,
             platform=PLATFORM,
             providers=list(session.get_providers()),
-            inputs=[TensorSpec(INPUT_NAME, "FP32", batch_shape)],
+            inputs=[TensorSpec(INPUT_NAME, INPUT_DATATYPE, batch_shape)],
             outputs=[
-                TensorSpec(LOGITS, "FP32", [-1, len(record.class_names)]),
-                TensorSpec("label", "INT64", [-1]),
-                TensorSpec(SCORE, "FP32", [-1]),
-                TensorSpec("brittle", "BOOL", [-1]),
-                TensorSpec("borderline", "BOOL", [-1]),
+                TensorSpec(out.name, out.datatype, out.shape(len(record.class_names)))
+                for out in SERVED_OUTPUTS
             ],
             calibration=calibration_facts(record),
         )

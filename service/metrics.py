@@ -1,19 +1,20 @@
 """Every Prometheus object of the service, in one class with its own `CollectorRegistry` (one per
-app instance, so tests and several apps in one process never collide).
+app instance, so tests and several apps in one process never collide), and `ServedTraffic`, the
+collector that keeps per-request and per-batch metrics off the request path.
 
 Label values come only from fixed sets: model names are the served ones (configuration and the
 artifact store, never a request path), endpoints are route names, status classes are `2xx`…`5xx`.
+The request middleware (`middleware.py`) and the registry's batch runner record into it; the live
+window it exports lives in `live_window.py`.
 """
 
 from __future__ import annotations
 
 import threading
-import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterator, MutableMapping
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from itertools import groupby
-from typing import Any
 
 import numpy as np
 from prometheus_client import (
@@ -36,52 +37,14 @@ from prometheus_client.utils import floatToGoString
 
 from marginwatch.artifact.schema import CalibrationRecord, Curve
 from marginwatch.service.engine import Prediction, calibration_timestamp_s
+from marginwatch.service.live_window import LiveWindow
 
-UNKNOWN_MODEL = "_unknown"
-OTHER_ENDPOINT = "other"
 LATENCY_BUCKETS_S = (
     0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0,
 )  # fmt: skip
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 SCORE_BUCKETS = (-1.0, 0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0)
 CONTENT_TYPE = CONTENT_TYPE_LATEST
-
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
-
-
-class LiveWindow:
-    """The mean of g(score) over the last `size` served predictions (a ring buffer)."""
-
-    def __init__(self, size: int) -> None:
-        self._values = np.zeros(size, dtype=np.float64)
-        self._next = 0
-        self._count = 0
-        self._sum = 0.0
-
-    def add(self, values: np.ndarray) -> float:
-        """Append `values` (the newest last) and return the window's mean."""
-        size = len(self._values)
-        values = np.asarray(values, dtype=np.float64)[-size:]
-        positions = (self._next + np.arange(len(values))) % size
-        # a running sum keeps this O(batch), not O(window); it is rebuilt at each wrap-around so
-        # float error cannot accumulate
-        self._sum += float(values.sum()) - float(self._values[positions].sum())
-        self._values[positions] = values
-        self._next = (self._next + len(values)) % size
-        self._count = min(self._count + len(values), size)
-        if self._next < len(values):
-            self._sum = float(self._values[: self._count].sum())
-        return self.mean()
-
-    def mean(self) -> float:
-        return self._sum / self._count if self._count else float("nan")
-
-    def __len__(self) -> int:
-        return self._count
 
 
 class _Buckets:
@@ -331,39 +294,3 @@ class ServiceMetrics:
 
     def observe_request(self, model: str, endpoint: str, status: int, seconds: float) -> None:
         self.traffic.record_request(model, endpoint, status, seconds)
-
-
-class RequestMetricsMiddleware:
-    """Pure ASGI middleware: counts and times every HTTP request after routing has named it."""
-
-    def __init__(self, app: ASGIApp, metrics: ServiceMetrics, known: Callable[[str], bool]) -> None:
-        self.app = app
-        self.metrics = metrics
-        self.known = known
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = time.perf_counter()
-        status = 500
-
-        async def send_and_record(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_and_record)
-        finally:
-            self._record(scope, status, time.perf_counter() - started)
-
-    def _record(self, scope: Scope, status: int, seconds: float) -> None:
-        route = scope.get("route")
-        endpoint = getattr(route, "name", None) or OTHER_ENDPOINT
-        name = scope.get("path_params", {}).get("name")
-        model = name if isinstance(name, str) and self.known(name) else UNKNOWN_MODEL
-        if name is None:
-            model = ""
-        self.metrics.observe_request(model, endpoint, status, seconds)

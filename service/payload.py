@@ -1,23 +1,88 @@
-"""Request bodies: size limit, content type, JSON parsing with orjson, and the conversion of
-nested arrays into one validated float32 batch. Every problem raises a domain error whose message
-names it; nothing here computes a prediction."""
+"""The one request reader of both inference APIs, and the checks it is made of.
+
+`RequestReader.read` takes an inference request from the path to one validated float32 batch:
+the model's deployment, the Content-Type, the size limit (from Content-Length, and again while
+streaming), the protocol's own decoding (a `BodyFormat`: orjson plus the pydantic model, or the
+binary tensor extension) and the batch checks (shape, size, NaN/Inf, range). Every problem
+raises a domain error whose message names it; nothing here computes a prediction.
+"""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from typing import Any, TypeVar
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 import orjson
 from pydantic import BaseModel, ValidationError
+from starlette.datastructures import Headers
 from starlette.requests import Request
 
 from marginwatch.service.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
+from marginwatch.service.fastpath import model_name
+from marginwatch.service.registry import Deployment, ModelRegistry
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
+OptionsT = TypeVar("OptionsT")
 JSON = "application/json"
 OCTET_STREAM = "application/octet-stream"
+
+
+@dataclass(frozen=True)
+class BodyFormat(Generic[OptionsT]):
+    """One protocol's request body: the media types it comes in, and `decode(body, headers)`,
+    which returns the input array (not yet checked) and the request's options."""
+
+    media_types: tuple[str, ...]
+    decode: Callable[[bytes, Headers], tuple[np.ndarray, OptionsT]]
+    what: str = "inputs"  # how error messages name the input
+
+
+@dataclass(frozen=True)
+class RequestReader:
+    """Reads an inference request; one per app, shared by the v1 and v2 routes."""
+
+    registry: ModelRegistry
+    max_body_bytes: int
+    max_inputs: int
+
+    async def read(
+        self, request: Request, body_format: BodyFormat[OptionsT]
+    ) -> tuple[Deployment, np.ndarray, OptionsT]:
+        """The deployment that serves the request's model, its validated float32 batch and
+        its options. Only the batch comes back: the body and what was parsed from it are freed
+        before the caller waits for its batch (see `fastpath.py`)."""
+        name = model_name(request)
+        self.registry.get(name)  # an unknown or unready model is refused before the body is read
+        check_content_type(request, body_format.media_types)
+        limit = self.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise PayloadTooLarge(f"the body has {declared} bytes; the limit is {limit}")
+        chunks: list[bytes] = []
+        received = 0
+        async for chunk in request.stream():
+            received += len(chunk)
+            if received > limit:
+                raise PayloadTooLarge(f"the body exceeds the limit of {limit} bytes")
+            chunks.append(chunk)
+        if not received:
+            raise InvalidInput("the request body is empty")
+        # looked up again: a reload may have swapped the version while the body streamed in, and
+        # the batch must fit the version that will serve it
+        deployment = self.registry.get(name)
+        record = deployment.model.record
+        x, options = body_format.decode(b"".join(chunks), request.headers)
+        x = check_batch(
+            x,
+            input_shape=record.input_shape,
+            input_range=record.input_range,
+            max_inputs=self.max_inputs,
+            what=body_format.what,
+        )
+        return deployment, x, options
 
 
 def check_content_type(request: Request, allowed: Sequence[str]) -> None:
@@ -30,23 +95,6 @@ def check_content_type(request: Request, allowed: Sequence[str]) -> None:
         raise UnsupportedMediaType(
             f"Content-Type {media_type!r} is not accepted here; send {' or '.join(allowed)}"
         )
-
-
-async def read_body(request: Request, max_bytes: int) -> bytes:
-    """The body, refused early from Content-Length and again while streaming if it is larger."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-        raise PayloadTooLarge(f"the body has {declared} bytes; the limit is {max_bytes}")
-    chunks: list[bytes] = []
-    received = 0
-    async for chunk in request.stream():
-        received += len(chunk)
-        if received > max_bytes:
-            raise PayloadTooLarge(f"the body exceeds the limit of {max_bytes} bytes")
-        chunks.append(chunk)
-    if not received:
-        raise InvalidInput("the request body is empty")
-    return b"".join(chunks)
 
 
 def parse_json(raw: bytes | memoryview) -> Any:

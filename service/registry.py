@@ -39,7 +39,7 @@ class Deployment:
     batcher: MicroBatcher
 
     def infer(self, x: np.ndarray) -> Coroutine[Any, Any, Prediction]:
-        return self.batcher.submit(x)  # the batcher's coroutine itself: no extra frame per request
+        return self.batcher.submit(x)  # the batcher's own coroutine: no extra frame (fastpath.py)
 
 
 class ModelRegistry:

@@ -1,55 +1,69 @@
-"""The Open Inference Protocol v2 subset: server and model metadata, health, readiness, infer
-(JSON and the binary tensor data extension). Parse, infer, serialise."""
+"""The Open Inference Protocol v2 subset: server and model metadata, health, readiness, and infer
+with its wire format, JSON or the binary tensor data extension (what tritonclient sends by
+default). The routes read, infer, serialise; the outputs are `engine.SERVED_OUTPUTS`.
+
+Binary extension: a request with the header `Inference-Header-Content-Length: n` carries a JSON
+header in its first n bytes, then the raw little-endian bytes of every input whose
+`parameters.binary_data_size` is set, in input order. A response does the same for outputs asked
+for with `parameters.binary_data: true` (per output) or `parameters.binary_data_output: true`
+(for all outputs of the request).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
+import orjson
 from fastapi import APIRouter, Request, Response, params
+from starlette.datastructures import Headers
 
 from marginwatch.artifact.graph import INPUT_NAME
-from marginwatch.artifact.schema import CalibrationRecord
-from marginwatch.service.engine import calibration_facts
-from marginwatch.service.errors import ModelNotReady
-from marginwatch.service.oip_binary import (
-    HEADER_LENGTH,
-    OUTPUT_DATATYPES,
-    OutputTensor,
-    encode_response,
-    input_array,
-    requested_outputs,
-    split_body,
+from marginwatch.service.engine import (
+    INPUT_DATATYPE,
+    SERVED_OUTPUTS,
+    OutputSpec,
+    Prediction,
+    calibration_facts,
 )
-from marginwatch.service.payload import (
-    JSON,
-    OCTET_STREAM,
-    check_batch,
-    check_content_type,
-    parse_json,
-    read_body,
-)
+from marginwatch.service.errors import InvalidInput, ModelNotReady
+from marginwatch.service.fastpath import inference_route_docs
+from marginwatch.service.payload import JSON, OCTET_STREAM, BodyFormat, RequestReader, parse_json
 from marginwatch.service.payload import validate as validate_schema
 from marginwatch.service.registry import ModelRegistry
 from marginwatch.service.schemas import (
-    ERROR_RESPONSES,
     InferenceRequest,
     InferenceResponse,
     LiveResponse,
     ModelMetadataResponse,
+    OpenApiResponses,
     ReadyResponse,
     ServerMetadata,
-    inference_route_docs,
 )
-from marginwatch.service.settings import Settings
 
 SERVER_NAME = "marginwatch"
 SERVER_VERSION = "0.1.0"
 EXTENSIONS = ["binary_tensor_data"]
+HEADER_LENGTH = "inference-header-content-length"
+DTYPES: dict[str, np.dtype[Any]] = {
+    "BOOL": np.dtype("?"),
+    "UINT8": np.dtype("u1"),
+    "INT8": np.dtype("i1"),
+    "INT16": np.dtype("<i2"),
+    "INT32": np.dtype("<i4"),
+    "INT64": np.dtype("<i8"),
+    "FP16": np.dtype("<f2"),
+    "FP32": np.dtype("<f4"),
+    "FP64": np.dtype("<f8"),
+}
+OUTPUT_NAMED = {output.name: output for output in SERVED_OUTPUTS}
+# (output, as binary) for each output a response carries
+Asked = list[tuple[OutputSpec, bool]]
 
 
 def build_health_router(
-    registry: ModelRegistry, dependencies: Sequence[params.Depends]
+    registry: ModelRegistry, *, dependencies: Sequence[params.Depends], errors: OpenApiResponses
 ) -> APIRouter:
     router = APIRouter(tags=["health"], dependencies=dependencies)
 
@@ -57,7 +71,7 @@ def build_health_router(
     async def v2_live() -> LiveResponse:
         return LiveResponse(live=True)
 
-    @router.get("/v2/health/ready", response_model=ReadyResponse, responses=ERROR_RESPONSES)
+    @router.get("/v2/health/ready", response_model=ReadyResponse, responses=errors)
     async def v2_ready() -> ReadyResponse:
         if not registry.ready():
             missing = [name for name in registry.names() if not _is_ready(registry, name)]
@@ -69,22 +83,6 @@ def build_health_router(
     return router
 
 
-def _parse_infer(
-    body: bytes, header_length: str | None, record: CalibrationRecord, max_inputs: int
-) -> tuple[np.ndarray, str | None, list[tuple[str, bool]]]:
-    """The validated float32 batch, the request id and the requested outputs of an infer body."""
-    header, binary = split_body(body, header_length)
-    parsed = validate_schema(InferenceRequest, parse_json(header))
-    x = check_batch(
-        input_array(parsed, binary, INPUT_NAME),
-        input_shape=record.input_shape,
-        input_range=record.input_range,
-        max_inputs=max_inputs,
-        what=f"input {INPUT_NAME!r}",
-    )
-    return x, parsed.id, requested_outputs(parsed)
-
-
 def _is_ready(registry: ModelRegistry, name: str) -> bool:
     try:
         registry.get(name)
@@ -94,9 +92,37 @@ def _is_ready(registry: ModelRegistry, name: str) -> bool:
 
 
 def build_v2_router(
-    registry: ModelRegistry, settings: Settings, dependencies: Sequence[params.Depends]
+    registry: ModelRegistry,
+    reader: RequestReader,
+    *,
+    dependencies: Sequence[params.Depends],
+    errors: OpenApiResponses,
 ) -> APIRouter:
-    router = APIRouter(tags=["v2"], responses=ERROR_RESPONSES, dependencies=dependencies)
+    router = APIRouter(tags=["v2"], responses=errors, dependencies=dependencies)
+
+    # infer first: the route table is matched in order (see fastpath.py)
+    @router.post(
+        "/v2/models/{name}/infer",
+        response_model=InferenceResponse,
+        openapi_extra=inference_route_docs(InferenceRequest, INFER_BODY.media_types),
+        summary="Infer (JSON, or the binary tensor data extension)",
+    )
+    async def v2_infer(request: Request) -> Response:
+        deployment, x, (request_id, asked) = await reader.read(request, INFER_BODY)
+        prediction = await deployment.infer(x)
+        record = deployment.model.record
+        header = {
+            "model_name": deployment.model.name,
+            "model_version": record.version,
+            "id": request_id,
+            "parameters": calibration_facts(record),
+        }
+        content, header_length = encode_response(header, prediction, asked)
+        if header_length is None:
+            return Response(content, media_type=JSON)
+        return Response(
+            content, media_type=OCTET_STREAM, headers={HEADER_LENGTH: str(header_length)}
+        )
 
     @router.get("/v2", response_model=ServerMetadata)
     async def v2_server_metadata() -> ServerMetadata:
@@ -121,47 +147,140 @@ def build_v2_router(
         registry.get(name)
         return ReadyResponse(ready=True)
 
-    @router.post(
-        "/v2/models/{name}/infer",
-        response_model=InferenceResponse,
-        openapi_extra=inference_route_docs(InferenceRequest, JSON, OCTET_STREAM),
-        summary="Infer (JSON, or the binary tensor data extension)",
-    )
-    async def v2_infer(request: Request) -> Response:
-        name: str = request.path_params["name"]
-        registry.get(name)
-        check_content_type(request, (JSON, OCTET_STREAM))
-        body = await read_body(request, settings.max_body_bytes)
-        deployment = registry.get(name)
-        record = deployment.model.record
-        x, request_id, outputs = _parse_infer(
-            body, request.headers.get(HEADER_LENGTH), record, settings.max_inputs_per_request
-        )
-        del body  # nothing parsed stays alive across the await (see routes_v1)
-        prediction = await deployment.infer(x)
-        arrays = {
-            "logits": prediction.logits,
-            "label": prediction.labels,
-            "score": prediction.scores,
-            "brittle": prediction.brittle,
-            "borderline": prediction.borderline,
-        }
-        content, header_length = encode_response(
-            {
-                "model_name": name,
-                "model_version": record.version,
-                "id": request_id,
-                "parameters": calibration_facts(record),
-            },
-            [
-                OutputTensor(out, OUTPUT_DATATYPES[out], arrays[out], binary)
-                for out, binary in outputs
-            ],
-        )
-        if header_length is None:
-            return Response(content, media_type=JSON)
-        return Response(
-            content, media_type=OCTET_STREAM, headers={HEADER_LENGTH: str(header_length)}
-        )
-
     return router
+
+
+# --- request --------------------------------------------------------------------------------
+
+
+def decode_infer(body: bytes, headers: Headers) -> tuple[np.ndarray, tuple[str | None, Asked]]:
+    """The one input as a float32 array (not yet checked), the request id and the outputs."""
+    header, binary = split_body(body, headers.get(HEADER_LENGTH))
+    parsed = validate_schema(InferenceRequest, parse_json(header))
+    return input_array(parsed, binary), (parsed.id, requested_outputs(parsed))
+
+
+INFER_BODY = BodyFormat((JSON, OCTET_STREAM), decode_infer, what=f"input {INPUT_NAME!r}")
+
+
+def split_body(body: bytes, header_length: str | None) -> tuple[bytes, memoryview]:
+    """The JSON header and the binary part (empty without the extension's header)."""
+    if header_length is None:
+        return body, memoryview(b"")
+    if not header_length.strip().isdigit():
+        raise InvalidInput(
+            f"Inference-Header-Content-Length must be an integer, not {header_length!r}"
+        )
+    length = int(header_length)
+    if not 0 < length <= len(body):
+        raise InvalidInput(
+            f"Inference-Header-Content-Length is {length}, but the body has {len(body)} bytes"
+        )
+    return body[:length], memoryview(body)[length:]
+
+
+def binary_inputs(request: InferenceRequest, binary: memoryview) -> dict[str, np.ndarray]:
+    """The inputs sent as raw bytes, each a flat array of its datatype (copied, aligned)."""
+    arrays: dict[str, np.ndarray] = {}
+    offset = 0
+    for tensor in request.inputs:
+        size = tensor.parameters.get("binary_data_size")
+        if size is None:
+            continue
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise InvalidInput(f"input {tensor.name!r}: binary_data_size must be an integer ≥ 0")
+        dtype = DTYPES.get(tensor.datatype)
+        if dtype is None:
+            raise InvalidInput(f"input {tensor.name!r}: unknown datatype {tensor.datatype!r}")
+        if offset + size > len(binary):
+            raise InvalidInput(
+                f"input {tensor.name!r}: binary_data_size {size} runs past the body's "
+                f"{len(binary)} binary bytes"
+            )
+        if size % dtype.itemsize:
+            raise InvalidInput(
+                f"input {tensor.name!r}: {size} bytes is not a whole number of {tensor.datatype}"
+            )
+        chunk = binary[offset : offset + size]
+        arrays[tensor.name] = np.frombuffer(chunk, dtype=dtype).astype(dtype.newbyteorder("="))
+        offset += size
+    if offset != len(binary):
+        raise InvalidInput(
+            f"the body has {len(binary) - offset} binary bytes that no input's binary_data_size "
+            "accounts for"
+        )
+    return arrays
+
+
+def input_array(request: InferenceRequest, binary: memoryview) -> np.ndarray:
+    """The one input tensor, from JSON data or binary bytes, reshaped to its declared shape."""
+    names = [tensor.name for tensor in request.inputs]
+    if names != [INPUT_NAME]:
+        raise InvalidInput(f"the model takes one input named {INPUT_NAME!r}; got {names}")
+    tensor = request.inputs[0]
+    if tensor.datatype != INPUT_DATATYPE:
+        raise InvalidInput(
+            f"input {INPUT_NAME!r} must have datatype {INPUT_DATATYPE}, not {tensor.datatype!r}"
+        )
+    if any(dim < 0 for dim in tensor.shape):
+        raise InvalidInput(f"input {INPUT_NAME!r} has a negative dimension in shape {tensor.shape}")
+    raw = binary_inputs(request, binary).get(INPUT_NAME)
+    data = raw if raw is not None else tensor.data
+    if data is None:
+        raise InvalidInput(f"input {INPUT_NAME!r} has neither `data` nor binary_data_size")
+    try:
+        array = np.asarray(data, dtype=np.float32)
+    except (ValueError, TypeError):
+        raise InvalidInput(f"input {INPUT_NAME!r}: data must be FP32 numbers") from None
+    expected = int(np.prod(tensor.shape))
+    if array.size != expected:
+        raise InvalidInput(
+            f"input {INPUT_NAME!r} declares shape {tensor.shape} ({expected} values) but carries "
+            f"{array.size} values"
+        )
+    return array.reshape(tensor.shape)
+
+
+def requested_outputs(request: InferenceRequest) -> Asked:
+    """Each output to return and whether as binary: the ones asked for, else all of them."""
+    default_binary = request.parameters.get("binary_data_output") is True
+    if request.outputs is None:
+        return [(output, default_binary) for output in SERVED_OUTPUTS]
+    chosen = []
+    for output in request.outputs:
+        spec = OUTPUT_NAMED.get(output.name)
+        if spec is None:
+            raise InvalidInput(
+                f"unknown output {output.name!r}; outputs are {', '.join(OUTPUT_NAMED)}"
+            )
+        chosen.append((spec, output.parameters.get("binary_data", default_binary) is True))
+    return chosen
+
+
+# --- response -------------------------------------------------------------------------------
+
+
+def encode_response(
+    header: dict[str, Any], prediction: Prediction, asked: Asked
+) -> tuple[bytes, int | None]:
+    """The body, and the JSON header's length when any output travels as binary (else None)."""
+    outputs = []
+    blobs = []
+    for spec, binary in asked:
+        array: np.ndarray = getattr(prediction, spec.field)
+        entry: dict[str, Any] = {
+            "name": spec.name,
+            "shape": list(array.shape),
+            "datatype": spec.datatype,
+        }
+        if binary:
+            raw = np.ascontiguousarray(array, dtype=DTYPES[spec.datatype]).tobytes()
+            entry["parameters"] = {"binary_data_size": len(raw)}
+            blobs.append(raw)
+        else:
+            entry["data"] = array.ravel().tolist()
+        outputs.append(entry)
+    encoded = orjson.dumps({**header, "outputs": outputs})
+    if not blobs:
+        return encoded, None
+    return encoded + b"".join(blobs), len(encoded)

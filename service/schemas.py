@@ -1,10 +1,12 @@
 """Request and response models: the service's own REST API (v1) and the Open Inference Protocol
 v2 subset. Bodies are parsed with orjson and then checked against these models; tensor data stay
 `Any` here and become one numpy array in one call (`payload.py`), never element by element.
+The bodies of the inference routes are documented by hand (`fastpath.request_body`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -118,42 +120,9 @@ class ReadyResponse(_Strict):
     ready: bool
 
 
-def request_body(model: type[BaseModel], *media_types: str) -> dict[str, Any]:
-    """`openapi_extra` documenting a body that the route reads itself (with orjson)."""
-    schema = model.model_json_schema()
-    definitions = schema.pop("$defs", {})
-
-    def inline(node: Any) -> Any:
-        if isinstance(node, dict):
-            reference = node.get("$ref")
-            if isinstance(reference, str) and reference.startswith("#/$defs/"):
-                return inline(definitions[reference.removeprefix("#/$defs/")])
-            return {key: inline(value) for key, value in node.items()}
-        if isinstance(node, list):
-            return [inline(value) for value in node]
-        return node
-
-    content = {media: {"schema": inline(schema)} for media in media_types or ("application/json",)}
-    return {"requestBody": {"required": True, "content": content}}
+OpenApiResponses = dict[int | str, dict[str, Any]]
 
 
-def inference_route_docs(model: type[BaseModel], *media_types: str) -> dict[str, Any]:
-    """`openapi_extra` of an inference route: its body (`request_body`) and its `{name}`.
-
-    The inference routes read `name` from `request.path_params` instead of declaring it as an
-    argument: FastAPI's parameter validation costs about 9 µs a request (docs/benchmarks.md), 6 %
-    of this service's own time per one-image request, for a string that the registry checks.
-    """
-    name = {
-        "name": "name",
-        "in": "path",
-        "required": True,
-        "schema": {"type": "string"},
-        "description": "the served model",
-    }
-    return {**request_body(model, *media_types), "parameters": [name]}
-
-
-ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 415, 503)
-}
+def error_responses(statuses: Iterable[int]) -> OpenApiResponses:
+    """OpenAPI's `responses` for error statuses: each one's body is an `ErrorResponse`."""
+    return {status: {"model": ErrorResponse} for status in sorted(set(statuses))}

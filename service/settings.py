@@ -79,7 +79,8 @@ class Settings(BaseSettings):
     max_queue_samples: int = Field(
         default=4096,
         gt=0,
-        description="samples waiting per model; above this requests get 503 at once",
+        description="samples waiting per model; above this, requests are refused at once "
+        "(overloaded: retry later)",
     )
     max_inputs_per_request: int = Field(
         default=64, gt=0, description="most samples in one request (at most max_batch_size)"

@@ -3,7 +3,8 @@
 `make_version` exports a (seeded, random-weight) FashionMnistCNN with its score head to ONNX and
 writes a `calibration.json` by hand, so the tests need no calibration run. Servers run as
 subprocesses (`python -m marginwatch.service`) on a free 127.0.0.1 port and are spoken to with
-httpx.
+httpx. Test modules do not import this file at run time; they name its types (`Server`,
+`VersionFactory`, `ServerFactory`) for the type checker only.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +31,8 @@ from marginwatch.artifact.hashing import file_sha256
 from marginwatch.artifact.schema import ONNX_FILE, RECORD_FILE, CalibrationRecord
 from marginwatch.artifact.store import CURRENT_FILE
 from marginwatch.models.data import FASHION_MNIST_CLASSES, Dataset
+from marginwatch.service.batcher import RunBatch
+from marginwatch.service.engine import Prediction
 
 API_KEY = "test-key-0123456789"
 MODEL = "fmnist"
@@ -73,7 +77,7 @@ def make_record(
             "threat_model": {"norm": "linf", "eps": 0.1},
             "score_kind": "logit-margin",
             "threshold": threshold,
-            "threshold_rule": "test: median score",
+            "threshold_rule": "match-fraction",
             "guard_band": guard_band,
             "subset": {"dataset": "fashion-mnist-subset", "split": "test", "size": 100, "seed": 0},
             "big_set": {"dataset": "fashion-mnist-subset", "split": "test", "size": 2000},
@@ -256,13 +260,36 @@ def record(store: Path) -> CalibrationRecord:
     return CalibrationRecord.model_validate_json((store / MODEL / "v1" / RECORD_FILE).read_bytes())
 
 
+VersionFactory = Callable[..., Path]  # make_version
+ServerFactory = Callable[..., AbstractContextManager[Server]]  # run_server
+
+
 @pytest.fixture(scope="session")
-def new_version() -> object:
+def new_version() -> VersionFactory:
     """`make_version` as a fixture, for test modules (they do not import conftest)."""
     return make_version
 
 
 @pytest.fixture(scope="session")
-def spawn_server() -> object:
+def spawn_server() -> ServerFactory:
     """`run_server` as a fixture."""
     return run_server
+
+
+def echo(x: np.ndarray) -> Prediction:
+    """A toy model with exact outputs: the score of a sample is its first value."""
+    scores = x.reshape(len(x), -1)[:, 0].copy()
+    return Prediction(
+        logits=x.reshape(len(x), -1),
+        scores=scores,
+        labels=np.zeros(len(x), dtype=np.int64),
+        brittle=scores < 0.5,
+        borderline=np.zeros(len(x), dtype=bool),
+    )
+
+
+@pytest.fixture(scope="session")
+def toy_model() -> RunBatch:
+    """`echo`: a batch runner whose outputs are known exactly (score = first value, brittle
+    below 0.5)."""
+    return echo

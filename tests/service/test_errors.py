@@ -4,11 +4,15 @@ And one test per status code the service answers with."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import httpx
 import numpy as np
 import orjson
 import pytest
+
+if TYPE_CHECKING:
+    from conftest import Server
 
 MODEL = "fmnist"
 V1 = f"/v1/models/{MODEL}/predict"
@@ -122,16 +126,6 @@ BAD: list[tuple[str, str, bytes, dict[str, str], int, str]] = [
 ]  # fmt: skip
 
 
-@pytest.fixture
-def client(server: object) -> Iterator[httpx.Client]:
-    with httpx.Client(
-        base_url=server.url,  # type: ignore[attr-defined]
-        headers={"X-API-Key": API_KEY},
-        timeout=20,
-    ) as http:
-        yield http
-
-
 def assert_still_serving(client: httpx.Client) -> None:
     response = client.post(V1, content=v1_body([one_json]), headers=JSON_TYPE)
     assert response.status_code == 200, response.text
@@ -168,16 +162,16 @@ def test_body_above_limit_without_content_length(client: httpx.Client) -> None:
      {"Authorization": f"Basic {API_KEY}"}],
     ids=["missing", "wrong-x-api-key", "wrong-bearer", "not-bearer"],
 )  # fmt: skip
-def test_401_without_a_valid_api_key(server: object, path: str, headers: dict[str, str]) -> None:
-    url = server.url + path  # type: ignore[attr-defined]
+def test_401_without_a_valid_api_key(server: Server, path: str, headers: dict[str, str]) -> None:
+    url = server.url + path
     response = httpx.request("POST" if path == V1 else "GET", url, headers=headers)
     assert response.status_code == 401
     assert "API key" in response.json()["error"]
     assert response.headers["WWW-Authenticate"] == "Bearer"
 
 
-def test_bearer_key_accepted_and_health_metrics_open(server: object) -> None:
-    url = server.url  # type: ignore[attr-defined]
+def test_bearer_key_accepted_and_health_metrics_open(server: Server) -> None:
+    url = server.url
     bearer = {"Authorization": f"Bearer {API_KEY}", **JSON_TYPE}
     assert httpx.post(url + V1, content=v1_body([one_json]), headers=bearer).status_code == 200
     assert httpx.get(url + "/v2/health/live").status_code == 200

@@ -1,8 +1,7 @@
-"""/metrics parsed with prometheus_client's own parser."""
+"""The metrics: `ServedTraffic` folding records into Prometheus families, and /metrics of a
+running server parsed with prometheus_client's own parser."""
 
 from __future__ import annotations
-
-from collections.abc import Iterator
 
 import httpx
 import numpy as np
@@ -10,17 +9,11 @@ import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from marginwatch.artifact.schema import CalibrationRecord
+from marginwatch.artifact.schema import CalibrationRecord, Curve
+from marginwatch.service.batcher import RunBatch
+from marginwatch.service.metrics import ServedTraffic
 
 MODEL = "fmnist"
-API_KEY = "test-key-0123456789"
-
-
-@pytest.fixture
-def client(server: object) -> Iterator[httpx.Client]:
-    url = server.url  # type: ignore[attr-defined]
-    with httpx.Client(base_url=url, headers={"X-API-Key": API_KEY}, timeout=20) as http:
-        yield http
 
 
 def scrape(client: httpx.Client) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -77,3 +70,50 @@ def test_metrics_follow_served_traffic(
     info = [labels for name, labels in after if name == "marginwatch_calibration_info"]
     assert dict(info[0])["version"] == "v1"
     assert value(after, "marginwatch_reloads_total", model=MODEL, result="success") == 1
+
+
+def test_served_traffic_folds_batches_into_prometheus_families(toy_model: RunBatch) -> None:
+    traffic = ServedTraffic(window_predictions=4)
+    low = Curve(knots_x=[0.0, 1.0], knots_y=[0.0, 1.0])
+    high = Curve(knots_x=[0.0, 1.0], knots_y=[1.0, 1.0])
+    traffic.record("m", low, toy_model(np.array([[0.0], [0.5], [1.0]], dtype=np.float32)), 0.0005)
+    traffic.record("m", high, toy_model(np.array([[0.2]], dtype=np.float32)), 0.003)
+    traffic.record_request("m", "v1_predict", 200, 0.001)
+    traffic.record_request("m", "v1_predict", 404, 0.0001)
+    traffic.watch_queue("m", lambda: 7)
+    samples = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in traffic.collect()
+        for sample in family.samples
+    }
+
+    def value(name: str, **labels: str) -> float:
+        return samples[(name, tuple(sorted({"model": "m", **labels}.items())))]
+
+    assert value("marginwatch_batch_size_count") == 2
+    assert value("marginwatch_batch_size_sum") == 4
+    assert value("marginwatch_batch_size_bucket", le="1.0") == 1
+    assert value("marginwatch_batch_size_bucket", le="4.0") == 2
+    # `le` buckets: 0.5 counts in le="0.5", as prometheus_client's own histograms count it
+    assert value("marginwatch_score_bucket", le="0.5") == 3  # 0.0, 0.2, 0.5
+    assert value("marginwatch_score_count") == 4
+    assert value("marginwatch_score_sum") == pytest.approx(1.7)
+    assert value("marginwatch_model_execution_seconds_bucket", le="0.0005") == 1
+    assert value("marginwatch_predictions_total", brittle="true") == 2  # scores 0.0 and 0.2
+    assert value("marginwatch_predictions_total", brittle="false") == 2
+    # g of each batch comes from its own version's curve: 0, 0.5, 1 and then 1
+    assert value("marginwatch_live_robust_accuracy_ratio") == pytest.approx(2.5 / 4)
+    assert value("marginwatch_live_window_predictions") == 4
+    assert value("marginwatch_queued_samples") == 7
+    assert value("marginwatch_requests_total", endpoint="v1_predict", status_class="2xx") == 1
+    assert value("marginwatch_requests_total", endpoint="v1_predict", status_class="4xx") == 1
+    assert value("marginwatch_request_duration_seconds_count", endpoint="v1_predict") == 2
+
+
+def test_served_traffic_folds_on_its_own_when_nobody_scrapes(toy_model: RunBatch) -> None:
+    traffic = ServedTraffic(window_predictions=10)
+    curve = Curve(knots_x=[0.0], knots_y=[1.0])
+    for _ in range(ServedTraffic.FOLD_EVERY + 5):
+        traffic.record("m", curve, toy_model(np.zeros((1, 1), dtype=np.float32)), 0.001)
+        traffic.record_request("m", "v1_predict", 200, 0.001)
+    assert traffic.pending() < ServedTraffic.FOLD_EVERY  # memory stays bounded

@@ -7,7 +7,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import httpx
 import numpy as np
@@ -15,6 +15,9 @@ import orjson
 from prometheus_client.parser import text_string_to_metric_families
 
 from marginwatch.artifact.schema import ONNX_FILE, RECORD_FILE
+
+if TYPE_CHECKING:
+    from conftest import ServerFactory, VersionFactory
 
 MODEL = "fmnist"
 JSON_TYPE = {"Content-Type": "application/json"}
@@ -71,23 +74,27 @@ def wait_for(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
         time.sleep(0.05)
 
 
-def reload_counts(url: str) -> dict[tuple[str, str], float]:
+def samples(url: str, name: str) -> dict[tuple[str, ...], float]:
+    """The values of the sample `name` on the server's /metrics, by their label values."""
     text = httpx.get(f"{url}/metrics").text
     return {
-        (sample.labels["model"], sample.labels["result"]): sample.value
+        tuple(sample.labels.values()): sample.value
         for family in text_string_to_metric_families(text)
-        if family.name == "marginwatch_reloads"
         for sample in family.samples
-        if sample.name.endswith("_total")
+        if sample.name == name
     }
+
+
+def reload_counts(url: str) -> dict[tuple[str, ...], float]:
+    return samples(url, "marginwatch_reloads_total")  # by (model, result)
 
 
 def test_hot_reload_under_load(
     tmp_path: Path,
     onnx_path: Path,
     images: np.ndarray,
-    new_version: Any,
-    spawn_server: Any,
+    new_version: VersionFactory,
+    spawn_server: ServerFactory,
 ) -> None:
     store = tmp_path / "store"
     new_version(store, MODEL, "v1", onnx=onnx_path, images=images)
@@ -137,13 +144,13 @@ def _point(store: Path, version: str) -> None:
 
 
 def test_graceful_shutdown_finishes_requests_in_flight(
-    tmp_path: Path, onnx_path: Path, new_version: Any, spawn_server: Any
+    tmp_path: Path, onnx_path: Path, new_version: VersionFactory, spawn_server: ServerFactory
 ) -> None:
     """SIGTERM while requests wait in a slow batch: they are answered, then the process ends."""
     store = tmp_path / "store"
     new_version(store, MODEL, "v1", onnx=onnx_path, threshold=0.0)
     batch = np.full((1, 1, 1, 28, 28), 0.5).tolist()
-    with spawn_server(store, tmp_path, max_batch_wait_s="0.8", reload_interval_s="0") as server:
+    with spawn_server(store, tmp_path, max_batch_wait_s="1", reload_interval_s="0") as server:
         results: list[int] = []
 
         def send() -> None:
@@ -158,7 +165,8 @@ def test_graceful_shutdown_finishes_requests_in_flight(
         senders = [threading.Thread(target=send) for _ in range(3)]
         for sender in senders:
             sender.start()
-        time.sleep(0.2)
+        # all three wait in one batch (it waits up to 1 s to fill) when the signal comes
+        wait_for(lambda: samples(server.url, "marginwatch_queued_samples").get((MODEL,)) == 3)
         # uvicorn re-raises the signal it caught once shutdown is complete
         assert server.stop() in (0, -signal.SIGTERM)
         for sender in senders:

@@ -1,0 +1,43 @@
+"""The settings class: bad values fail with a message naming the field, lists are
+comma-separated, every field is documented."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from marginwatch.service.settings import Settings
+
+
+@pytest.mark.parametrize(
+    ("env", "words"),
+    [
+        ({"MARGINWATCH_MAX_BATCH_SIZE": "0"}, "max_batch_size"),
+        ({"MARGINWATCH_PORT": "70000"}, "port"),
+        ({"MARGINWATCH_MAX_BATCH_WAIT_S": "-1"}, "max_batch_wait_s"),
+        ({"MARGINWATCH_MAX_INPUTS_PER_REQUEST": "128"}, "must not exceed max_batch_size"),
+        ({"MARGINWATCH_API_KEYS": "short"}, "at least 8 characters"),
+        ({"MARGINWATCH_LOG_FORMAT": "xml"}, "log_format"),
+    ],
+)
+def test_bad_settings_fail_with_a_message(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], words: str
+) -> None:
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(ValidationError, match=words):
+        Settings()
+
+
+def test_settings_lists_are_comma_separated(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MARGINWATCH_MODELS", "a, b,c")
+    monkeypatch.setenv("MARGINWATCH_API_KEYS", "key-number-1,key-number-2")
+    settings = Settings()
+    assert settings.models == ["a", "b", "c"]
+    assert [key.get_secret_value() for key in settings.api_keys] == ["key-number-1", "key-number-2"]
+
+
+def test_every_setting_is_documented() -> None:
+    assert len(Settings.model_fields) >= 20
+    for name, field in Settings.model_fields.items():
+        assert field.description, name

@@ -7,7 +7,7 @@ INSTALLED := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: serve test lint calibrate models export clean
+.PHONY: serve test test-fast lint calibrate models export clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ test: $(INSTALLED)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	$(BIN)/python -m pytest
+
+# For the edit-test loop: skips the tests marked slow (whole calibration runs, training, exports).
+test-fast: lint
+	$(BIN)/python -m pytest -m "not slow"
 
 lint: $(INSTALLED)
 	$(BIN)/ruff check .

@@ -16,25 +16,19 @@ import argparse
 import asyncio
 import gc
 import statistics
-import sys
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from pathlib import Path
 from typing import Any
 
 import orjson
+from minimal_baseline import build_app  # a sibling: Python puts a script's folder on the path
 
-PROJECT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(PROJECT))
-sys.path.insert(0, str(PROJECT / "bench"))
-
-from minimal_baseline import build_app  # noqa: E402
-
-from marginwatch.artifact.schema import ONNX_FILE  # noqa: E402
-from marginwatch.artifact.store import current_dir, default_store  # noqa: E402
-from marginwatch.models.data import load_dataset  # noqa: E402
-from marginwatch.service.app import create_app  # noqa: E402
-from marginwatch.service.settings import Settings  # noqa: E402
+from marginwatch.artifact.schema import ONNX_FILE
+from marginwatch.artifact.store import current_dir, default_store
+from marginwatch.models.data import load_dataset
+from marginwatch.service.app import create_app
+from marginwatch.service.settings import Settings
 
 MODEL = "fmnist-cnn-pgd"
 Message = MutableMapping[str, Any]

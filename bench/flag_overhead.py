@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -24,17 +23,14 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-PROJECT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(PROJECT))
-
-from marginwatch.artifact.schema import ONNX_FILE  # noqa: E402
-from marginwatch.artifact.store import current_dir, default_store, list_models, read_record  # noqa: E402
-from marginwatch.calibration.attacks.fmn import fmn  # noqa: E402
-from marginwatch.calibration.scores import ServingGraph  # noqa: E402
-from marginwatch.models.architectures import FashionMnistCNN  # noqa: E402
-from marginwatch.models.data import load_dataset  # noqa: E402
-from marginwatch.models.export import export_onnx  # noqa: E402
-from marginwatch.models.registry import ModelError, load_model  # noqa: E402
+from marginwatch.artifact.schema import ONNX_FILE
+from marginwatch.artifact.store import current_dir, default_store, list_models, read_record
+from marginwatch.calibration.attacks.fmn import fmn
+from marginwatch.calibration.scores import ServingGraph
+from marginwatch.models.architectures import FashionMnistCNN
+from marginwatch.models.data import load_dataset
+from marginwatch.models.export import export_onnx
+from marginwatch.models.registry import ModelError, load_model
 
 
 def session(path: Path) -> ort.InferenceSession:

@@ -37,12 +37,10 @@ from pathlib import Path
 import numpy as np
 import orjson
 
+from marginwatch.artifact.store import current_dir, default_store, list_models
+from marginwatch.models.data import load_dataset
+
 PROJECT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(PROJECT))
-
-from marginwatch.artifact.store import current_dir, default_store, list_models  # noqa: E402
-from marginwatch.models.data import load_dataset  # noqa: E402
-
 SERVERS = ("marginwatch", "minimal", "litserve")
 
 
@@ -92,8 +90,9 @@ def make_store(folder: Path) -> tuple[Path, str]:
     """A store with one version of fmnist-cnn-pgd (shipped weights, else seeded random ones)."""
     import torch
 
+    # The tests' helper (export + hand-written record) lives in tests/, which is not installed.
     sys.path.insert(0, str(PROJECT / "tests" / "service"))
-    from conftest import make_version  # the tests' helper: export + hand-written record
+    from conftest import make_version
 
     from marginwatch.calibration.scores import ServingGraph
     from marginwatch.models.architectures import FashionMnistCNN

@@ -1,5 +1,9 @@
 """`marginwatch-calibrate` (also `python -m marginwatch.calibration`): the job's command line.
 
+The options are the fields of `config.CalibrationConfig`: flag, help, default and choices are
+generated from it, so they are written once. Each can also be set by the environment variable
+`MARGINWATCH_CALIBRATE_<FIELD>`; a flag wins over the variable, the variable over the default.
+
 Exit codes: 0 published (or shard done), 1 verification failed, 2 bad input, 3 another run of
 the same model holds the lock. Meant for cron: idempotent, lock-protected, safe to kill.
 """
@@ -10,143 +14,123 @@ import argparse
 import json
 import os
 import sys
-from pathlib import Path
+import typing
+from collections.abc import Collection, Sequence
+from typing import Any, NoReturn
 
+from pydantic import ValidationError
+from pydantic.fields import FieldInfo
+
+from marginwatch.artifact import store
+from marginwatch.calibration.config import (
+    ENV_PREFIX,
+    HELP_GROUPS,
+    CalibrationConfig,
+    ConfigError,
+)
+
+PROG = "marginwatch-calibrate"
 EXIT_FAILED, EXIT_BAD_INPUT, EXIT_BUSY = 1, 2, 3
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # One line and exit 2 through main, not argparse's usage block (dozens of options) above
+        # it: the same answer as a bad value that pydantic refuses.
+        raise ConfigError(f"{message} (see --help)")
+
+
+def _extra(field: FieldInfo) -> dict[str, Any]:
+    return field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+
+
+def _dashed(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def option_flag(name: str, field: FieldInfo) -> str:
+    """The field's flag: its name with dashes, unless it keeps an older spelling."""
+    return str(_extra(field).get("flag", _dashed(name)))
+
+
+def _argument(name: str, field: FieldInfo) -> dict[str, Any]:
+    """add_argument's keywords for a field. Values stay strings: pydantic converts and checks
+    them exactly as it does an environment variable's."""
+    extra = _extra(field)
+    text = (field.description or "").replace("%", "%%")
+    default = field.default
+    if field.default_factory is None and default not in (None, ()) and type(default) is not bool:
+        text += f" (default: {default})"
+    if option_flag(name, field) != _dashed(name):
+        text += f" (variable: {ENV_PREFIX}{name.upper()})"
+    if field.annotation is bool:
+        action = "store_true" if default is False else argparse.BooleanOptionalAction
+        return {"action": action, "help": text}
+    choices = extra.get("choices")
+    if typing.get_origin(field.annotation) is typing.Literal:
+        choices = [str(value) for value in typing.get_args(field.annotation)]
+    repeated = typing.get_origin(field.annotation) in (tuple, list)
+    return {
+        "action": "append" if repeated else "store",
+        "choices": choices,
+        "metavar": extra.get("metavar"),
+        "help": text,
+    }
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="marginwatch-calibrate",
+    parser = _Parser(
+        prog=PROG,
         description="Measure input margins on a subset with minimum-norm attacks, check margin "
         "consistency, fit the brittleness threshold λ and the robust-accuracy estimators, and "
         "publish a verified version (model.onnx, calibration.json, report.html) to the store.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog=f"Every option can also be set by an environment variable: {ENV_PREFIX} and the "
+        f"flag in capitals with underscores ({ENV_PREFIX}SUBSET_SIZE=200) unless its help names "
+        f"another; lists comma-separated ({ENV_PREFIX}ATTACKS=fmn,fab:200), switches true or "
+        f"false ({ENV_PREFIX}QUIET=true). A flag wins over the variable.",
     )
-    model = parser.add_argument_group("model and data")
-    model.add_argument(
-        "--model",
-        default="fmnist-cnn-pgd",
-        help="shipped model, architecture name (with --weights), TorchScript file, "
-        "or package.module:factory",
-    )
-    model.add_argument("--weights", type=Path, default=None, help="weights file for --model")
-    model.add_argument(
-        "--name", default=None, help="name in the store (default: the model or weights file name)"
-    )
-    model.add_argument(
-        "--dataset",
-        default="fashion-mnist",
-        help="fashion-mnist, fashion-mnist-subset, cifar10, or an .npz path",
-    )
-    model.add_argument(
-        "--data-dir",
-        type=Path,
-        default=None,
-        help="folder of the dataset files (Fashion-MNIST: default "
-        "$MARGINWATCH_FASHION_MNIST_DIR, then Debian's dataset-fashion-mnist)",
-    )
-    model.add_argument(
-        "--split",
-        choices=["train", "test"],
-        default="test",
-        help="split to calibrate on; its full size is the large set of the "
-        "robust-accuracy estimate",
-    )
-    attack = parser.add_argument_group("attacks and threat model")
-    attack.add_argument("--subset-size", type=int, default=500, help="points to attack")
-    attack.add_argument("--seed", type=int, default=0, help="seed of the subset and the fits")
-    attack.add_argument("--norm", choices=["linf", "l2"], default="linf", help="threat model")
-    attack.add_argument(
-        "--eps", type=float, default=None, help="budget ε (default: 0.1 for linf, 1.5 for l2)"
-    )
-    attack.add_argument(
-        "--attack",
-        action="append",
-        dest="attacks",
-        default=None,
-        metavar="NAME[:STEPS]",
-        help="minimum-norm attack, repeatable: fmn, fab (linf, l2), ddn (l2); "
-        "default fmn:100 and fab:100 for linf, fmn:100 and ddn:100 for l2",
-    )
-    attack.add_argument("--attack-batch-size", type=int, default=100, help="points per batch")
-    attack.add_argument(
-        "--device", default="auto", help="auto (CUDA when torch sees it), cpu, cuda or cuda:N"
-    )
-    fit = parser.add_argument_group("threshold, estimators, pseudo-margin")
-    fit.add_argument(
-        "--threshold-rule",
-        choices=["match-fraction", "target-tpr"],
-        default="match-fraction",
-        help="match-fraction: the λ whose flagged fraction equals the subset's "
-        "non-robust fraction; target-tpr: smallest λ flagging --target-tpr of the "
-        "non-robust points",
-    )
-    fit.add_argument("--target-tpr", type=float, default=0.95, help="for target-tpr")
-    fit.add_argument(
-        "--estimator",
-        choices=["count", "regression"],
-        default="regression",
-        help="robust-accuracy estimate shown as the headline (both are recorded)",
-    )
-    fit.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for CIs")
-    fit.add_argument(
-        "--pseudo-margin",
-        choices=["auto", "always", "never"],
-        default="auto",
-        help="auto: learn a pseudo-margin when Kendall τ < --tau-cutoff, keep it "
-        "if it ranks the subset better",
-    )
-    fit.add_argument("--tau-cutoff", type=float, default=0.6, help="for --pseudo-margin auto")
-    fit.add_argument(
-        "--pseudo-train-size",
-        type=int,
-        default=1000,
-        help="attacked training points for the pseudo-margin",
-    )
-    fit.add_argument(
-        "--pseudo-input",
-        choices=["features", "logits"],
-        default="features",
-        help="what the pseudo-margin MLP reads",
-    )
-    fit.add_argument("--pseudo-epochs", type=int, default=500, help="MLP training epochs")
-    fit.add_argument(
-        "--pseudo-hidden",
-        type=int,
-        default=64,
-        help="width of the pseudo-margin MLP's hidden layers: its cost on every served request "
-        "(docs/benchmarks.md compares 16 to 256 on the shipped model)",
-    )
-    fit.add_argument(
-        "--pseudo-layers",
-        type=int,
-        default=2,
-        help="hidden layers of the pseudo-margin MLP (0: a linear function of its input)",
-    )
-    run = parser.add_argument_group("store, sharding, output")
-    run.add_argument(
-        "--store",
-        type=Path,
-        default=None,
-        help="artifact store folder (default: $MARGINWATCH_STORE, then ./artifacts)",
-    )
-    run.add_argument("--version", default=None, help="version name (default: UTC timestamp)")
-    run.add_argument(
-        "--shard",
-        type=int,
-        default=None,
-        help="only attack shard I of --num-shards and exit (Kubernetes Indexed Job)",
-    )
-    run.add_argument("--num-shards", type=int, default=1, help="shard count")
-    run.add_argument(
-        "--merge",
-        action="store_true",
-        help="attack nothing: merge finished shards (fail if any is missing)",
-    )
-    run.add_argument("--json", action="store_true", help="print calibration.json, not a summary")
-    run.add_argument("--quiet", action="store_true", help="no progress bars")
+    group: argparse._ActionsContainer = parser
+    for name, field in CalibrationConfig.model_fields.items():
+        if name in HELP_GROUPS:
+            group = parser.add_argument_group(HELP_GROUPS[name])
+        # SUPPRESS: a flag not given leaves no value, so the variable or the default applies.
+        group.add_argument(
+            option_flag(name, field), dest=name, default=argparse.SUPPRESS, **_argument(name, field)
+        )
+    # Not a setting of the job but of this command's output, listed last with the output options.
+    group.add_argument("--json", action="store_true", help="print calibration.json, not a summary")
     return parser
+
+
+def describe(error: ValidationError, given: Collection[str]) -> str:
+    """pydantic's findings as one line, each naming the flag or variable the value came from."""
+    fields = CalibrationConfig.model_fields
+    problems = []
+    for problem in error.errors():
+        if problem["type"] == "value_error":
+            message = str(problem.get("ctx", {}).get("error"))  # our own check's sentence
+        else:
+            message = f"{problem['msg'][:1].lower()}{problem['msg'][1:]}, got {problem['input']!r}"
+        name = str(problem["loc"][0]) if problem["loc"] else ""
+        if name in given:
+            message = f"{option_flag(name, fields[name])}: {message}"
+        elif name:
+            message = f"{ENV_PREFIX}{name.upper()}: {message}"
+        problems.append(message)
+    return "; ".join(problems)
+
+
+def load_config(argv: Sequence[str] | None = None) -> tuple[CalibrationConfig, bool]:
+    """The run's settings (flag, else variable, else default) and whether to print JSON; bad
+    input raises ConfigError."""
+    given = vars(build_parser().parse_args(argv))
+    as_json = bool(given.pop("json"))
+    if as_json:
+        given["quiet"] = True  # progress bars would interleave with the JSON in a pod's log
+    try:
+        return CalibrationConfig(**given), as_json
+    except ValidationError as error:
+        raise ConfigError(describe(error, given)) from None
 
 
 def _summary(record) -> str:  # type: ignore[no-untyped-def]
@@ -180,43 +164,33 @@ def _summary(record) -> str:  # type: ignore[no-untyped-def]
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    # Imported here so that `--help` answers at once.
-    from marginwatch.artifact import store
-    from marginwatch.calibration.config import CalibrationConfig, ConfigError, parse_attack
+def _bad_input(error: ConfigError) -> int:
+    print(f"{PROG}: {error}", file=sys.stderr)
+    return EXIT_BAD_INPUT
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        config, as_json = load_config(argv)
+    except ConfigError as error:
+        return _bad_input(error)
+    # Imported here, not at the top, so that `--help` answers without loading torch.
     from marginwatch.calibration.job import CalibrationError, run
 
     try:
-        config = CalibrationConfig(
-            model=args.model, weights=args.weights, model_name=args.name, dataset=args.dataset,
-            data_dir=args.data_dir, split=args.split, subset_size=args.subset_size,
-            seed=args.seed, norm=args.norm, eps=args.eps,
-            attacks=tuple(parse_attack(a) for a in args.attacks or ()),
-            attack_batch_size=args.attack_batch_size, threshold_rule=args.threshold_rule,
-            target_tpr=args.target_tpr, estimator=args.estimator, bootstrap=args.bootstrap,
-            pseudo_margin=args.pseudo_margin, tau_cutoff=args.tau_cutoff,
-            pseudo_train_size=args.pseudo_train_size, pseudo_input=args.pseudo_input,
-            pseudo_epochs=args.pseudo_epochs, pseudo_hidden=args.pseudo_hidden,
-            pseudo_layers=args.pseudo_layers, device=args.device,
-            store=args.store or store.default_store(), shard=args.shard,
-            num_shards=args.num_shards, merge_only=args.merge, version=args.version,
-            progress=not args.quiet and not args.json,
-        )  # fmt: skip
         result = run(config)
     except ConfigError as error:
-        print(f"marginwatch-calibrate: {error}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return _bad_input(error)
     except store.StoreBusy as error:
-        print(f"marginwatch-calibrate: {error}; try again later", file=sys.stderr)
+        print(f"{PROG}: {error}; try again later", file=sys.stderr)
         return EXIT_BUSY
     except (CalibrationError, store.ArtifactError, OSError) as error:
-        print(f"marginwatch-calibrate: failed, store unchanged: {error}", file=sys.stderr)
+        print(f"{PROG}: failed, store unchanged: {error}", file=sys.stderr)
         return EXIT_FAILED
     if result.record is None:
         print(f"shard {result.shard_done} of {config.num_shards} done")
         return 0
-    if args.json:
+    if as_json:
         print(json.dumps(result.record.model_dump(mode="json"), indent=2))
     else:
         print(_summary(result.record))

@@ -10,7 +10,6 @@ A spec is one of
 from __future__ import annotations
 
 import importlib
-import json
 import warnings
 from pathlib import Path
 
@@ -31,11 +30,6 @@ class ModelError(Exception):
 
 def shipped_weights(name: str) -> Path:
     return WEIGHTS_DIR / f"{name}.safetensors"
-
-
-def shipped_card(name: str) -> dict[str, object]:
-    card: dict[str, object] = json.loads((WEIGHTS_DIR / f"{name}.json").read_text())
-    return card
 
 
 def save_weights(model: nn.Module, path: Path) -> None:
@@ -74,16 +68,23 @@ def _from_factory(spec: str) -> nn.Module:
 
 
 def _as_split(
-    model: nn.Module, input_shape: tuple[int, int, int] | None, num_classes: int | None
+    spec: str,
+    model: nn.Module,
+    input_shape: tuple[int, int, int] | None,
+    num_classes: int | None,
 ) -> SplitClassifier:
     if isinstance(model, SplitClassifier):
         return model
     if hasattr(model, "features") and hasattr(model, "head") and hasattr(model, "input_shape"):
         return model  # type: ignore[return-value]  # duck-typed split model
     if input_shape is None or num_classes is None:
+        # No command line takes the shape and class count: a factory is where they are known.
         raise ModelError(
-            "a model without features()/head() needs --input-shape and --num-classes; "
-            "its logits will then serve as features"
+            f"model {spec!r} has no features()/head() split and no input_shape: make it a "
+            "marginwatch.models.architectures.SplitClassifier, or give as the model a "
+            "package.module:factory that returns LogitsAsFeatures(model, input_shape, "
+            "num_classes) from marginwatch.models.architectures (for a TorchScript file, "
+            "torch.jit.load it there), whose logits then serve as features"
         )
     return LogitsAsFeatures(model, input_shape, num_classes)
 
@@ -126,6 +127,6 @@ def load_model(
         )
     if weights is not None:
         load_weights(model, weights)
-    split = _as_split(model, input_shape, num_classes)
+    split = _as_split(spec, model, input_shape, num_classes)
     split.eval()
     return split

@@ -41,6 +41,7 @@ def calibrate(store_dir: Path, data: Path, *extra: str) -> int:
                  "--pseudo-margin", "never", *FAST, *extra])  # fmt: skip
 
 
+@pytest.mark.slow
 def test_publishes_a_verified_version(tmp_path: Path, data_npz: Path) -> None:
     assert calibrate(tmp_path, data_npz, "--version", "v1") == 0
     version_dir = store.current_dir(tmp_path, "fmnist-cnn-pgd")
@@ -58,6 +59,7 @@ def test_publishes_a_verified_version(tmp_path: Path, data_npz: Path) -> None:
     assert report.count("data:image/png;base64,") >= 3 and "fmnist-cnn-pgd" in report
 
 
+@pytest.mark.slow
 def test_served_graph_matches_torch(
     tmp_path: Path, data_npz: Path, fashion_subset: Dataset
 ) -> None:
@@ -76,6 +78,7 @@ def test_served_graph_matches_torch(
     ).all()
 
 
+@pytest.mark.slow
 def test_pseudo_margin_path_is_recorded_and_served(tmp_path: Path, data_npz: Path) -> None:
     code = main(["--store", str(tmp_path), "--dataset", str(data_npz), "--subset-size", "60",
                  "--pseudo-margin", "always", "--pseudo-train-size", "60", "--pseudo-epochs", "30",
@@ -92,6 +95,7 @@ def test_pseudo_margin_path_is_recorded_and_served(tmp_path: Path, data_npz: Pat
     assert not np.allclose(score, np.sort(logits, 1)[:, -1] - np.sort(logits, 1)[:, -2])
 
 
+@pytest.mark.slow
 def test_sharded_run_then_merge(
     tmp_path: Path, data_npz: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -155,6 +159,7 @@ def _run_cli(args: list[str], **kwargs: object) -> subprocess.Popen[bytes]:
     )  # fmt: skip
 
 
+@pytest.mark.slow
 def test_killed_run_keeps_the_store_and_resumes(tmp_path: Path, data_npz: Path) -> None:
     assert calibrate(tmp_path, data_npz, "--version", "good") == 0
     before = (tmp_path / "fmnist-cnn-pgd" / "good" / ONNX_FILE).read_bytes()
@@ -183,6 +188,7 @@ def _limit_file_size() -> None:
     resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
 
 
+@pytest.mark.slow
 def test_disk_full_leaves_the_store_untouched(tmp_path: Path, data_npz: Path) -> None:
     assert calibrate(tmp_path, data_npz, "--version", "good") == 0
     args = ["--store", str(tmp_path), "--dataset", str(data_npz), "--subset-size", "60",
@@ -200,6 +206,7 @@ def test_disk_full_leaves_the_store_untouched(tmp_path: Path, data_npz: Path) ->
     assert record.version == "good"
 
 
+@pytest.mark.slow
 def test_json_output_is_the_record(
     tmp_path: Path, data_npz: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -66,7 +66,7 @@ def test_torchscript_without_split_uses_logits_as_features(tmp_path: Path) -> No
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # users still ship TorchScript files
         torch.jit.script(plain).save(str(path))
-    with pytest.raises(ModelError, match="--input-shape and --num-classes"):
+    with pytest.raises(ModelError, match=r"no features\(\)/head\(\) split.*LogitsAsFeatures"):
         load_model(str(path))
     model = load_model(str(path), input_shape=(1, 28, 28), num_classes=10)
     inputs = torch.rand(2, 1, 28, 28)

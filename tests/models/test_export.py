@@ -19,6 +19,7 @@ from marginwatch.models.export import (
 from marginwatch.models.registry import SHIPPED_MODELS, load_model, save_weights
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(SHIPPED_MODELS))
 def test_shipped_model_export_parity_and_batch_invariance(
     name: str, fashion_subset: Dataset, tmp_path: Path

@@ -34,6 +34,7 @@ def accuracy(model: torch.nn.Module, data: Dataset) -> float:
     return float((logits.argmax(1) == torch.from_numpy(data.labels)).float().mean())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_one_epoch_smoke_run_learns(recipe: str, train_512: Dataset) -> None:
     torch.manual_seed(0)
@@ -63,6 +64,7 @@ def test_training_is_reproducible(train_512: Dataset) -> None:
         torch.testing.assert_close(weights[0][key], weights[1][key], rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_train_cli_writes_weights_and_card(train_512: Dataset, tmp_path: Path) -> None:
     save_npz(train_512, tmp_path / "data.npz")
     code = train_main(

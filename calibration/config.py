@@ -75,8 +75,10 @@ class CalibrationConfig(BaseSettings):
     model: str = Field(
         default="fmnist-cnn-pgd",
         min_length=1,
-        description="shipped model, architecture name (with --weights), TorchScript file, "
-        "or package.module:factory",
+        description=(
+            "shipped model, architecture name (with --weights), TorchScript file, "
+            "or package.module:factory"
+        ),
     )
     weights: Path | None = Field(default=None, description="weights file for --model")
     model_name: str | None = Field(
@@ -90,13 +92,16 @@ class CalibrationConfig(BaseSettings):
     )
     data_dir: Path | None = Field(
         default=None,
-        description="folder of the dataset files (Fashion-MNIST: default "
-        "$MARGINWATCH_FASHION_MNIST_DIR, then Debian's dataset-fashion-mnist)",
+        description=(
+            "folder of the dataset files (Fashion-MNIST: default "
+            "$MARGINWATCH_FASHION_MNIST_DIR, then Debian's dataset-fashion-mnist)"
+        ),
     )
     split: Literal["train", "test"] = Field(
         default="test",
-        description="split to calibrate on; its full size is the large set of the "
-        "robust-accuracy estimate",
+        description=(
+            "split to calibrate on; its full size is the large set of the robust-accuracy estimate"
+        ),
     )
     subset_size: int = Field(default=500, ge=2, description="points to attack")
     seed: int = Field(default=0, ge=0, description="seed of the subset and the fits")
@@ -121,9 +126,11 @@ class CalibrationConfig(BaseSettings):
     )
     threshold_rule: str = Field(
         default="match-fraction",
-        description="match-fraction: the λ whose flagged fraction equals the subset's "
-        "non-robust fraction; target-tpr: smallest λ flagging --target-tpr of the "
-        "non-robust points",
+        description=(
+            "match-fraction: the λ whose flagged fraction equals the subset's "
+            "non-robust fraction; target-tpr: smallest λ flagging --target-tpr of the "
+            "non-robust points"
+        ),
         json_schema_extra={"choices": list(THRESHOLD_RULES)},
     )
     target_tpr: float = Field(
@@ -138,8 +145,10 @@ class CalibrationConfig(BaseSettings):
     )
     pseudo_margin: PseudoMarginMode = Field(
         default="auto",
-        description="auto: learn a pseudo-margin when Kendall τ < --tau-cutoff, keep it if it "
-        "ranks the subset better",
+        description=(
+            "auto: learn a pseudo-margin when Kendall τ < --tau-cutoff, keep it if it "
+            "ranks the subset better"
+        ),
     )
     tau_cutoff: float = Field(default=0.6, ge=-1, le=1, description="for --pseudo-margin auto")
     pseudo_train_size: int = Field(
@@ -152,8 +161,10 @@ class CalibrationConfig(BaseSettings):
     pseudo_hidden: int = Field(
         default=64,
         ge=1,
-        description="width of the pseudo-margin MLP's hidden layers: its cost on every served "
-        "request (docs/benchmarks.md compares 16 to 256 on the shipped model)",
+        description=(
+            "width of the pseudo-margin MLP's hidden layers: its cost on every served request "
+            "(docs/benchmarks.md compares 16 to 256 on the shipped model)"
+        ),
     )
     pseudo_layers: int = Field(
         default=2,

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.stats import kendalltau
 
+from marginwatch.calibration.threshold import checked_scores
+
 __all__ = [
     "DetectionMetrics",
     "detection_metrics",
@@ -25,19 +27,6 @@ __all__ = [
     "nonrobust_mask",
     "roc_curve",
 ]
-
-
-def _as_pair(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Validate a (boolean labels, finite scores) pair; errors here beat silent nan metrics."""
-    y = np.asarray(labels)
-    s = np.asarray(scores, dtype=np.float64)
-    if y.ndim != 1 or s.ndim != 1 or y.shape != s.shape:
-        raise ValueError(f"expected two 1-d arrays of equal length, got {y.shape} and {s.shape}")
-    if y.dtype != np.bool_:
-        raise ValueError(f"labels must be a boolean array, got dtype {y.dtype}")
-    if not np.all(np.isfinite(s)):
-        raise ValueError("scores must be finite")
-    return y, s
 
 
 def nonrobust_mask(margins: np.ndarray, success: np.ndarray, eps: float) -> np.ndarray:
@@ -113,7 +102,7 @@ def roc_curve(
     flags ``score <= thresholds[i]``. The first point is ``(0, 0)`` at ``-inf`` (nothing
     flagged). With no positives (or no negatives) tpr (or fpr) is all nan.
     """
-    y, s = _as_pair(nonrobust, scores)
+    s, y = checked_scores(scores, nonrobust, allow_empty=True)
     tps, fps, thr = _roc_counts(y, s)
     tps, fps = np.r_[0.0, tps], np.r_[0.0, fps]
     n_pos, n_neg = tps[-1], fps[-1]
@@ -146,7 +135,7 @@ def detection_metrics(nonrobust: np.ndarray, scores: np.ndarray) -> DetectionMet
     Without positives or without negatives the three rates are nan (no warning): callers
     compute these on small resamples and subsets where that happens.
     """
-    y, s = _as_pair(nonrobust, scores)
+    s, y = checked_scores(scores, nonrobust, allow_empty=True)
     n_pos = int(y.sum())
     n_neg = int(y.size - n_pos)
     if n_pos == 0 or n_neg == 0:

@@ -8,6 +8,8 @@ which keeps their rank at the top, where it belongs.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -50,25 +52,17 @@ def train_head(
     return losses
 
 
+@dataclass(kw_only=True, eq=False)
 class PseudoMarginRegressor:
-    """scikit-learn-shaped: `fit(features, radius)`, `predict(features)`, `score(...)` (τ)."""
+    """scikit-learn-shaped: `fit(features, radius)`, `predict(features)`, `score(...)` (τ); the
+    fields are the hyperparameters, `fit` sets `head_` and `losses_`."""
 
-    def __init__(
-        self,
-        *,
-        hidden: int = 64,
-        layers: int = 2,
-        epochs: int = 500,
-        learning_rate: float = 1e-3,
-        weight_decay: float = 1e-4,
-        seed: int = 0,
-    ) -> None:
-        self.hidden = hidden
-        self.layers = layers
-        self.epochs = epochs
-        self.learning_rate = learning_rate
-        self.weight_decay = weight_decay
-        self.seed = seed
+    hidden: int = 64
+    layers: int = 2
+    epochs: int = 500
+    learning_rate: float = 1e-3
+    weight_decay: float = 1e-4
+    seed: int = 0
 
     def fit(self, features: np.ndarray, radius: np.ndarray) -> PseudoMarginRegressor:
         torch.manual_seed(self.seed)

@@ -14,7 +14,7 @@ import html
 import io
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -98,6 +98,24 @@ def _new_axes() -> tuple[Figure, Axes]:
     return fig, fig.add_subplot()
 
 
+def _finish(
+    fig: Figure,
+    ax: Axes,
+    *,
+    xlabel: str,
+    ylabel: str,
+    title: str,
+    legend: Mapping[str, Any],
+) -> str:
+    """Label the plot, draw its legend (`legend`: keywords for `Axes.legend`), then render the
+    figure with `_png`."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(**legend)
+    return _png(fig)
+
+
 def _scatter_plot(data: ReportData) -> str:
     """Margin vs score: consistency is visible as a monotone cloud; λ and ε split the quadrants."""
     fig, ax = _new_axes()
@@ -117,11 +135,10 @@ def _scatter_plot(data: ReportData) -> str:
             ax.scatter(xs, data.scores[cens], s=18, c=colour, marker=">", label=label)
     ax.axvline(data.eps, color="k", ls="--", lw=1, label="ε")
     ax.axhline(data.threshold, color="grey", ls=":", lw=1, label="λ")
-    ax.set_xlabel("input margin d(x)")
-    ax.set_ylabel("score s(x)")
-    ax.set_title("margin vs score")
-    ax.legend(fontsize=7)
-    return _png(fig)
+    return _finish(
+        fig, ax, xlabel="input margin d(x)", ylabel="score s(x)", title="margin vs score",
+        legend={"fontsize": 7},
+    )  # fmt: skip
 
 
 def _roc_plot(data: ReportData, nonrobust: np.ndarray, auroc: float) -> str:
@@ -133,11 +150,10 @@ def _roc_plot(data: ReportData, nonrobust: np.ndarray, auroc: float) -> str:
     rates = flag_rates(data.scores, nonrobust, data.threshold)
     if np.isfinite(rates["fpr"]) and np.isfinite(rates["tpr"]):
         ax.plot([rates["fpr"]], [rates["tpr"]], "o", color=_WRONG, label="λ operating point")
-    ax.set_xlabel("false positive rate")
-    ax.set_ylabel("true positive rate (non-robust flagged)")
-    ax.set_title("ROC, detector −score")
-    ax.legend(fontsize=8, loc="lower right")
-    return _png(fig)
+    return _finish(
+        fig, ax, xlabel="false positive rate", ylabel="true positive rate (non-robust flagged)",
+        title="ROC, detector −score", legend={"fontsize": 8, "loc": "lower right"},
+    )  # fmt: skip
 
 
 def _hist_plot(data: ReportData, nonrobust: np.ndarray) -> str:
@@ -148,11 +164,10 @@ def _hist_plot(data: ReportData, nonrobust: np.ndarray) -> str:
         if np.any(mask):
             ax.hist(data.scores[mask], bins=bins, alpha=0.55, color=colour, label=name)
     ax.axvline(data.threshold, color="k", ls="--", lw=1, label="λ")
-    ax.set_xlabel("score s(x)")
-    ax.set_ylabel("count")
-    ax.set_title("score by robustness at ε")
-    ax.legend(fontsize=8)
-    return _png(fig)
+    return _finish(
+        fig, ax, xlabel="score s(x)", ylabel="count", title="score by robustness at ε",
+        legend={"fontsize": 8},
+    )  # fmt: skip
 
 
 def _cards(items: Mapping[str, Value]) -> str:

@@ -21,6 +21,7 @@ from marginwatch.artifact.schema import ThresholdRuleName, ThresholdRuleSpec
 __all__ = [
     "THRESHOLD_RULES",
     "ThresholdRule",
+    "checked_scores",
     "flag_rates",
     "make_threshold_rule",
     "threshold_at_tpr",
@@ -31,11 +32,20 @@ ThresholdRule = Callable[[np.ndarray, np.ndarray], float]
 """``rule(scores, nonrobust) -> λ``, the shape the estimators refit on every bootstrap draw."""
 
 
-def _validate(scores: np.ndarray, nonrobust: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def checked_scores(
+    scores: np.ndarray, nonrobust: np.ndarray, *, allow_empty: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(scores as float64, nonrobust)``, after checking them as the threshold rules and the
+    detection metrics (`metrics`) need: two 1-d arrays of equal length (non-empty unless
+    `allow_empty`), boolean ``nonrobust``, finite scores. Errors here beat silent nan results."""
     s = np.asarray(scores, dtype=np.float64)
     y = np.asarray(nonrobust)
-    if s.ndim != 1 or s.shape != y.shape or s.size == 0:
-        raise ValueError(f"expected two non-empty 1-d arrays of equal length: {s.shape}, {y.shape}")
+    if s.ndim != 1 or s.shape != y.shape or (s.size == 0 and not allow_empty):
+        size = "" if allow_empty else "non-empty "
+        raise ValueError(
+            f"expected scores and nonrobust as two {size}1-d arrays of equal length, "
+            f"got {s.shape} and {y.shape}"
+        )
     if y.dtype != np.bool_:
         raise ValueError(f"nonrobust must be a boolean array, got dtype {y.dtype}")
     if not np.all(np.isfinite(s)):
@@ -67,7 +77,7 @@ def threshold_matching_fraction(scores: np.ndarray, nonrobust: np.ndarray) -> fl
     The paper's default rule: with k non-robust points among n, λ sits midway between the k-th
     and (k+1)-th smallest scores, so exactly k points score below it (fewer if tied at the cut).
     """
-    s, y = _validate(scores, nonrobust)
+    s, y = checked_scores(scores, nonrobust)
     return _lambda_flagging_k(np.sort(s), int(y.sum()))
 
 
@@ -82,7 +92,7 @@ def threshold_at_tpr(scores: np.ndarray, nonrobust: np.ndarray, target_tpr: floa
     """
     if not 0.0 <= target_tpr <= 1.0:
         raise ValueError(f"target_tpr must lie in [0, 1], got {target_tpr}")
-    s, y = _validate(scores, nonrobust)
+    s, y = checked_scores(scores, nonrobust)
     n_pos = int(y.sum())
     m = math.ceil(target_tpr * n_pos - 1e-9)
     if m <= 0:
@@ -120,7 +130,7 @@ def flag_rates(scores: np.ndarray, nonrobust: np.ndarray, threshold: float) -> d
 
     A rate whose denominator is empty (no positives, no negatives, nothing flagged) is nan.
     """
-    s, y = _validate(scores, nonrobust)
+    s, y = checked_scores(scores, nonrobust)
     flagged = s < threshold
     tp = int(np.sum(flagged & y))
     fp = int(np.sum(flagged & ~y))

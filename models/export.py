@@ -19,10 +19,16 @@ from torch import nn
 
 from marginwatch.artifact.graph import INPUT_NAME, LOGITS
 from marginwatch.models.architectures import SplitClassifier
-from marginwatch.models.data import DATASETS, DataError, load_dataset, stratified_indices
+from marginwatch.models.cli import add_dataset_options, command_parser
+from marginwatch.models.data import DataError, load_dataset, stratified_indices
 from marginwatch.models.registry import ModelError, load_model
 
 OPSET = 17
+PROG = "marginwatch-export"
+DESCRIPTION = (
+    "Export a model to ONNX (outputs `logits` and `features`, dynamic batch axis) and verify it: "
+    "ONNX Runtime against torch, and batch 1 against batch 64."
+)
 
 
 class LogitsAndFeatures(nn.Module):
@@ -133,12 +139,7 @@ def verify_export(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="marginwatch-export",
-        description="Export a model to ONNX (outputs `logits` and `features`, dynamic batch axis) "
-        "and verify it: ONNX Runtime against torch, and batch 1 against batch 64.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    parser = command_parser(PROG, DESCRIPTION)
     parser.add_argument(
         "model",
         help="shipped model (fmnist-cnn-pgd, fmnist-cnn-standard), "
@@ -146,12 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--weights", type=Path, default=None, help="weights file for the model")
     parser.add_argument("--out", type=Path, required=True, help="path of the .onnx file to write")
-    parser.add_argument(
-        "--dataset",
-        default="fashion-mnist-subset",
-        help=f"verification data: {', '.join(DATASETS)} or an .npz path",
-    )
-    parser.add_argument("--data-dir", type=Path, default=None, help="folder of the dataset files")
+    add_dataset_options(parser, default="fashion-mnist-subset", role="verification data")
     parser.add_argument(
         "--verify-samples", type=int, default=1000, help="test images used for the parity checks"
     )
@@ -168,11 +164,11 @@ def main(argv: list[str] | None = None) -> int:
         data = load_dataset(args.dataset, "test", args.data_dir)
         data = data.subset(stratified_indices(data.labels, min(args.verify_samples, len(data)), 0))
     except (ModelError, DataError) as error:
-        print(f"marginwatch-export: {error}", file=sys.stderr)
+        print(f"{PROG}: {error}", file=sys.stderr)
         return 2
     if data.images.shape[1:] != tuple(model.input_shape):
         print(
-            f"marginwatch-export: data shape {data.images.shape[1:]} does not match the "
+            f"{PROG}: data shape {data.images.shape[1:]} does not match the "
             f"model's input shape {tuple(model.input_shape)}",
             file=sys.stderr,
         )
@@ -193,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     problems = check.problems(args.tolerance)
     if problems:
         args.out.unlink()
-        print("marginwatch-export: verification failed: " + "; ".join(problems), file=sys.stderr)
+        print(f"{PROG}: verification failed: " + "; ".join(problems), file=sys.stderr)
         return 1
     return 0
 

@@ -12,18 +12,20 @@ import torch
 
 from marginwatch.artifact.hashing import file_sha256
 from marginwatch.models.architectures import ARCHITECTURES
-from marginwatch.models.data import DATASETS, DataError, load_dataset, stratified_indices
+from marginwatch.models.cli import add_dataset_options, command_parser
+from marginwatch.models.data import DataError, load_dataset, stratified_indices
 from marginwatch.models.registry import save_weights
 from marginwatch.models.training import RECIPES, Recipe, evaluate, model_card, train
 
+PROG = "marginwatch-train"
+DESCRIPTION = (
+    "Train a classifier on a dataset with a recipe; write <out>.safetensors (weights) and "
+    "<out>.json (model card with clean and PGD-20 robust accuracy)."
+)
+
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="marginwatch-train",
-        description="Train a classifier on a dataset with a recipe; write <out>.safetensors "
-        "(weights) and <out>.json (model card with clean and PGD-20 robust accuracy).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    parser = command_parser(PROG, DESCRIPTION)
     parser.add_argument(
         "--arch", choices=sorted(ARCHITECTURES), default="fmnist-cnn", help="architecture to train"
     )
@@ -34,16 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="standard: cross-entropy; pgd: l-inf PGD adversarial training; "
         "sovr: PGD training with the SOVR loss (Kanai et al., ICML 2023)",
     )
-    parser.add_argument(
-        "--dataset", default="fashion-mnist", help=f"one of {', '.join(DATASETS)} or an .npz path"
-    )
-    parser.add_argument(
-        "--data-dir",
-        type=Path,
-        default=None,
-        help="folder of the dataset files (Fashion-MNIST: defaults to "
-        "$MARGINWATCH_FASHION_MNIST_DIR, then Debian's dataset-fashion-mnist)",
-    )
+    add_dataset_options(parser, default="fashion-mnist", role="training and test data")
     parser.add_argument(
         "--out",
         type=Path,
@@ -118,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
                 stratified_indices(test_data.labels, args.eval_limit, args.seed)
             )
     except (ValueError, DataError) as error:
-        print(f"marginwatch-train: {error}", file=sys.stderr)
+        print(f"{PROG}: {error}", file=sys.stderr)
         return 2
     torch.manual_seed(args.seed)
     model = ARCHITECTURES[args.arch]()

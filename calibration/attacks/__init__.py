@@ -14,9 +14,7 @@ from collections.abc import Callable
 
 import torch
 
-from marginwatch.calibration.attacks import ddn as _ddn
-from marginwatch.calibration.attacks import fab as _fab
-from marginwatch.calibration.attacks import fmn as _fmn
+from marginwatch.calibration.attacks import _common
 from marginwatch.calibration.attacks._common import perturbation_norm
 from marginwatch.calibration.attacks.ddn import ddn
 from marginwatch.calibration.attacks.fab import fab
@@ -31,10 +29,8 @@ fab_top3: Attack = functools.partial(fab, candidates=3)
 ATTACKS: dict[str, Attack] = {"fmn": fmn, "ddn": ddn, "fab": fab, "fab-top3": fab_top3}
 
 SUPPORTED_NORMS: dict[str, tuple[float, ...]] = {
-    "fmn": _fmn.SUPPORTED_NORMS,
-    "ddn": _ddn.SUPPORTED_NORMS,
-    "fab": _fab.SUPPORTED_NORMS,
-    "fab-top3": _fab.SUPPORTED_NORMS,
+    **_common.SUPPORTED_NORMS,
+    "fab-top3": _common.SUPPORTED_NORMS["fab"],
 }
 
 

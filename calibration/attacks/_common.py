@@ -1,5 +1,6 @@
-"""Helpers shared by the minimum-norm attacks: checks, norms, the logit-difference loss and a
-boundary search along a ray. Everything here is a pure function on tensors."""
+"""Helpers shared by the minimum-norm attacks: the norms each supports, argument checks,
+perturbation norms, the logit-difference loss and a boundary search along a ray. Every function
+here is a pure function on tensors."""
 
 from __future__ import annotations
 
@@ -11,6 +12,18 @@ import torch
 Model = Callable[[torch.Tensor], torch.Tensor]
 
 KNOWN_NORMS: tuple[float, ...] = (1.0, 2.0, math.inf)
+
+# The dual q (1/p + 1/q = 1) of each norm p that fmn and fab attack in: a linear function with
+# gradient w changes by at most ‖w‖_q per unit of ℓp distance, so |f(x)| / ‖w‖_q is the ℓp
+# distance from x to its zero set.
+DUAL_NORMS: dict[float, float] = {2.0: 2.0, math.inf: 1.0}
+
+# The norms each attack supports, as `attacks.SUPPORTED_NORMS` registers them by name.
+SUPPORTED_NORMS: dict[str, tuple[float, ...]] = {
+    "fmn": tuple(DUAL_NORMS),
+    "ddn": (2.0,),
+    "fab": tuple(DUAL_NORMS),
+}
 
 
 def check_norm(norm: float, supported: Collection[float], attack: str) -> None:
@@ -30,6 +43,13 @@ def check_inputs(inputs: torch.Tensor, labels: torch.Tensor) -> None:
         raise ValueError("input values must lie in [0, 1]")
     if labels.shape != inputs.shape[:1]:
         raise ValueError(f"labels must have shape ({len(inputs)},), got {tuple(labels.shape)}")
+
+
+def check_call(attack: str, norm: float, inputs: torch.Tensor, labels: torch.Tensor) -> None:
+    """The checks every attack makes before it starts: `norm` is one that `attack` supports
+    (`SUPPORTED_NORMS`), and `inputs` and `labels` pass `check_inputs`."""
+    check_norm(norm, SUPPORTED_NORMS[attack], attack)
+    check_inputs(inputs, labels)
 
 
 def perturbation_norm(delta: torch.Tensor, norm: float) -> torch.Tensor:

@@ -18,23 +18,11 @@ import math
 import torch
 from torch.nn import functional
 
-from marginwatch.calibration.attacks._common import (
-    Model,
-    batch_view,
-    boundary_search,
-    check_inputs,
-    check_norm,
-    difference_of_logits,
-    is_adversarial,
-    perturbation_norm,
-    worst_norm,
-)
-
-SUPPORTED_NORMS: tuple[float, ...] = (2.0,)
+from marginwatch.calibration.attacks import _common
 
 
 def ddn(
-    model: Model,
+    model: _common.Model,
     inputs: torch.Tensor,
     labels: torch.Tensor,
     *,
@@ -56,22 +44,21 @@ def ddn(
     Returns the smallest adversarial iterate per sample, refined by bisection along its ray,
     or the original input where the attack failed — callers must re-check the label.
     """
-    check_norm(norm, SUPPORTED_NORMS, "ddn")
-    check_inputs(inputs, labels)
+    _common.check_call("ddn", norm, inputs, labels)
     with torch.enable_grad():
         best_adv = _ddn_loop(
             model, inputs, labels, steps=steps, targeted=targeted,
             gamma=gamma, init_norm=init_norm, levels=levels,
         )  # fmt: skip
     if binary_search_steps > 0:
-        best_adv = boundary_search(
+        best_adv = _common.boundary_search(
             model, inputs, best_adv, labels, steps=binary_search_steps, targeted=targeted
         )
     return best_adv
 
 
 def _ddn_loop(
-    model: Model,
+    model: _common.Model,
     inputs: torch.Tensor,
     labels: torch.Tensor,
     *,
@@ -84,7 +71,7 @@ def _ddn_loop(
     size = len(inputs)
     delta = torch.zeros_like(inputs)
     epsilon = torch.full((size,), init_norm, device=inputs.device, dtype=inputs.dtype)
-    limit = worst_norm(inputs, 2.0)
+    limit = _common.worst_norm(inputs, 2.0)
     best_norm = torch.full_like(epsilon, math.inf)
     best_adv = inputs.clone()
     sign = 1.0 if targeted else -1.0
@@ -97,16 +84,16 @@ def _ddn_loop(
         (gradient,) = torch.autograd.grad(loss.sum(), delta, retain_graph=True)
         gradient = _unsaturated(gradient, logits, labels, delta, sign)
         with torch.no_grad():
-            delta_norm = perturbation_norm(delta, 2.0)
-            adversarial = is_adversarial(logits, labels, targeted=targeted)
+            delta_norm = _common.perturbation_norm(delta, 2.0)
+            adversarial = _common.is_adversarial(logits, labels, targeted=targeted)
             improved = adversarial & (delta_norm < best_norm)
             best_norm = torch.where(improved, delta_norm, best_norm)
-            best_adv = torch.where(batch_view(improved, inputs), adv_inputs, best_adv)
+            best_adv = torch.where(_common.batch_view(improved, inputs), adv_inputs, best_adv)
             delta = delta - learning_rate * _unit_direction(gradient)
             factor = torch.where(adversarial, 1 - gamma, 1 + gamma)
             epsilon = torch.minimum(epsilon * factor, limit)
-            lengths = perturbation_norm(delta, 2.0).clamp_min(1e-12)
-            delta = delta * batch_view(epsilon / lengths, inputs)
+            lengths = _common.perturbation_norm(delta, 2.0).clamp_min(1e-12)
+            delta = delta * _common.batch_view(epsilon / lengths, inputs)
             adv_next = (inputs + delta).clamp(0, 1)
             if levels is not None:
                 adv_next = (adv_next * (levels - 1)).round() / (levels - 1)
@@ -124,20 +111,20 @@ def _unsaturated(
     """Where cross-entropy saturates (its float32 gradient underflows to 0 on confident points),
     follow the logit difference instead, which never saturates; it points the same way as the
     cross-entropy's gradient near a two-class boundary."""
-    vanished = perturbation_norm(gradient, 2.0) < 1e-12
+    vanished = _common.perturbation_norm(gradient, 2.0) < 1e-12
     if not bool(vanished.any()):
         return gradient
-    margin_loss = -sign * difference_of_logits(logits, labels)
+    margin_loss = -sign * _common.difference_of_logits(logits, labels)
     (fallback,) = torch.autograd.grad(margin_loss.sum(), delta)
-    return torch.where(batch_view(vanished, gradient), fallback, gradient)
+    return torch.where(_common.batch_view(vanished, gradient), fallback, gradient)
 
 
 def _unit_direction(gradient: torch.Tensor) -> torch.Tensor:
     """Gradient scaled to unit ℓ2 norm per sample; a random direction where it vanishes."""
-    lengths = perturbation_norm(gradient, 2.0)
+    lengths = _common.perturbation_norm(gradient, 2.0)
     vanished = lengths < 1e-12
     if bool(vanished.any()):
         noise = torch.randn_like(gradient)
-        gradient = torch.where(batch_view(vanished, gradient), noise, gradient)
-        lengths = perturbation_norm(gradient, 2.0)
-    return gradient / batch_view(lengths.clamp_min(1e-12), gradient)
+        gradient = torch.where(_common.batch_view(vanished, gradient), noise, gradient)
+        lengths = _common.perturbation_norm(gradient, 2.0)
+    return gradient / _common.batch_view(lengths.clamp_min(1e-12), gradient)

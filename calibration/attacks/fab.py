@@ -16,18 +16,7 @@ import math
 
 import torch
 
-from marginwatch.calibration.attacks._common import (
-    Model,
-    batch_view,
-    boundary_search,
-    check_inputs,
-    check_norm,
-    is_adversarial,
-    perturbation_norm,
-)
-
-SUPPORTED_NORMS: tuple[float, ...] = (2.0, math.inf)
-DUAL_NORMS: dict[float, float] = {2.0: 2.0, math.inf: 1.0}
+from marginwatch.calibration.attacks import _common
 
 
 def project_onto_hyperplane(
@@ -69,7 +58,7 @@ def project_onto_hyperplane(
 
 
 def _class_differences(
-    model: Model, points: torch.Tensor, labels: torch.Tensor, classes: torch.Tensor
+    model: _common.Model, points: torch.Tensor, labels: torch.Tensor, classes: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """z_k − z_label at `points` for each candidate class k (N×m) and its input gradient
     (N×m×D), by one forward/backward pass on m copies of the batch."""
@@ -93,7 +82,7 @@ def _candidate_classes(
 
 
 def fab(
-    model: Model,
+    model: _common.Model,
     inputs: torch.Tensor,
     labels: torch.Tensor,
     *,
@@ -117,8 +106,7 @@ def fab(
     Returns the smallest adversarial iterate per sample, refined by bisection along its ray,
     or the original input where the attack failed — callers must re-check the label.
     """
-    check_norm(norm, SUPPORTED_NORMS, "fab")
-    check_inputs(inputs, labels)
+    _common.check_call("fab", norm, inputs, labels)
     with torch.no_grad():
         logits = model(inputs)
     if logits.shape[1] < 2:
@@ -129,13 +117,15 @@ def fab(
         alpha_max=alpha_max, eta=eta, beta=beta,
     )  # fmt: skip
     if binary_search_steps > 0:
-        best_adv = boundary_search(model, inputs, best_adv, labels, steps=binary_search_steps)
-    already = is_adversarial(logits, labels)
-    return torch.where(batch_view(already, inputs), inputs, best_adv)
+        best_adv = _common.boundary_search(
+            model, inputs, best_adv, labels, steps=binary_search_steps
+        )
+    already = _common.is_adversarial(logits, labels)
+    return torch.where(_common.batch_view(already, inputs), inputs, best_adv)
 
 
 def _fab_loop(
-    model: Model,
+    model: _common.Model,
     inputs: torch.Tensor,
     labels: torch.Tensor,
     classes: torch.Tensor,
@@ -157,7 +147,7 @@ def _fab_loop(
                 model, point.view_as(inputs), labels, classes
             )
         with torch.no_grad():
-            dual = torch.linalg.vector_norm(gradients, ord=DUAL_NORMS[norm], dim=2)
+            dual = torch.linalg.vector_norm(gradients, ord=_common.DUAL_NORMS[norm], dim=2)
             pick = (differences.abs() / dual.clamp_min(1e-12)).argmin(dim=1)
             weights, value = gradients[rows, pick], differences[rows, pick]
             offset = (weights * (origin - point)).sum(dim=1)
@@ -165,12 +155,13 @@ def _fab_loop(
             step_origin = project_onto_hyperplane(
                 weights, -value - offset, -origin, 1 - origin, norm
             )
-            here, there = perturbation_norm(step_here, norm), perturbation_norm(step_origin, norm)
+            here = _common.perturbation_norm(step_here, norm)
+            there = _common.perturbation_norm(step_origin, norm)
             alpha = (here / (here + there).clamp_min(1e-12)).clamp(0, alpha_max).unsqueeze(1)
             point = (point + eta * step_here) * (1 - alpha) + (origin + eta * step_origin) * alpha
             point = point.clamp(0, 1)
-            adversarial = is_adversarial(model(point.view_as(inputs)), labels)
-            distance = perturbation_norm(point - origin, norm)
+            adversarial = _common.is_adversarial(model(point.view_as(inputs)), labels)
+            distance = _common.perturbation_norm(point - origin, norm)
             improved = adversarial & (distance < best_norm)
             best_norm = torch.where(improved, distance, best_norm)
             best = torch.where(improved.unsqueeze(1), point, best)

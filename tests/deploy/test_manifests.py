@@ -1,13 +1,15 @@
 """The deployment files agree with the code: every metric the dashboard and the rules query is
 one the service exports, every setting they set is a real one, every probe path and CLI flag
-exists. Text checks only (no YAML parser is a dependency), so they run in milliseconds; the
-metric names come from the service's real exposition.
+exists, and the dashboard still imports. Text checks, so they run in milliseconds (the builds are
+parsed and validated in test_kustomize.py); the metric names come from the service's real
+exposition.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,30 +17,36 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from marginwatch.artifact.schema import ThresholdRuleSpec
 from marginwatch.artifact.store import current_dir, default_store, read_record
 from marginwatch.service.engine import Prediction
-from marginwatch.service.metrics import ServiceMetrics
+from marginwatch.service.metrics import ModelState, ServiceMetrics
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "kubernetes"
+BASE = K8S / "base"
 RULES = DEPLOY / "prometheus" / "rules.yml"
+ALERT_TESTS = sorted((DEPLOY / "prometheus" / "tests").glob("*.yml"))
 DASHBOARD = DEPLOY / "grafana" / "marginwatch-dashboard.json"
 COMPOSE = DEPLOY / "compose"
 
 # A metric name not preceded by `:` (which would make it part of a recording rule's name).
 METRIC_NAME = re.compile(r"(?<![\w:])marginwatch_[a-z0-9_]+")
 RECORDED_NAME = re.compile(r"\b[a-z_]+:[a-z0-9_]+:[a-z0-9_]+\b")
+# Paths under deploy/kubernetes: the base's manifests, and the one-off Jobs beside it.
 KINDS = {
-    "namespace.yaml": ["Namespace"],
-    "configmap.yaml": ["ConfigMap"],
-    "pvc.yaml": ["PersistentVolumeClaim"],
-    "deployment.yaml": ["Deployment"],
-    "service.yaml": ["Service"],
-    "hpa.yaml": ["HorizontalPodAutoscaler"],
-    "calibration-cronjob.yaml": ["CronJob"],
+    "base/namespace.yaml": ["Namespace"],
+    "base/configmap.yaml": ["ConfigMap"],
+    "base/pvc.yaml": ["PersistentVolumeClaim"],
+    "base/deployment.yaml": ["Deployment"],
+    "base/service.yaml": ["Service"],
+    "base/hpa.yaml": ["HorizontalPodAutoscaler"],
+    "base/pdb.yaml": ["PodDisruptionBudget"],
+    "base/networkpolicy.yaml": ["NetworkPolicy"],
+    "base/calibration-cronjob.yaml": ["CronJob"],
+    "base/kustomization.yaml": ["Kustomization"],
     "calibration-sharded-job.yaml": ["Job", "Job"],
-    "kustomization.yaml": ["Kustomization"],
 }
 
 
@@ -56,6 +64,7 @@ def exported_metrics() -> set[str]:
         scores < record.threshold, np.zeros(2, dtype=bool),
     )  # fmt: skip
     metrics.observe_version("m", record)
+    metrics.models.watch(lambda: [ModelState("m", desired="v2", served="v1")])
     metrics.observe_refusal("m")
     metrics.observe_batch("m", record, prediction, 0.001)
     metrics.observe_request("m", "v1_predict", 200, 0.002)
@@ -97,9 +106,22 @@ def test_exported_metrics_are_found() -> None:
     assert "marginwatch_calibration_info" in names
 
 
-@pytest.mark.parametrize("source", ["dashboard", "rules"])
+def alert_test_series() -> str:
+    """The series names that the promtool unit tests feed the rules."""
+    return "\n".join(
+        re.sub(r"\{.*", "", line)
+        for path in ALERT_TESTS
+        for line in re.findall(r"series: '([^']+)'", path.read_text())
+    )
+
+
+@pytest.mark.parametrize("source", ["dashboard", "rules", "alert tests"])
 def test_every_queried_metric_is_exported(source: str) -> None:
-    text = "\n".join(dashboard_queries()) if source == "dashboard" else RULES.read_text()
+    text = {
+        "dashboard": "\n".join(dashboard_queries()),
+        "rules": RULES.read_text(),
+        "alert tests": alert_test_series(),
+    }[source]
     used = set(METRIC_NAME.findall(text))
     assert used, f"no marginwatch metric found in the {source}"
     assert used <= exported_metrics(), f"not exported: {sorted(used - exported_metrics())}"
@@ -116,7 +138,7 @@ def test_recording_rules_used_are_defined() -> None:
 def test_label_values_and_endpoints_exist_in_the_service() -> None:
     text = RULES.read_text() + "\n".join(dashboard_queries())
     source = service_source()
-    for value in set(re.findall(r'\b(?:brittle|result)="(\w+)"', text)):
+    for value in set(re.findall(r'\b(?:brittle|result|state)="(\w+)"', text)):
         assert f'"{value}"' in source, value
     for endpoints in set(re.findall(r'endpoint=~"([\w|]+)"', text)):
         for endpoint in endpoints.split("|"):
@@ -124,12 +146,72 @@ def test_label_values_and_endpoints_exist_in_the_service() -> None:
 
 
 def test_dashboard_shape() -> None:
+    """What Grafana needs to import it: unique panel ids, panels on the 24-column grid without
+    overlapping, a Prometheus datasource (the dashboard's own variable) on every panel and
+    target, targets with unique refIds and an expression that queries a marginwatch metric
+    (that the metric exists: test_every_queried_metric_is_exported), variables defined."""
     dashboard = json.loads(DASHBOARD.read_text())
     assert 36 <= dashboard["schemaVersion"] <= 41
-    panels = [panel for panel in dashboard["panels"] if panel["type"] != "row"]
-    assert len({panel["id"] for panel in dashboard["panels"]}) == len(dashboard["panels"])
+    assert dashboard["uid"] and dashboard["title"]
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource"
+    assert variables["datasource"]["query"] == "prometheus"
+    datasource = {"type": "prometheus", "uid": "${datasource}"}
+    all_panels = dashboard["panels"]
+    assert len({panel["id"] for panel in all_panels}) == len(all_panels)
+    cells: set[tuple[int, int]] = set()
+    for panel in all_panels:
+        grid = panel["gridPos"]
+        assert grid["x"] >= 0 and grid["w"] > 0 and grid["x"] + grid["w"] <= 24, panel["title"]
+        area = {(x, y) for x in range(grid["x"], grid["x"] + grid["w"])
+                for y in range(grid["y"], grid["y"] + grid["h"])}  # fmt: skip
+        assert not area & cells, f"{panel['title']} overlaps another panel"
+        cells |= area
+    panels = [panel for panel in all_panels if panel["type"] != "row"]
     assert any(panel["type"] == "heatmap" for panel in panels)
-    assert all(panel["targets"] for panel in panels)
+    for panel in panels:
+        assert panel["datasource"] == datasource, panel["title"]
+        assert panel["targets"], panel["title"]
+        assert len({target["refId"] for target in panel["targets"]}) == len(panel["targets"])
+        for target in panel["targets"]:
+            assert target["datasource"] == datasource, panel["title"]
+            assert METRIC_NAME.search(target["expr"]), f"{panel['title']}: {target['expr']}"
+            for name in re.findall(r"\$(\w+)", target["expr"]):
+                assert name in variables or name.startswith("__"), name
+
+
+def test_dashboard_has_readiness_and_version_panels() -> None:
+    """Per-model readiness and version skew (issue 12): the panels query those series."""
+    panels = json.loads(DASHBOARD.read_text())["panels"]
+    exprs = {p["title"]: " ".join(t["expr"] for t in p.get("targets", [])) for p in panels}
+    assert "marginwatch_model_ready" in exprs["Ready replicas per model"]
+    skew = exprs["Served versions per model"]
+    assert 'marginwatch_model_version_info{state="served"' in skew
+    assert "unless ignoring (state)" in exprs["Replicas not serving the desired version"]
+    # The model list comes from the readiness gauge: a model that is not ready is listed too.
+    variables = json.loads(DASHBOARD.read_text())["templating"]["list"]
+    (model,) = [v for v in variables if v["name"] == "model"]
+    assert model["definition"] == "label_values(marginwatch_model_ready, model)"
+
+
+def test_dashboard_queries_parse(promtool: str, tmp_path: Path) -> None:
+    """Every dashboard query is valid PromQL: promtool parses each one as a recording rule,
+    with Grafana's variables replaced by values that Grafana would put there."""
+    replacements = {"$__rate_interval": "1m", "$model": ".+"}
+    rules = []
+    for index, query in enumerate(q for q in dashboard_queries() if "label_values" not in q):
+        expr = query
+        for variable, value in replacements.items():
+            expr = expr.replace(variable, value)
+        assert "$" not in expr, query
+        rules.append({"record": f"dashboard:query_{index}:promql", "expr": expr})
+    path = tmp_path / "dashboard-queries.yml"
+    path.write_text(json.dumps({"groups": [{"name": "dashboard", "rules": rules}]}))
+    result = subprocess.run(
+        [promtool, "check", "rules", str(path)], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"SUCCESS: {len(rules)} rules found" in result.stdout
 
 
 @pytest.mark.parametrize(("name", "kinds"), sorted(KINDS.items()))
@@ -142,13 +224,13 @@ def test_manifest_kinds(name: str, kinds: list[str]) -> None:
 
 
 def test_kustomization_lists_the_reconciled_manifests() -> None:
-    listed = re.findall(r"^  - (\S+\.yaml)$", (K8S / "kustomization.yaml").read_text(), re.M)
-    expected = set(KINDS) - {"kustomization.yaml", "calibration-sharded-job.yaml"}
-    assert set(listed) == expected
+    listed = re.findall(r"^  - (\S+\.yaml)$", (BASE / "kustomization.yaml").read_text(), re.M)
+    expected = {name.removeprefix("base/") for name in KINDS if name.startswith("base/")}
+    assert set(listed) == expected - {"kustomization.yaml"}
 
 
 def test_probes_and_scrape_path_exist_in_the_service() -> None:
-    deployment = (K8S / "deployment.yaml").read_text()
+    deployment = (BASE / "deployment.yaml").read_text()
     source = service_source()
     paths = set(re.findall(r"^\s+path: (/\S+)$", deployment, re.MULTILINE))
     assert paths == {"/v2/health/live", "/v2/health/ready"}
@@ -164,7 +246,7 @@ def test_probes_and_scrape_path_exist_in_the_service() -> None:
 
 
 def test_calibration_jobs() -> None:
-    cronjob = (K8S / "calibration-cronjob.yaml").read_text()
+    cronjob = (BASE / "calibration-cronjob.yaml").read_text()
     assert "concurrencyPolicy: Forbid" in cronjob
     assert re.search(r"^\s+backoffLimit: \d+$", cronjob, re.MULTILINE)
     assert "- --quiet" in cronjob
@@ -181,7 +263,7 @@ def test_cli_flags_exist() -> None:
     from marginwatch.calibration.__main__ import build_parser  # imports no torch
 
     usage = build_parser().format_usage()
-    for name in ("calibration-cronjob.yaml", "calibration-sharded-job.yaml"):
+    for name in ("base/calibration-cronjob.yaml", "calibration-sharded-job.yaml"):
         flags = re.findall(r"^\s+- (--[a-z-]+)", (K8S / name).read_text(), re.MULTILINE)
         assert flags
         for flag in flags:
@@ -192,7 +274,8 @@ def test_every_setting_variable_is_a_field() -> None:
     fields = settings_fields()
     assert {"store", "port", "shutdown_timeout_s"} <= fields
     texts = [
-        (K8S / "configmap.yaml").read_text(),
+        (BASE / "configmap.yaml").read_text(),
+        (K8S / "overlays" / "gpu" / "configmap.yaml").read_text(),
         (COMPOSE / "docker-compose.yml").read_text(),
         (ROOT / "Dockerfile").read_text(),
     ]
@@ -225,3 +308,25 @@ def test_compose_mounts_what_exists() -> None:
         if source != "../../artifacts":  # the store ships with the repository (or is built)
             assert (COMPOSE / source).exists(), source
     assert "target: serve" in compose
+
+
+def test_calibration_flagged_ratio_follows_the_served_version() -> None:
+    """The brittle-fraction alert's baseline: set from each deployed version's record, and
+    gone when a version states none (or the model is forgotten), never left from the last."""
+    metrics = ServiceMetrics(live_window_predictions=10)
+    record = read_record(current_dir(default_store(), "fmnist-cnn-pgd"))
+    assert record.threshold_rule.name == "match-fraction"
+
+    def gauge() -> float | None:
+        return metrics.registry.get_sample_value(
+            "marginwatch_calibration_flagged_ratio", {"model": "m"}
+        )
+
+    metrics.observe_version("m", record)
+    assert gauge() == pytest.approx(1 - record.subset_robust_accuracy)
+    target_tpr = ThresholdRuleSpec(name="target-tpr", target_tpr=0.9)
+    metrics.observe_version("m", record.model_copy(update={"threshold_rule": target_tpr}))
+    assert gauge() is None
+    metrics.observe_version("m", record)
+    metrics.forget("m")
+    assert gauge() is None

@@ -7,7 +7,7 @@ INSTALLED := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: serve test test-fast fuzz lint tools calibrate models export clean
+.PHONY: serve test test-fast fuzz lint tools calibrate models export clean grpc-stubs
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +49,14 @@ lint: $(INSTALLED)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+
+# The Open Inference Protocol's gRPC stubs (service/oip_grpc/) from the .proto beside them, named
+# through the marginwatch/ link so that the modules import each other as marginwatch.service.*.
+# Newer grpcio-tools stamp newer runtime floors into them: raise grpcio's and protobuf's in
+# pyproject.toml to match (tests/service/test_grpc.py checks both).
+grpc-stubs: $(INSTALLED)
+	$(BIN)/python -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. \
+		marginwatch/service/oip_grpc/open_inference_grpc.proto
 
 calibrate: $(INSTALLED)
 	$(BIN)/marginwatch-calibrate

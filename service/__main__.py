@@ -4,6 +4,10 @@ Every field of `Settings` is an option here, written from the field itself (flag
 default), so the command line cannot drift from the settings. Every option also has an
 environment variable (prefix `MARGINWATCH_`, see `settings.py`); an option given here wins over
 its variable, and the variable over the default.
+
+uvicorn runs with its usual event loop (uvloop) and HTTP parser (httptools), through its `Server`
+rather than `uvicorn.run`: the listening socket is bound here, so that the HTTP protocol
+(`protocol.py`: read time-outs, eager accepting) can accept every connection waiting on it.
 """
 
 from __future__ import annotations
@@ -18,9 +22,11 @@ from typing import Any, Literal, get_args, get_origin
 import uvicorn
 from pydantic import ValidationError
 from pydantic.fields import FieldInfo
+from uvicorn.config import STARTUP_FAILURE
 
 from marginwatch.service.app import create_app
 from marginwatch.service.fastpath import tune_garbage_collector
+from marginwatch.service.protocol import timed_protocol
 from marginwatch.service.settings import Settings
 
 METAVARS: dict[object, str] = {int: "N", float: "NUMBER", str: "TEXT", Path: "PATH"}
@@ -114,25 +120,43 @@ def settings_from(argv: list[str] | None) -> Settings:
     return Settings(**{key: value for key, value in vars(args).items() if value is not None})
 
 
+def settings_problems(error: ValidationError) -> str:
+    """One line per problem, naming the variable and the flag but never the value: a value may
+    be a secret (an API key), and pydantic's own text of the error quotes the input."""
+    prefix = Settings.model_config.get("env_prefix", "")
+    lines = []
+    for problem in error.errors(include_url=False, include_context=False, include_input=False):
+        field = str(problem["loc"][0]) if problem["loc"] else ""
+        where = f"{prefix}{field.upper()} (--{field.replace('_', '-')})" if field else "settings"
+        lines.append(f"  {where}: {problem['msg'].removeprefix('Value error, ')}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         settings = settings_from(argv)
     except ValidationError as error:
-        print(f"marginwatch-serve: invalid settings:\n{error}", file=sys.stderr)
+        print(f"marginwatch-serve: invalid settings:\n{settings_problems(error)}", file=sys.stderr)
         return 2
     app = create_app(settings)
     tune_garbage_collector()
-    uvicorn.run(
+    protocol = timed_protocol(settings.read_timeout_s)
+    config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
         workers=1,
+        http=protocol,
         log_config=log_config(settings.log_format, settings.log_level),
         access_log=settings.access_log,
         timeout_graceful_shutdown=int(settings.shutdown_timeout_s),
         server_header=False,
     )
-    return 0
+    server = uvicorn.Server(config)
+    protocol.listener = config.bind_socket()  # logs "Uvicorn running on ..."
+    server.run(sockets=[protocol.listener])
+    # as uvicorn.run: a server stopped before it started (a signal during start-up) failed
+    return 0 if server.started else STARTUP_FAILURE
 
 
 if __name__ == "__main__":

@@ -2,10 +2,11 @@
 
 The route table, the one table from exceptions to HTTP status codes (every status the service
 answers with, its OpenAPI error responses and the status the request metrics give an unhandled
-error all come from it), the lifespan (load models and start batchers and the reload watcher; on
-shutdown stop the watcher and let the batchers finish what is queued), and the middleware that
-counts requests. Uvicorn itself stops accepting connections on SIGTERM and waits for requests in
-flight before the lifespan ends.
+error all come from it) and beside it the one table to gRPC status codes, the lifespan (load
+models and start batchers, the reload watcher and, with `grpc_port`, the gRPC server; on shutdown
+stop the gRPC server and the watcher and let the batchers finish what is queued), and the
+middleware that counts requests. Uvicorn itself stops accepting connections on SIGTERM and waits
+for requests in flight before the lifespan ends; gRPC calls go on being taken until then.
 """
 
 from __future__ import annotations
@@ -13,11 +14,13 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
 
 import orjson
 from fastapi import APIRouter, FastAPI, Request, Response, params
 from fastapi.exceptions import RequestValidationError
 
+from marginwatch.service.admission import Admission
 from marginwatch.service.errors import (
     InvalidInput,
     ModelNotFound,
@@ -30,13 +33,16 @@ from marginwatch.service.errors import (
 )
 from marginwatch.service.fastpath import auth_dependencies, splice_routes
 from marginwatch.service.metrics import CONTENT_TYPE, ServiceMetrics
-from marginwatch.service.middleware import RequestMetricsMiddleware
+from marginwatch.service.middleware import RequestMetricsMiddleware, guard_routes
 from marginwatch.service.payload import JSON, RequestReader
 from marginwatch.service.registry import ModelRegistry
 from marginwatch.service.routes_v1 import build_v1_router
 from marginwatch.service.routes_v2 import SERVER_VERSION, build_health_router, build_v2_router
 from marginwatch.service.schemas import error_responses
 from marginwatch.service.settings import Settings
+
+if TYPE_CHECKING:
+    from marginwatch.service.routes_grpc import GrpcServer
 
 logger = logging.getLogger("marginwatch.service")
 
@@ -51,10 +57,26 @@ STATUS_OF: dict[type[Exception], int] = {
     Overloaded: 503,
     Exception: 500,  # anything unhandled: logged, and answered without its text
 }
+# The same errors over gRPC (`routes_grpc.py`), as names of `grpc.StatusCode` members: grpc takes
+# 0.1 s to import, which only a process serving gRPC pays. Its request metrics count each call
+# under the status class of the HTTP status above.
+GRPC_STATUS_OF: dict[type[Exception], str] = {
+    InvalidInput: "INVALID_ARGUMENT",
+    Unauthorized: "UNAUTHENTICATED",
+    ModelNotFound: "NOT_FOUND",
+    PayloadTooLarge: "RESOURCE_EXHAUSTED",  # what gRPC itself says of a message too large
+    UnsupportedMediaType: "INVALID_ARGUMENT",  # HTTP's only: kept so that every error has a code
+    ModelNotReady: "UNAVAILABLE",
+    Overloaded: "UNAVAILABLE",
+    Exception: "INTERNAL",  # logged, and answered without its text
+}
 EXTRA_HEADERS: dict[type[Exception], dict[str, str]] = {
     Unauthorized: {"WWW-Authenticate": "Bearer"},
     Overloaded: {"Retry-After": "1"},
 }
+
+# The routes whose requests go through admission control (`admission.py`)
+INFERENCE_ENDPOINTS = ("v1_predict", "v2_infer")
 
 Handler = Callable[[Request, Exception], Awaitable[Response]]
 
@@ -91,22 +113,63 @@ def _metrics_router(metrics: ServiceMetrics, dependencies: Sequence[params.Depen
     return router
 
 
+def _grpc_server(
+    settings: Settings,
+    registry: ModelRegistry,
+    reader: RequestReader,
+    admission: Admission,
+    metrics: ServiceMetrics,
+) -> GrpcServer:
+    # imported only here: its generated stubs and tritonclient's register the same protobuf
+    # names, and a process that imports both fails (see routes_grpc.py)
+    from marginwatch.service.routes_grpc import GrpcServer, InferenceServicer
+
+    servicer = InferenceServicer(
+        registry=registry,
+        reader=reader,
+        admission=admission,
+        metrics=metrics,
+        api_keys=settings.api_keys,
+        protect_health=settings.protect_health,
+        http_status=STATUS_OF,
+        grpc_status=GRPC_STATUS_OF,
+    )
+    # a message larger than the process's body budget could never be admitted
+    largest = settings.max_body_bytes or settings.max_inflight_body_bytes
+    return GrpcServer(
+        servicer, host=settings.host, port=settings.grpc_port, max_message_bytes=largest
+    )
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The service as an ASGI app; nothing is loaded until its lifespan starts."""
     settings = settings if settings is not None else Settings()
     metrics = ServiceMetrics(settings.live_window_predictions)
     registry = ModelRegistry(settings, metrics)
     reader = RequestReader(registry, settings.max_body_bytes, settings.max_inputs_per_request)
+    admission = Admission(
+        max_requests=settings.max_inflight_requests,
+        max_body_bytes=settings.max_inflight_body_bytes,
+        max_waiting=settings.max_waiting_requests,
+        timeout_s=settings.request_timeout_s,
+    )
+    grpc_server = (
+        _grpc_server(settings, registry, reader, admission, metrics) if settings.grpc_port else None
+    )
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await registry.start()
+        if grpc_server is not None:
+            await grpc_server.start()
         logger.info("started: models %s from %s (ready: %s)", registry.names(), settings.store,
                     registry.ready())  # fmt: skip
         try:
             yield
         finally:
             logger.info("shutting down: finishing queued requests")
+            if grpc_server is not None:  # its calls in flight finish before the batchers stop
+                await grpc_server.stop(settings.shutdown_timeout_s)
             await registry.stop()
 
     app = FastAPI(
@@ -126,6 +189,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         _metrics_router(metrics, guarded if settings.protect_metrics else []),
     ]
     splice_routes(app, routers)
+    guard_routes(app.router.routes, INFERENCE_ENDPOINTS, admission)
     for error_type, status in STATUS_OF.items():
         app.add_exception_handler(error_type, _handler(status, EXTRA_HEADERS.get(error_type)))
     app.add_middleware(
@@ -136,4 +200,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.registry = registry
     app.state.metrics = metrics
+    app.state.admission = admission
     return app

@@ -1,10 +1,14 @@
 """Optional API keys: `Authorization: Bearer <key>` or `X-API-Key: <key>`, compared in constant
-time against every configured key. With no keys configured every request passes."""
+time against every configured key. With no keys configured every request passes.
+
+The rules are written once, over a mapping of lower-case header names: Starlette's request
+headers for HTTP, the call's metadata for gRPC (whose keys are lower-case by the protocol).
+"""
 
 from __future__ import annotations
 
 import hmac
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 from pydantic import SecretStr
 from starlette.requests import Request
@@ -14,30 +18,39 @@ from marginwatch.service.errors import Unauthorized
 Check = Callable[[Request], Awaitable[None]]
 
 
-def _presented_key(request: Request) -> bytes | None:
-    authorization = request.headers.get("authorization")
+def presented_key(headers: Mapping[str, str]) -> bytes | None:
+    """The key a request carries: a bearer token, else `x-api-key`; None if neither."""
+    authorization = headers.get("authorization")
     if authorization is not None:
         scheme, _, credentials = authorization.partition(" ")
         if scheme.lower() == "bearer" and credentials.strip():
             return credentials.strip().encode()
-    api_key = request.headers.get("x-api-key")
+    api_key = headers.get("x-api-key")
     return api_key.encode() if api_key else None
+
+
+def accepted_keys(keys: Sequence[SecretStr]) -> list[bytes]:
+    return [key.get_secret_value().encode() for key in keys]
+
+
+def verify_key(accepted: Sequence[bytes], presented: bytes | None) -> None:
+    """Raise `Unauthorized` unless `presented` is one of `accepted` (none accepted: all pass)."""
+    if not accepted:
+        return
+    if presented is None:
+        raise Unauthorized(
+            "missing API key: send `Authorization: Bearer <key>` or `X-API-Key: <key>`"
+        )
+    matches = [hmac.compare_digest(presented, key) for key in accepted]  # no early exit
+    if not any(matches):
+        raise Unauthorized("the API key is not accepted")
 
 
 def api_key_check(keys: Sequence[SecretStr]) -> Check:
     """A FastAPI dependency that raises `Unauthorized` unless the request carries a known key."""
-    accepted = [key.get_secret_value().encode() for key in keys]
+    accepted = accepted_keys(keys)
 
     async def check(request: Request) -> None:
-        if not accepted:
-            return
-        presented = _presented_key(request)
-        if presented is None:
-            raise Unauthorized(
-                "missing API key: send `Authorization: Bearer <key>` or `X-API-Key: <key>`"
-            )
-        matches = [hmac.compare_digest(presented, key) for key in accepted]  # no early exit
-        if not any(matches):
-            raise Unauthorized("the API key is not accepted")
+        verify_key(accepted, presented_key(request.headers))
 
     return check

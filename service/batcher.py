@@ -1,9 +1,13 @@
 """A micro-batcher: concurrent requests to one model are gathered into one execution.
 
-One public coroutine, `submit(x)`. Requests queue in a bounded deque (counted in samples); a full
-queue rejects with `Overloaded` at once instead of blocking. There is no worker task: a request
-that finds no dispatch pending schedules one with `call_soon`, so it runs after every handler
-that is ready in the same turn of the event loop has queued its request too; the dispatch takes
+One public coroutine, `submit(x, deadline)`. Requests queue in a bounded deque (counted in
+samples); a full queue rejects with `Overloaded` at once instead of blocking (`check_room` lets a
+caller learn that before it reads a request's body). A request whose batch has not started by its
+deadline is answered `Overloaded` and dropped, never run, and so is one whose caller stopped
+waiting (its future cancelled): the head of the queue is checked at each dispatch, and by a
+timer while a batch runs in the model's thread. There is no worker task: a request that finds
+no dispatch pending schedules one with `call_soon`, so it runs after every handler that is
+ready in the same turn of the event loop has queued its request too; the dispatch takes
 the requests queued at that moment (up to `max_batch_size` samples), waits up to `max_wait_s` for
 more if the batch is not full, and runs the model. Batches of at most `inline_max_samples` run
 right there on the event loop's thread: for a small model on few cores a thread hop costs more
@@ -23,6 +27,7 @@ submits without awaiting in between is sure to be served even if `close()` is ca
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections import deque
 from collections.abc import Callable
@@ -43,6 +48,7 @@ class _Pending:
     x: np.ndarray
     future: asyncio.Future[Prediction]
     queued_at: float
+    deadline: float  # time.monotonic() by which its batch must start
 
 
 class MicroBatcher:
@@ -80,6 +86,7 @@ class MicroBatcher:
         self._dispatch_due: asyncio.Handle | None = None  # a `_dispatch` call is scheduled
         self._waiting_to_fill = False  # ... and it is a `max_wait_s` timer
         self._executing = False  # a batch runs in the model's thread
+        self._expiry_due: asyncio.TimerHandle | None = None  # expires queued requests meanwhile
         self._idle = asyncio.Event()  # nothing queued, nothing executing
         self._idle.set()
         self._alone_streak = 0  # consecutive dispatched batches that held one request
@@ -89,31 +96,40 @@ class MicroBatcher:
     def queued_samples(self) -> int:
         return self._queued_samples
 
+    def check_room(self, size: int = 1) -> None:
+        """Raise `Overloaded` unless `size` more samples fit in the queue now."""
+        if self._queued_samples + size > self._max_queue_samples:
+            raise Overloaded(
+                f"model {self._name!r} has {self._queued_samples} samples queued "
+                f"(limit {self._max_queue_samples}); retry later"
+            )
+
     def start(self) -> None:
         if self._loop is not None:
             raise RuntimeError("batcher already started")
         self._loop = asyncio.get_running_loop()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"run-{self._name}")
 
-    async def submit(self, x: np.ndarray) -> Prediction:
-        """The prediction for the samples of `x` (1 to `max_batch_size` of them)."""
+    async def submit(self, x: np.ndarray, deadline: float | None = None) -> Prediction:
+        """The prediction for the samples of `x` (1 to `max_batch_size` of them), or
+        `Overloaded` if their batch has not started by `deadline` (`time.monotonic()`)."""
         size = len(x)
         if not 0 < size <= self._max_batch_size:
             raise ValueError(f"a request holds 1 to {self._max_batch_size} samples, not {size}")
         if self._closing or self._loop is None:
             raise ModelNotReady(f"model {self._name!r} is not taking requests")
-        if self._queued_samples + size > self._max_queue_samples:
-            raise Overloaded(
-                f"model {self._name!r} has {self._queued_samples} samples queued "
-                f"(limit {self._max_queue_samples}); retry later"
-            )
+        self.check_room(size)
         if self._may_run_alone(size):
             return self._run(x)
         future: asyncio.Future[Prediction] = self._loop.create_future()
-        self._pending.append(_Pending(x, future, time.monotonic()))
+        due = math.inf if deadline is None else deadline
+        self._pending.append(_Pending(x, future, time.monotonic(), due))
         self._queued_samples += size
         self._idle.clear()
-        self._schedule()
+        if self._executing:
+            self._watch_expiry()
+        else:
+            self._schedule()
         return await future
 
     def _may_run_alone(self, size: int) -> bool:
@@ -158,12 +174,16 @@ class MicroBatcher:
     def _dispatch(self) -> None:
         self._dispatch_due = None
         self._waiting_to_fill = False
+        self._expire()
         if not self._pending:
             self._idle.set()
             return
         if self._must_wait():
             return
         batch = self._take()
+        if not batch:  # every request taken had been given up by its caller
+            self._next_or_idle()
+            return
         self._alone_streak = self._alone_streak + 1 if len(batch) == 1 else 0
         inputs = batch[0].x if len(batch) == 1 else np.concatenate([item.x for item in batch])
         if len(inputs) <= self._inline_max_samples:
@@ -179,6 +199,7 @@ class MicroBatcher:
         self._executing = True
         execution = self._loop.run_in_executor(self._executor, self._run, inputs)
         execution.add_done_callback(partial(self._finished, batch))
+        self._watch_expiry()
 
     def _must_wait(self) -> bool:
         """Whether the batch should wait to fill: `max_wait_s` after its first request, unless
@@ -197,6 +218,9 @@ class MicroBatcher:
 
     def _finished(self, batch: list[_Pending], execution: asyncio.Future[Prediction]) -> None:
         self._executing = False
+        if self._expiry_due is not None:  # the next dispatch expires what is due
+            self._expiry_due.cancel()
+            self._expiry_due = None
         error = execution.exception()
         if error is not None:
             _fail(batch, error)
@@ -212,14 +236,58 @@ class MicroBatcher:
             self._idle.set()
 
     def _take(self) -> list[_Pending]:
-        batch = [self._pending.popleft()]
-        taken = len(batch[0].x)
-        while self._pending and taken + len(self._pending[0].x) <= self._max_batch_size:
+        """Up to `max_batch_size` samples from the head of the queue, leaving out requests whose
+        caller gave up or whose deadline has passed: they are never run."""
+        batch: list[_Pending] = []
+        taken = 0
+        limit = self._max_batch_size
+        now = time.monotonic()
+        while self._pending and (not taken or taken + len(self._pending[0].x) <= limit):
             item = self._pending.popleft()
-            batch.append(item)
-            taken += len(item.x)
-        self._queued_samples -= taken
+            self._queued_samples -= len(item.x)
+            if item.deadline <= now:
+                self._refuse_late(item, now)
+            elif not item.future.done():
+                batch.append(item)
+                taken += len(item.x)
         return batch
+
+    def _expire(self) -> None:
+        """Drop the requests at the head of the queue whose deadline has passed. Deadlines come
+        nearly in queue order (arrival plus one time-out); one that does not is caught by
+        `_take`."""
+        now = time.monotonic()
+        while self._pending and self._pending[0].deadline <= now:
+            item = self._pending.popleft()
+            self._queued_samples -= len(item.x)
+            self._refuse_late(item, now)
+
+    def _refuse_late(self, item: _Pending, now: float) -> None:
+        if not item.future.done():
+            item.future.set_exception(
+                Overloaded(
+                    f"model {self._name!r}: the request's deadline passed after "
+                    f"{now - item.queued_at:.3f} s in the queue; retry later"
+                )
+            )
+
+    def _watch_expiry(self) -> None:
+        """While a batch runs in the model's thread, answer queued requests when their deadline
+        passes rather than when it ends (a slow model may take longer than their wait). A batch
+        that runs on the loop's thread blocks this timer anyway: the next dispatch drops them."""
+        if self._expiry_due is not None or not self._pending:
+            return
+        deadline = self._pending[0].deadline
+        if deadline == math.inf:
+            return
+        assert self._loop is not None
+        delay = max(0.0, deadline - time.monotonic())
+        self._expiry_due = self._loop.call_later(delay, self._expire_while_executing)
+
+    def _expire_while_executing(self) -> None:
+        self._expiry_due = None
+        self._expire()
+        self._watch_expiry()
 
 
 def _deliver(batch: list[_Pending], prediction: Prediction) -> None:

@@ -3,16 +3,17 @@ app instance, so tests and several apps in one process never collide), and `Serv
 collector that keeps per-request and per-batch metrics off the request path.
 
 Label values come only from fixed sets: model names are the served ones (configuration and the
-artifact store, never a request path), endpoints are route names, status classes are `2xx`…`5xx`.
-The request middleware (`middleware.py`) and the registry's batch runner record into it; the live
-window it exports lives in `live_window.py`.
+artifact store, never a request path), versions are, per model, the one CURRENT names and the
+one serving, endpoints are route names, status classes are `2xx`…`5xx`. The request middleware
+(`middleware.py`) and the registry's batch runner record into it; the live window it exports
+lives in `live_window.py`; the registry's per-model state is read by `ModelStates` at scrape.
 """
 
 from __future__ import annotations
 
 import threading
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from itertools import groupby
 
@@ -173,6 +174,16 @@ class ServedTraffic(Collector):
     def watch_queue(self, model: str, queued_samples: Callable[[], int]) -> None:
         self._queues[model] = queued_samples
 
+    def forget(self, model: str) -> None:
+        """Drop every series of `model` (it left the store)."""
+        with self._lock:
+            self._requests.fold()
+            self._models.pop(model, None)
+            self._queues.pop(model, None)
+            counts, durations = self._requests.counts, self._requests.durations
+            self._requests.counts = {key: n for key, n in counts.items() if key[0] != model}
+            self._requests.durations = {key: b for key, b in durations.items() if key[0] != model}
+
     def collect(self) -> Iterator[Metric]:
         yield from self._collect_requests()
         yield from self._collect_batches()
@@ -239,6 +250,64 @@ class ServedTraffic(Collector):
         yield from (execution, batch_size, predictions, scores, live, window, queued)
 
 
+def calibration_flagged_ratio(record: CalibrationRecord) -> float | None:
+    """The brittle fraction a version's calibration saw, the baseline that served traffic's
+    fraction is compared with (deploy/prometheus/rules.yml), or None where the record cannot
+    tell.
+
+    The record does not store the subset's flagged fraction. Under the `match-fraction` rule, λ
+    flags as many subset points as are non-robust (ties round down), and a non-robust point is
+    never counted in `subset_robust_accuracy` (correct *and* robust), so
+    1 − subset_robust_accuracy is an upper bound of the flagged fraction: an alert that compares
+    with it fires later than an exact baseline would, never earlier. Under `target-tpr` nothing
+    in the record bounds it: None (and no series).
+    """
+    if record.threshold_rule.name == "match-fraction":
+        return 1.0 - record.subset_robust_accuracy
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class ModelState:
+    """One model as the registry sees it: the version its CURRENT names (None: nothing
+    published, or CURRENT unreadable) and the version answering requests (None: none)."""
+
+    name: str
+    desired: str | None
+    served: str | None
+
+
+class ModelStates(Collector):
+    """Per-model readiness and versions, read from the registry at each scrape: nothing to keep
+    in step, and a model the registry forgets leaves no series behind."""
+
+    def __init__(self) -> None:
+        self._states: Callable[[], Iterable[ModelState]] = tuple
+
+    def watch(self, states: Callable[[], Iterable[ModelState]]) -> None:
+        self._states = states
+
+    def collect(self) -> Iterator[Metric]:
+        ready = GaugeMetricFamily(
+            "marginwatch_model_ready",
+            "1 while the model has a verified version loaded and answers requests, else 0 "
+            "(what /v2/models/{name}/ready says)", labels=["model"],
+        )  # fmt: skip
+        versions = GaugeMetricFamily(
+            "marginwatch_model_version_info",
+            "Always 1. state=desired: the version the model's CURRENT names (absent while CURRENT "
+            "is missing or unreadable); state=served: the version answering requests. They "
+            "differ while a version loads and after it was refused (see marginwatch_reloads_total)",
+            labels=["model", "version", "state"],
+        )  # fmt: skip
+        for state in self._states():
+            ready.add_metric([state.name], float(state.served is not None))
+            for kind, version in (("desired", state.desired), ("served", state.served)):
+                if version is not None:
+                    versions.add_metric([state.name, version, kind], 1.0)
+        yield from (ready, versions)
+
+
 class ServiceMetrics:
     """The service's metrics; `observe_*` methods are called at stage boundaries."""
 
@@ -247,6 +316,8 @@ class ServiceMetrics:
         r = self.registry
         self.traffic = ServedTraffic(live_window_predictions)
         r.register(self.traffic)
+        self.models = ModelStates()
+        r.register(self.models)
         self.calibration_robust_accuracy = Gauge(
             "marginwatch_calibration_robust_accuracy_ratio",
             "Robust accuracy estimated by the calibration job, on its evaluation set",
@@ -260,9 +331,20 @@ class ServiceMetrics:
         self.calibration_info = Info(
             "marginwatch_calibration", "The served calibration version", ["model"], registry=r
         )
+        self.calibration_flagged = Gauge(
+            "marginwatch_calibration_flagged_ratio",
+            "Brittle fraction the calibration expects on data like its own: the share of its "
+            "attacked subset flagged at the served λ (see calibration_flagged_ratio)",
+            ["model"], registry=r,
+        )  # fmt: skip
         self.reloads = Counter(
             "marginwatch_reloads", "Attempts to load a calibration version, by result",
             ["model", "result"], registry=r,
+        )  # fmt: skip
+        self.client_disconnects = Counter(
+            "marginwatch_client_disconnects",
+            "Requests whose client closed the connection before sending the whole body (their "
+            "status is 499: not server errors)", registry=r,
         )  # fmt: skip
 
     def exposition(self) -> bytes:
@@ -273,6 +355,11 @@ class ServiceMetrics:
         self.reloads.labels(model, "success").inc()
         self.calibration_robust_accuracy.labels(model).set(record.robust_accuracy.estimate)
         self.calibration_timestamp.labels(model).set(calibration_timestamp_s(record))
+        flagged = calibration_flagged_ratio(record)
+        if flagged is None:  # a version that states none must not leave the previous one's
+            self.calibration_flagged.remove(model)
+        else:
+            self.calibration_flagged.labels(model).set(flagged)
         self.calibration_info.labels(model).info(
             {
                 "version": record.version,
@@ -286,6 +373,23 @@ class ServiceMetrics:
     def observe_refusal(self, model: str) -> None:
         self.reloads.labels(model, "failure").inc()
 
+    def track(self, model: str) -> None:
+        """`model` is known from now on: its reload counters exist at 0, so that `increase()`
+        sees its first failure (a series that appears at 1 has no increase)."""
+        for result in ("success", "failure"):
+            self.reloads.labels(model, result)
+
+    def forget(self, model: str) -> None:
+        """`model` left the store: drop its series, so that no dashboard shows it as present."""
+        for metric in (
+            self.calibration_robust_accuracy, self.calibration_timestamp, self.calibration_info,
+            self.calibration_flagged,
+        ):  # fmt: skip
+            metric.remove(model)
+        for result in ("success", "failure"):
+            self.reloads.remove(model, result)
+        self.traffic.forget(model)
+
     def observe_batch(
         self, model: str, record: CalibrationRecord, prediction: Prediction, seconds: float
     ) -> None:
@@ -294,3 +398,6 @@ class ServiceMetrics:
 
     def observe_request(self, model: str, endpoint: str, status: int, seconds: float) -> None:
         self.traffic.record_request(model, endpoint, status, seconds)
+
+    def observe_disconnect(self) -> None:
+        self.client_disconnects.inc()

@@ -1,17 +1,25 @@
 """The one request reader of both inference APIs, and the checks it is made of.
 
 `RequestReader.read` takes an inference request from the path to one validated float32 batch:
-the model's deployment, the Content-Type, the size limit (from Content-Length, and again while
-streaming), the protocol's own decoding (a `BodyFormat`: orjson plus the pydantic model, or the
-binary tensor extension) and the batch checks (shape, size, NaN/Inf, range). Every problem
-raises a domain error whose message names it; nothing here computes a prediction.
+the model's deployment, the Content-Type, the body's size limit (from Content-Length, and again
+while streaming), admission (`admission.py`: body bytes reserved before the body is read, a place
+taken before it is parsed), the protocol's own decoding (a `BodyFormat`: orjson plus the pydantic
+model, or the binary tensor extension) and the batch checks (shape, size, NaN/Inf, range). Every
+problem raises a domain error whose message names it; nothing here computes a prediction.
+
+A model's body limit is its largest legal request: `max_inputs` samples of its input shape, at
+`JSON_BYTES_PER_VALUE` or, for the binary tensor extension, 4 bytes a value, plus
+`ENVELOPE_BYTES` for the rest of the body. Bodies above `PARSE_OFF_LOOP_BYTES` are decoded in the
+reader's own thread, so the event loop goes on answering meanwhile.
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 import numpy as np
@@ -20,6 +28,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.datastructures import Headers
 from starlette.requests import Request
 
+from marginwatch.service.admission import Ticket, ticket_of
 from marginwatch.service.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
 from marginwatch.service.fastpath import model_name
 from marginwatch.service.registry import Deployment, ModelRegistry
@@ -28,6 +37,14 @@ ModelT = TypeVar("ModelT", bound=BaseModel)
 OptionsT = TypeVar("OptionsT")
 JSON = "application/json"
 OCTET_STREAM = "application/octet-stream"
+# The longest shortest-round-trip float64 in JSON ("-1.1754943508222875e-38", 23 characters) and
+# its ", " separator: what orjson, json.dumps and numpy's tolist() write for any float32.
+JSON_BYTES_PER_VALUE = 25
+BINARY_BYTES_PER_VALUE = 4  # FP32, the one input datatype
+ENVELOPE_BYTES = 64 * 1024  # field names, options, whitespace, a binary request's JSON header
+# Above this a body is decoded off the event loop. A 64 KiB JSON body takes about 1 ms to parse
+# on the 2-core development machine, four times the thread hop (docs/benchmarks.md).
+PARSE_OFF_LOOP_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -38,15 +55,33 @@ class BodyFormat(Generic[OptionsT]):
     media_types: tuple[str, ...]
     decode: Callable[[bytes, Headers], tuple[np.ndarray, OptionsT]]
     what: str = "inputs"  # how error messages name the input
+    # the header that marks a body as binary tensor data (4 bytes a value, not JSON's 25)
+    binary_header: str | None = None
+
+
+def body_limit(input_shape: Sequence[int], max_inputs: int, *, binary: bool) -> int:
+    """The size of the largest legal request body for a model: `max_inputs` samples of
+    `input_shape`, as JSON numbers or as binary FP32, plus `ENVELOPE_BYTES`."""
+    per_value = BINARY_BYTES_PER_VALUE if binary else JSON_BYTES_PER_VALUE
+    return max_inputs * math.prod(input_shape) * per_value + ENVELOPE_BYTES
+
+
+def _one_parser() -> ThreadPoolExecutor:
+    # One thread: orjson and numpy's list conversion hold the GIL while they run, so more threads
+    # would not parse faster, and one bounds the memory of parses in flight (a JSON body's lists
+    # take several times its size).
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="parse")
 
 
 @dataclass(frozen=True)
 class RequestReader:
-    """Reads an inference request; one per app, shared by the v1 and v2 routes."""
+    """Reads an inference request; one per app, shared by the v1 and v2 routes (and, through
+    `admit` and `check`, the gRPC adapter)."""
 
     registry: ModelRegistry
-    max_body_bytes: int
+    max_body_bytes: int | None  # a cap below the models' own limits, if set
     max_inputs: int
+    parser: ThreadPoolExecutor = field(default_factory=_one_parser)
 
     async def read(
         self, request: Request, body_format: BodyFormat[OptionsT]
@@ -55,34 +90,99 @@ class RequestReader:
         its options. Only the batch comes back: the body and what was parsed from it are freed
         before the caller waits for its batch (see `fastpath.py`)."""
         name = model_name(request)
-        self.registry.get(name)  # an unknown or unready model is refused before the body is read
+        # an unknown or unready model is refused before the body is read
+        deployment = self.registry.get(name)
         check_content_type(request, body_format.media_types)
-        limit = self.max_body_bytes
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise PayloadTooLarge(f"the body has {declared} bytes; the limit is {limit}")
+        ticket = ticket_of(request.scope)
+        limit = self._admit_body(request, deployment, body_format, ticket)
         chunks: list[bytes] = []
         received = 0
         async for chunk in request.stream():
             received += len(chunk)
-            if received > limit:
+            if received > limit:  # a chunked body declares no length
                 raise PayloadTooLarge(f"the body exceeds the limit of {limit} bytes")
             chunks.append(chunk)
         if not received:
             raise InvalidInput("the request body is empty")
+        body = b"".join(chunks)
+        if ticket is not None and not ticket.take_free_place():
+            await ticket.take_place()
         # looked up again: a reload may have swapped the version while the body streamed in, and
         # the batch must fit the version that will serve it
         deployment = self.registry.get(name)
+        if len(body) <= PARSE_OFF_LOOP_BYTES:
+            x, options = self._decode(deployment, body_format, body, request.headers)
+        else:
+            x, options = await asyncio.get_running_loop().run_in_executor(
+                self.parser, self._decode, deployment, body_format, body, request.headers
+            )
+        return deployment, x, options
+
+    def _admit_body(
+        self,
+        request: Request,
+        deployment: Deployment,
+        body_format: BodyFormat[Any],
+        ticket: Ticket | None,
+    ) -> int:
+        """The body's size limit, once the body is known to fit it and admission has taken it
+        (room in the model's queue, its bytes reserved): all before a byte of it is read."""
+        marker = body_format.binary_header
+        binary = marker is not None and marker in request.headers
+        declared = request.headers.get("content-length")
+        size = int(declared) if declared is not None and declared.isdigit() else None
+        return self.admit(deployment, size, binary=binary, ticket=ticket)
+
+    def admit(
+        self, deployment: Deployment, size: int | None, *, binary: bool, ticket: Ticket | None
+    ) -> int:
+        """The size limit of a request to `deployment`, once its `size` (None: not declared) is
+        known to fit it and admission has taken it. Both transports call it: HTTP with the
+        Content-Length before reading the body, gRPC with the size of the message it got."""
+        limit = body_limit(deployment.model.record.input_shape, self.max_inputs, binary=binary)
+        if self.max_body_bytes is not None:
+            limit = min(limit, self.max_body_bytes)
+        if size is not None and size > limit:
+            raise PayloadTooLarge(
+                f"the body has {size} bytes, above {self._explain(deployment, limit, binary)}"
+            )
+        if ticket is not None:
+            deployment.batcher.check_room()
+            ticket.reserve_bytes(limit if size is None else size)
+        return limit
+
+    def _explain(self, deployment: Deployment, limit: int, binary: bool) -> str:
+        """The body limit in words, for a 413's message (written only then: it costs µs)."""
+        if limit == self.max_body_bytes:
+            return f"the limit of {limit} bytes (max_body_bytes)"
+        shape = list(deployment.model.record.input_shape)
+        encoding = "binary FP32" if binary else "JSON"
+        return (
+            f"the limit of {limit} bytes for model {deployment.model.name!r} "
+            f"({self.max_inputs} inputs of shape {shape} as {encoding})"
+        )
+
+    def _decode(
+        self,
+        deployment: Deployment,
+        body_format: BodyFormat[OptionsT],
+        body: bytes,
+        headers: Headers,
+    ) -> tuple[np.ndarray, OptionsT]:
+        x, options = body_format.decode(body, headers)
+        return self.check(deployment, x, body_format.what), options
+
+    def check(self, deployment: Deployment, x: np.ndarray, what: str) -> np.ndarray:
+        """`check_batch` against the deployment's input shape and range and `max_inputs`: the
+        batch checks of every transport (the gRPC adapter calls it too)."""
         record = deployment.model.record
-        x, options = body_format.decode(b"".join(chunks), request.headers)
-        x = check_batch(
+        return check_batch(
             x,
             input_shape=record.input_shape,
             input_range=record.input_range,
             max_inputs=self.max_inputs,
-            what=body_format.what,
+            what=what,
         )
-        return deployment, x, options
 
 
 def check_content_type(request: Request, allowed: Sequence[str]) -> None:
@@ -121,7 +221,10 @@ def as_float32(data: Any, what: str) -> np.ndarray:
     if isinstance(data, np.ndarray):
         return data
     try:
-        array = np.asarray(data, dtype=np.float32)
+        # a number beyond float32's range becomes inf, which `check_batch` refuses; numpy's
+        # warning about it would only be log noise that any client can cause
+        with np.errstate(over="ignore"):
+            array = np.asarray(data, dtype=np.float32)
     except (ValueError, TypeError):
         raise InvalidInput(
             f"{what} must be numbers in nested lists of equal lengths (a regular array)"

@@ -11,6 +11,7 @@ from fastapi import APIRouter, Request, Response, params
 from starlette.datastructures import Headers
 
 from marginwatch.artifact.schema import CalibrationRecord
+from marginwatch.service.admission import deadline_of
 from marginwatch.service.engine import Prediction
 from marginwatch.service.fastpath import inference_route_docs
 from marginwatch.service.payload import JSON, BodyFormat, RequestReader, as_float32, parse_json
@@ -44,7 +45,7 @@ def build_v1_router(
     )
     async def v1_predict(request: Request) -> Response:
         deployment, x, with_probabilities = await reader.read(request, PREDICT_BODY)
-        prediction = await deployment.infer(x)
+        prediction = await deployment.infer(x, deadline_of(request.scope))
         model = deployment.model
         return Response(
             orjson.dumps(_serialise(model.name, model.record, prediction, with_probabilities)),

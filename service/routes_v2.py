@@ -1,6 +1,8 @@
 """The Open Inference Protocol v2 subset: server and model metadata, health, readiness, and infer
 with its wire format, JSON or the binary tensor data extension (what tritonclient sends by
-default). The routes read, infer, serialise; the outputs are `engine.SERVED_OUTPUTS`.
+default). The routes read, infer, serialise; the outputs are `engine.SERVED_OUTPUTS`. The same
+protocol over gRPC (`routes_grpc.py`) reads tensors with `input_array` and `requested_outputs`
+and writes raw outputs with `raw_tensor`: the checks are these, whatever the transport.
 
 Binary extension: a request with the header `Inference-Header-Content-Length: n` carries a JSON
 header in its first n bytes, then the raw little-endian bytes of every input whose
@@ -11,6 +13,7 @@ for with `parameters.binary_data: true` (per output) or `parameters.binary_data_
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,6 +23,7 @@ from fastapi import APIRouter, Request, Response, params
 from starlette.datastructures import Headers
 
 from marginwatch.artifact.graph import INPUT_NAME
+from marginwatch.service.admission import deadline_of
 from marginwatch.service.engine import (
     INPUT_DATATYPE,
     SERVED_OUTPUTS,
@@ -29,7 +33,14 @@ from marginwatch.service.engine import (
 )
 from marginwatch.service.errors import InvalidInput, ModelNotReady
 from marginwatch.service.fastpath import inference_route_docs
-from marginwatch.service.payload import JSON, OCTET_STREAM, BodyFormat, RequestReader, parse_json
+from marginwatch.service.payload import (
+    JSON,
+    OCTET_STREAM,
+    BodyFormat,
+    RequestReader,
+    as_float32,
+    parse_json,
+)
 from marginwatch.service.payload import validate as validate_schema
 from marginwatch.service.registry import ModelRegistry
 from marginwatch.service.schemas import (
@@ -46,7 +57,7 @@ SERVER_NAME = "marginwatch"
 SERVER_VERSION = "0.1.0"
 EXTENSIONS = ["binary_tensor_data"]
 HEADER_LENGTH = "inference-header-content-length"
-DTYPES: dict[str, np.dtype[Any]] = {
+DTYPES: dict[str, np.dtype[Any]] = {  # keys: `schemas.Datatype`
     "BOOL": np.dtype("?"),
     "UINT8": np.dtype("u1"),
     "INT8": np.dtype("i1"),
@@ -58,6 +69,15 @@ DTYPES: dict[str, np.dtype[Any]] = {
     "FP64": np.dtype("<f8"),
 }
 OUTPUT_NAMED = {output.name: output for output in SERVED_OUTPUTS}
+# The extension's header in the OpenAPI document, so that clients and schema-driven fuzzers see it
+HEADER_LENGTH_DOCS = {
+    "name": HEADER_LENGTH,
+    "in": "header",
+    "required": False,
+    "schema": {"type": "integer", "minimum": 1},
+    "description": "binary tensor data extension: the length of the JSON header that starts the "
+    "body; the raw tensor bytes follow it",
+}
 # (output, as binary) for each output a response carries
 Asked = list[tuple[OutputSpec, bool]]
 
@@ -104,12 +124,12 @@ def build_v2_router(
     @router.post(
         "/v2/models/{name}/infer",
         response_model=InferenceResponse,
-        openapi_extra=inference_route_docs(InferenceRequest, INFER_BODY.media_types),
+        openapi_extra=_infer_docs(),
         summary="Infer (JSON, or the binary tensor data extension)",
     )
     async def v2_infer(request: Request) -> Response:
         deployment, x, (request_id, asked) = await reader.read(request, INFER_BODY)
-        prediction = await deployment.infer(x)
+        prediction = await deployment.infer(x, deadline_of(request.scope))
         record = deployment.model.record
         header = {
             "model_name": deployment.model.name,
@@ -150,6 +170,11 @@ def build_v2_router(
     return router
 
 
+def _infer_docs() -> dict[str, Any]:
+    docs = inference_route_docs(InferenceRequest, INFER_BODY.media_types)
+    return {**docs, "parameters": [*docs["parameters"], HEADER_LENGTH_DOCS]}
+
+
 # --- request --------------------------------------------------------------------------------
 
 
@@ -160,23 +185,38 @@ def decode_infer(body: bytes, headers: Headers) -> tuple[np.ndarray, tuple[str |
     return input_array(parsed, binary), (parsed.id, requested_outputs(parsed))
 
 
-INFER_BODY = BodyFormat((JSON, OCTET_STREAM), decode_infer, what=f"input {INPUT_NAME!r}")
+INFER_BODY = BodyFormat(
+    (JSON, OCTET_STREAM), decode_infer, what=f"input {INPUT_NAME!r}", binary_header=HEADER_LENGTH
+)
 
 
 def split_body(body: bytes, header_length: str | None) -> tuple[bytes, memoryview]:
     """The JSON header and the binary part (empty without the extension's header)."""
     if header_length is None:
         return body, memoryview(b"")
-    if not header_length.strip().isdigit():
-        raise InvalidInput(
-            f"Inference-Header-Content-Length must be an integer, not {header_length!r}"
-        )
-    length = int(header_length)
-    if not 0 < length <= len(body):
-        raise InvalidInput(
-            f"Inference-Header-Content-Length is {length}, but the body has {len(body)} bytes"
-        )
+    length = _header_length(header_length, len(body))
     return body[:length], memoryview(body)[length:]
+
+
+def _header_length(value: str, body_size: int) -> int:
+    """The header's value as a length within the body. ASCII digits only: `str.isdigit` also
+    accepts digits such as "²" (header bytes are read as Latin-1) that `int` refuses."""
+    text = value.strip()
+    if not (text.isascii() and text.isdigit()):
+        raise InvalidInput(f"Inference-Header-Content-Length must be an integer, not {_clip(text)}")
+    digits = text.lstrip("0") or "0"
+    # `int` refuses more than 4,300 digits; more digits than the body's size has is past its end
+    length = int(digits) if len(digits) <= len(str(body_size)) else body_size + 1
+    if not 0 < length <= body_size:
+        raise InvalidInput(
+            f"Inference-Header-Content-Length is {_clip(text)}, but the body has {body_size} bytes"
+        )
+    return length
+
+
+def _clip(text: str, limit: int = 40) -> str:
+    """`text` quoted for an error message, cut short: a header may be kilobytes long."""
+    return repr(text) if len(text) <= limit else f"{text[:limit]!r}…"
 
 
 def binary_inputs(request: InferenceRequest, binary: memoryview) -> dict[str, np.ndarray]:
@@ -184,14 +224,10 @@ def binary_inputs(request: InferenceRequest, binary: memoryview) -> dict[str, np
     arrays: dict[str, np.ndarray] = {}
     offset = 0
     for tensor in request.inputs:
-        size = tensor.parameters.get("binary_data_size")
+        size = tensor.parameters.binary_data_size  # an integer ≥ 0: the schema says so
         if size is None:
             continue
-        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-            raise InvalidInput(f"input {tensor.name!r}: binary_data_size must be an integer ≥ 0")
-        dtype = DTYPES.get(tensor.datatype)
-        if dtype is None:
-            raise InvalidInput(f"input {tensor.name!r}: unknown datatype {tensor.datatype!r}")
+        dtype = DTYPES[tensor.datatype]
         if offset + size > len(binary):
             raise InvalidInput(
                 f"input {tensor.name!r}: binary_data_size {size} runs past the body's "
@@ -222,21 +258,23 @@ def input_array(request: InferenceRequest, binary: memoryview) -> np.ndarray:
         raise InvalidInput(
             f"input {INPUT_NAME!r} must have datatype {INPUT_DATATYPE}, not {tensor.datatype!r}"
         )
-    if any(dim < 0 for dim in tensor.shape):
-        raise InvalidInput(f"input {INPUT_NAME!r} has a negative dimension in shape {tensor.shape}")
     raw = binary_inputs(request, binary).get(INPUT_NAME)
     data = raw if raw is not None else tensor.data
     if data is None:
         raise InvalidInput(f"input {INPUT_NAME!r} has neither `data` nor binary_data_size")
-    try:
-        array = np.asarray(data, dtype=np.float32)
-    except (ValueError, TypeError):
-        raise InvalidInput(f"input {INPUT_NAME!r}: data must be FP32 numbers") from None
-    expected = int(np.prod(tensor.shape))
+    array = as_float32(data, f"input {INPUT_NAME!r}")
+    expected = math.prod(tensor.shape)  # exact: numpy's product wraps around past int64
     if array.size != expected:
         raise InvalidInput(
             f"input {INPUT_NAME!r} declares shape {tensor.shape} ({expected} values) but carries "
             f"{array.size} values"
+        )
+    if not expected:
+        # refused here rather than reshaped: numpy refuses a shape holding no values whose other
+        # dimensions multiply past its index range
+        raise InvalidInput(
+            f"input {INPUT_NAME!r} declares shape {tensor.shape}, which holds no values: an empty "
+            "batch or empty samples"
         )
     return array.reshape(tensor.shape)
 
@@ -260,6 +298,12 @@ def requested_outputs(request: InferenceRequest) -> Asked:
 # --- response -------------------------------------------------------------------------------
 
 
+def raw_tensor(spec: OutputSpec, array: np.ndarray) -> bytes:
+    """An output's raw bytes: row-major, little-endian, its datatype's width (the binary tensor
+    extension's layout, and gRPC's `raw_output_contents`)."""
+    return np.ascontiguousarray(array, dtype=DTYPES[spec.datatype]).tobytes()
+
+
 def encode_response(
     header: dict[str, Any], prediction: Prediction, asked: Asked
 ) -> tuple[bytes, int | None]:
@@ -274,7 +318,7 @@ def encode_response(
             "datatype": spec.datatype,
         }
         if binary:
-            raw = np.ascontiguousarray(array, dtype=DTYPES[spec.datatype]).tobytes()
+            raw = raw_tensor(spec, array)
             entry["parameters"] = {"binary_data_size": len(raw)}
             blobs.append(raw)
         else:

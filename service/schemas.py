@@ -7,9 +7,9 @@ The bodies of the inference routes are documented by hand (`fastpath.request_bod
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 
 class _Strict(BaseModel):
@@ -30,7 +30,10 @@ class ErrorResponse(_Strict):
 class PredictRequest(_Strict):
     inputs: list[Any] = Field(
         description="a batch of samples, each nested lists of the model's input shape (C×H×W), "
-        "floats in the model's input range"
+        "floats in the model's input range",
+        # stated for the schema only: `check_batch` refuses an empty batch with the message both
+        # APIs share
+        json_schema_extra={"minItems": 1},
     )
     return_probabilities: bool = Field(default=False, description="add softmax probabilities")
 
@@ -55,11 +58,31 @@ class PredictResponse(_Strict):
 # --- Open Inference Protocol v2 ------------------------------------------------------------
 
 
+# The protocol's tensor datatypes that the service reads (the Open Inference Protocol's list less
+# BYTES); `routes_v2.DTYPES` holds their numpy types.
+Datatype = Literal["BOOL", "UINT8", "INT8", "INT16", "INT32", "INT64", "FP16", "FP32", "FP64"]
+# numpy's limit on an array's dimensions: a longer shape could never be reshaped into
+MAX_DIMS = 64
+INT64_MAX = 2**63 - 1
+Dimension = Annotated[int, Field(ge=0, le=INT64_MAX)]
+
+
+class InputParameters(_Open):
+    binary_data_size: StrictInt | None = Field(
+        default=None,
+        ge=0,
+        description="binary tensor data extension: the input's raw bytes follow the JSON header",
+    )
+
+
 class RequestInput(_Open):
+    """One input tensor as the protocol states it. What a served model further requires (its
+    input name, datatype and shape: `GET /v2/models/{name}`) is checked per request."""
+
     name: str
-    shape: list[int]
-    datatype: str
-    parameters: dict[str, Any] = Field(default_factory=dict)
+    shape: list[Dimension] = Field(max_length=MAX_DIMS)
+    datatype: Datatype
+    parameters: InputParameters = Field(default_factory=InputParameters)
     data: Any = Field(default=None, description="flat or nested; absent with binary data")
 
 

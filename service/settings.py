@@ -1,7 +1,8 @@
 """The service's one settings class: environment variables with the prefix `MARGINWATCH_`.
 
 Every field is documented and constrained, units are in the names, and a bad value fails at
-start-up with pydantic's message naming the field. Lists (`MARGINWATCH_MODELS`,
+start-up with pydantic's message naming the field and never quoting the value: API keys are
+`SecretStr`, and a bad one is named by its position. Lists (`MARGINWATCH_MODELS`,
 `MARGINWATCH_API_KEYS`) are comma-separated.
 """
 
@@ -29,7 +30,11 @@ def _split_commas(value: object) -> object:
 class Settings(BaseSettings):
     """Configuration of one `marginwatch-serve` process."""
 
-    model_config = SettingsConfigDict(env_prefix="MARGINWATCH_", extra="forbid", frozen=True)
+    # hide_input_in_errors: a ValidationError's text would otherwise quote the raw input, API
+    # keys included, to whoever prints it (our CLI formats its own message, see __main__.py)
+    model_config = SettingsConfigDict(
+        env_prefix="MARGINWATCH_", extra="forbid", frozen=True, hide_input_in_errors=True
+    )
 
     store: Path = Field(
         default_factory=default_store,
@@ -42,6 +47,14 @@ class Settings(BaseSettings):
     )
     host: str = Field(default="127.0.0.1", min_length=1, description="interface to listen on")
     port: int = Field(default=8000, ge=1, le=65535, description="TCP port to listen on")
+    grpc_port: int = Field(
+        default=0,
+        ge=0,
+        le=65535,
+        description="TCP port for the Open Inference Protocol over gRPC (KServe's and Triton's "
+        "inference.GRPCInferenceService; KServe's convention is 8001), on the same host and "
+        "models; 0: no gRPC",
+    )
     device: Device = Field(
         default="auto",
         description="execution provider: auto takes CUDA when onnxruntime-gpu sees a GPU, else CPU",
@@ -85,11 +98,58 @@ class Settings(BaseSettings):
     max_inputs_per_request: int = Field(
         default=64, gt=0, description="most samples in one request (at most max_batch_size)"
     )
-    max_body_bytes: int = Field(
-        default=16 * 1024 * 1024, ge=1024, description="largest request body accepted, in bytes"
+    max_body_bytes: int | None = Field(
+        default=None,
+        ge=1024,
+        description="a cap on request bodies, in bytes; unset: each model's limit is its largest "
+        "legal request (max_inputs_per_request samples of its input shape, as JSON or binary)",
+    )
+    max_inflight_body_bytes: int = Field(
+        default=96 * 1024 * 1024,
+        ge=1024 * 1024,
+        description="request body bytes the process holds at once: a request reserves its "
+        "Content-Length before its body is read, and is refused (503) if it does not fit; peak "
+        "memory grows by about 1.5 times this (docs/benchmarks.md sizes it for a container)",
+    )
+    max_inflight_requests: int = Field(
+        default=128,
+        gt=0,
+        description="inference requests being parsed, queued or run at once (the default: two "
+        "full batches of one-sample requests, one running and one forming); a request takes its "
+        "place once its body has arrived, and waits for one if none is free",
+    )
+    max_waiting_requests: int = Field(
+        default=1024,
+        ge=0,
+        description="inference requests that may wait for a place; more are refused at once (503)",
+    )
+    request_timeout_s: float = Field(
+        default=1.0,
+        gt=0,
+        le=3600,
+        description="a request's batch must start within this many seconds of its arrival; "
+        "one that cannot (waiting for a place, or in its model's queue) is refused (503) and "
+        "never run",
+    )
+    read_timeout_s: float = Field(
+        default=5.0,
+        gt=0,
+        le=3600,
+        description="a client has this long to send a request's headers (from its first byte, or "
+        "from connecting), and may not pause longer while sending a body; else it is disconnected",
     )
     reload_interval_s: float = Field(
         default=5.0, ge=0, description="how often CURRENT pointers are polled; 0 turns reload off"
+    )
+    reload_retry_min_s: float = Field(
+        default=5.0,
+        gt=0,
+        le=3600,
+        description="a refused version is tried again at the first poll after its CURRENT "
+        "pointer or its files change, else after this backoff, doubled at each refusal",
+    )
+    reload_retry_max_s: float = Field(
+        default=300.0, gt=0, le=86400, description="longest backoff (at least reload_retry_min_s)"
     )
     live_window_predictions: int = Field(
         default=1000,
@@ -98,7 +158,8 @@ class Settings(BaseSettings):
     )
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(
         default_factory=list,
-        description="accepted API keys (comma-separated); empty: no authentication",
+        description="accepted API keys (comma-separated, each at least 8 characters; never "
+        "printed, a bad one is named by its position); empty: no authentication",
     )
     protect_health: bool = Field(default=False, description="require an API key for /v2/health/*")
     protect_metrics: bool = Field(default=False, description="require an API key for /metrics")
@@ -116,9 +177,14 @@ class Settings(BaseSettings):
 
     @field_validator("api_keys")
     @classmethod
-    def _keys_not_blank(cls, keys: list[SecretStr]) -> list[SecretStr]:
-        if any(len(key.get_secret_value()) < 8 for key in keys):
-            raise ValueError("every API key needs at least 8 characters")
+    def _keys_long_enough(cls, keys: list[SecretStr]) -> list[SecretStr]:
+        # the message names entries by position: a key, even a bad one, must never be printed
+        short = [str(i) for i, key in enumerate(keys, 1) if len(key.get_secret_value()) < 8]
+        if short:
+            entries = f"entr{'y' if len(short) == 1 else 'ies'} {', '.join(short)}"
+            raise ValueError(
+                f"every API key needs at least 8 characters; too short: {entries} of {len(keys)}"
+            )
         return keys
 
     @model_validator(mode="after")
@@ -128,9 +194,19 @@ class Settings(BaseSettings):
                 f"max_inputs_per_request ({self.max_inputs_per_request}) must not exceed "
                 f"max_batch_size ({self.max_batch_size})"
             )
+        if self.max_batch_wait_s >= self.request_timeout_s:
+            raise ValueError(
+                f"max_batch_wait_s ({self.max_batch_wait_s}) must be below request_timeout_s "
+                f"({self.request_timeout_s}): a batch waiting to fill would outlast its requests"
+            )
         if self.max_batch_size > self.max_queue_samples:
             raise ValueError(
                 f"max_batch_size ({self.max_batch_size}) must not exceed "
                 f"max_queue_samples ({self.max_queue_samples})"
+            )
+        if self.reload_retry_min_s > self.reload_retry_max_s:
+            raise ValueError(
+                f"reload_retry_min_s ({self.reload_retry_min_s}) must not exceed "
+                f"reload_retry_max_s ({self.reload_retry_max_s})"
             )
         return self

@@ -98,8 +98,13 @@ def test_hot_reload_under_load(
 ) -> None:
     store = tmp_path / "store"
     new_version(store, MODEL, "v1", onnx=onnx_path, images=images)
+    # an hour of backoff: a refused version is tried again only when its files change, so the
+    # failure count below grows by one per bad version
+    retry = {"reload_retry_min_s": "3600", "reload_retry_max_s": "3600"}
     with (
-        spawn_server(store, tmp_path, reload_interval_s="0.1", max_batch_wait_s="0.005") as server,
+        spawn_server(
+            store, tmp_path, reload_interval_s="0.1", max_batch_wait_s="0.005", **retry
+        ) as server,
         Load(server.url, images[:64]) as load,
     ):
         wait_for(lambda: sum(map(len, load.seen)) > 20)
@@ -150,7 +155,9 @@ def test_graceful_shutdown_finishes_requests_in_flight(
     store = tmp_path / "store"
     new_version(store, MODEL, "v1", onnx=onnx_path, threshold=0.0)
     batch = np.full((1, 1, 1, 28, 28), 0.5).tolist()
-    with spawn_server(store, tmp_path, max_batch_wait_s="1", reload_interval_s="0") as server:
+    # the requests' deadline must outlast the batch's wait to fill
+    slow_batch = {"max_batch_wait_s": "1", "request_timeout_s": "10", "reload_interval_s": "0"}
+    with spawn_server(store, tmp_path, **slow_batch) as server:
         results: list[int] = []
 
         def send() -> None:

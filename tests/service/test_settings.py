@@ -18,6 +18,11 @@ from marginwatch.service.settings import Settings
         ({"MARGINWATCH_MAX_INPUTS_PER_REQUEST": "128"}, "must not exceed max_batch_size"),
         ({"MARGINWATCH_API_KEYS": "short"}, "at least 8 characters"),
         ({"MARGINWATCH_LOG_FORMAT": "xml"}, "log_format"),
+        ({"MARGINWATCH_MAX_INFLIGHT_REQUESTS": "0"}, "max_inflight_requests"),
+        (
+            {"MARGINWATCH_MAX_BATCH_WAIT_S": "0.5", "MARGINWATCH_REQUEST_TIMEOUT_S": "0.5"},
+            "must be below request_timeout_s",
+        ),
     ],
 )
 def test_bad_settings_fail_with_a_message(

@@ -88,6 +88,13 @@ def test_attack_help_matches_the_registry() -> None:
         ({"MERGE_ONLY": "true", "QUIET": "1"}, [], {"merge_only": True, "quiet": True}),
         ({"STORE": "/from/env"}, [], {"store": Path("/from/env")}),
         ({}, ["--json"], {"quiet": True}),
+        ({}, [], {"input_range": (0.0, 1.0), "mean": (0.0,), "std": (1.0,)}),
+        (
+            {"MEAN": "0.485,0.456,0.406", "INPUT_RANGE": "0,255"},
+            ["--std", "0.229,0.224", "--std", "0.225"],
+            {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225), "input_range": (0, 255)},
+        ),
+        ({}, ["--preflight-only"], {"preflight_only": True}),
     ],
 )
 def test_flag_beats_variable_beats_default(
@@ -114,6 +121,16 @@ def test_flag_beats_variable_beats_default(
         ({"ATTACKS": "fmn,pgd"}, [], "MARGINWATCH_CALIBRATE_ATTACKS: unknown attack 'pgd'"),
         ({}, ["--shard", "2", "--num-shards", "2"], "shard must lie in [0, 2), got 2"),
         ({}, ["--subset-sise", "60"], "unrecognized arguments: --subset-sise"),
+        ({}, ["--version", "../x"], "version '../x' is not a valid name"),
+        ({}, ["--model", "my model.pt"], "'my model' (from --model) cannot name a model"),
+        ({}, ["--input-range", "255,0"], "input range must have LOW < HIGH"),
+        (
+            {},
+            ["--input-range", "0"],
+            "--input-range: input range takes two numbers, LOW,HIGH; got 0",
+        ),
+        ({"STD": "1,-1"}, [], "MARGINWATCH_CALIBRATE_STD: std must be positive"),
+        ({}, ["--mean", "half"], "--mean: input should be a valid number"),
     ],
 )
 def test_bad_value_exits_2_with_one_line_naming_the_option(
@@ -154,7 +171,7 @@ def manifest_args(path: Path) -> Iterator[list[str]]:
             r"^\s+- (\S+)$", block, re.MULTILINE)]  # fmt: skip
 
 
-@pytest.mark.parametrize("name", ["calibration-cronjob.yaml", "calibration-sharded-job.yaml"])
+@pytest.mark.parametrize("name", ["base/calibration-cronjob.yaml", "calibration-sharded-job.yaml"])
 def test_deploy_manifests_pass_a_valid_command_line(name: str) -> None:
     """Stronger than looking the flags up in the source: the generated parser and the model
     accept each manifest's whole argument list."""

@@ -8,7 +8,7 @@ as one string. Version-1 records are still read: `CalibrationRecord` upgrades th
 from __future__ import annotations
 
 from functools import cached_property
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Final, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -138,12 +138,16 @@ class PseudoMarginFacts(_Frozen):
     chosen: bool
 
 
+# A model's or a version's name: one path component in the store, never `..` or hidden.
+NAME_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+
+
 class CalibrationRecord(_Frozen):
     """`calibration.json`: what the service needs to flag, and what a person needs to trust it."""
 
     schema_version: Literal[2] = SCHEMA_VERSION
-    model_name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-    version: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    model_name: str = Field(pattern=NAME_PATTERN)
+    version: str = Field(pattern=NAME_PATTERN)
     model_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     input_shape: list[int] = Field(min_length=1)
     input_range: tuple[float, float] = (0.0, 1.0)

@@ -4,8 +4,9 @@ The options are the fields of `config.CalibrationConfig`: flag, help, default an
 generated from it, so they are written once. Each can also be set by the environment variable
 `MARGINWATCH_CALIBRATE_<FIELD>`; a flag wins over the variable, the variable over the default.
 
-Exit codes: 0 published (or shard done), 1 verification failed, 2 bad input, 3 another run of
-the same model holds the lock. Meant for cron: idempotent, lock-protected, safe to kill.
+Exit codes: 0 published (or shard done, or `--preflight-only` passed), 1 verification failed,
+2 bad input (every preflight check: one line, before any attack), 3 another run of the same
+model holds the lock. Meant for cron: idempotent, lock-protected, safe to kill.
 """
 
 from __future__ import annotations
@@ -20,6 +21,11 @@ from typing import Any, NoReturn
 
 from pydantic import ValidationError
 from pydantic.fields import FieldInfo
+
+if typing.TYPE_CHECKING:
+    from marginwatch.artifact.schema import CalibrationRecord
+    from marginwatch.calibration.job import RunResult
+    from marginwatch.calibration.preflight import PreflightReport
 
 from marginwatch.artifact import store
 from marginwatch.calibration.config import (
@@ -53,6 +59,13 @@ def option_flag(name: str, field: FieldInfo) -> str:
     return str(_extra(field).get("flag", _dashed(name)))
 
 
+def _shown(default: object) -> str:
+    """A default as the flag takes it: a tuple of numbers comma-separated (`0,1`)."""
+    if isinstance(default, tuple) and all(isinstance(item, int | float) for item in default):
+        return ",".join(f"{item:g}" for item in default)
+    return str(default)
+
+
 def _argument(name: str, field: FieldInfo) -> dict[str, Any]:
     """add_argument's keywords for a field. Values stay strings: pydantic converts and checks
     them exactly as it does an environment variable's."""
@@ -60,7 +73,7 @@ def _argument(name: str, field: FieldInfo) -> dict[str, Any]:
     text = (field.description or "").replace("%", "%%")
     default = field.default
     if field.default_factory is None and default not in (None, ()) and type(default) is not bool:
-        text += f" (default: {default})"
+        text += f" (default: {_shown(default)})"
     if option_flag(name, field) != _dashed(name):
         text += f" (variable: {ENV_PREFIX}{name.upper()})"
     if field.annotation is bool:
@@ -133,7 +146,7 @@ def load_config(argv: Sequence[str] | None = None) -> tuple[CalibrationConfig, b
         raise ConfigError(describe(error, given)) from None
 
 
-def _summary(record) -> str:  # type: ignore[no-untyped-def]
+def _summary(record: CalibrationRecord) -> str:
     estimate = record.robust_accuracy
     lines = [
         f"model            {record.model_name}  version {record.version}",
@@ -164,6 +177,11 @@ def _summary(record) -> str:  # type: ignore[no-untyped-def]
     return "\n".join(lines)
 
 
+def _announce(report: PreflightReport) -> None:
+    # stderr, at once: the attacks that follow take minutes, and stdout is the result's
+    print(report.summary(), file=sys.stderr, flush=True)
+
+
 def _bad_input(error: ConfigError) -> int:
     print(f"{PROG}: {error}", file=sys.stderr)
     return EXIT_BAD_INPUT
@@ -178,7 +196,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from marginwatch.calibration.job import CalibrationError, run
 
     try:
-        result = run(config)
+        result = run(config, on_preflight=None if as_json else _announce)
     except ConfigError as error:
         return _bad_input(error)
     except store.StoreBusy as error:
@@ -187,15 +205,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CalibrationError, store.ArtifactError, OSError) as error:
         print(f"{PROG}: failed, store unchanged: {error}", file=sys.stderr)
         return EXIT_FAILED
-    if result.record is None:
+    _print_result(result, config, as_json)
+    return 0
+
+
+def _print_result(result: RunResult, config: CalibrationConfig, as_json: bool) -> None:
+    if config.preflight_only:
+        print(result.preflight.summary())
+    elif result.record is None:
         print(f"shard {result.shard_done} of {config.num_shards} done")
-        return 0
-    if as_json:
+    elif as_json:
         print(json.dumps(result.record.model_dump(mode="json"), indent=2))
     else:
         print(_summary(result.record))
         print(f"published {os.path.relpath(result.version_dir or '')}")
-    return 0
 
 
 if __name__ == "__main__":

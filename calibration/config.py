@@ -4,20 +4,22 @@ its command line (`calibration/__main__.py`: flag, help, default and choices per
 
 Every field is documented and constrained, and a bad value fails at construction with pydantic's
 `ValidationError` naming the field, before any work; checks that need the model or the data
-raise `ConfigError` in `job.load_inputs`. torch and the attack registry are imported where they
-are used, so that `--help`, which reads this module, answers without loading torch (about 3 s).
+raise `ConfigError` in `preflight` (before any attack). torch and the attack registry are
+imported where they are used, so that `--help`, which reads this module, answers without
+loading torch (about 3 s).
 """
 
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from marginwatch.artifact.schema import Norm
+from marginwatch.artifact.schema import NAME_PATTERN, Norm
 from marginwatch.artifact.store import default_store
 from marginwatch.calibration.threshold import THRESHOLD_RULES
 from marginwatch.models.data import DATASETS
@@ -47,6 +49,10 @@ class ConfigError(ValueError):
     """A setting that cannot work; the message says which and why."""
 
 
+class CalibrationError(Exception):
+    """The job cannot produce a trustworthy version (a verification failed)."""
+
+
 def parse_attack(text: str) -> tuple[str, int]:
     """`fmn` or `fmn:200`: an attack's name and its step budget."""
     from marginwatch.calibration.attacks import ATTACKS
@@ -67,6 +73,13 @@ def _default_plan(norm: str) -> str:
     return " and ".join(f"{name}:{DEFAULT_STEPS}" for name in DEFAULT_ATTACKS[norm])
 
 
+_MEAN_HELP = (
+    "per-channel mean the model subtracts after --input-range (one value, or one per channel); "
+    "inside the attacked model and the exported graph, like --std"
+)
+_STD_HELP = "per-channel standard deviation the model divides by (one, or one per channel)"
+
+
 class CalibrationConfig(BaseSettings):
     """Configuration of one `marginwatch-calibrate` run."""
 
@@ -76,8 +89,8 @@ class CalibrationConfig(BaseSettings):
         default="fmnist-cnn-pgd",
         min_length=1,
         description=(
-            "shipped model, architecture name (with --weights), TorchScript file, "
-            "or package.module:factory"
+            "shipped model, architecture name (with --weights), a model file (TorchScript or "
+            "torch.export .pt/.pt2, ONNX .onnx), or package.module:factory"
         ),
     )
     weights: Path | None = Field(default=None, description="weights file for --model")
@@ -86,6 +99,22 @@ class CalibrationConfig(BaseSettings):
         min_length=1,
         description="name in the store (default: the model or weights file name)",
         json_schema_extra={"flag": "--name"},
+    )
+    # NoDecode, as for --attack: the variables are comma-separated (`0.485,0.456,0.406`). The
+    # three describe the model's own input; the served graph takes [0, 1] whatever they say.
+    input_range: Annotated[tuple[float, float], NoDecode] = Field(
+        default=(0.0, 1.0),
+        description=(
+            "the input range the model expects, LOW,HIGH (say 0,255): [0, 1] inputs are scaled "
+            "to it inside the attacked model and the exported graph; ε stays in [0, 1] units"
+        ),
+        json_schema_extra={"metavar": "LOW,HIGH"},
+    )
+    mean: Annotated[tuple[float, ...], NoDecode] = Field(
+        default=(0.0,), description=_MEAN_HELP, json_schema_extra={"metavar": "M[,M,...]"}
+    )
+    std: Annotated[tuple[float, ...], NoDecode] = Field(
+        default=(1.0,), description=_STD_HELP, json_schema_extra={"metavar": "S[,S,...]"}
     )
     dataset: str = Field(
         default="fashion-mnist", min_length=1, description=f"{', '.join(DATASETS)}, or an .npz path"
@@ -176,7 +205,8 @@ class CalibrationConfig(BaseSettings):
         description="artifact store folder (default: $MARGINWATCH_STORE, then ./artifacts)",
     )
     version: str | None = Field(
-        default=None, min_length=1, description="version name (default: UTC timestamp)"
+        default=None,
+        description="version name: letters, digits, '.', '_', '-' (default: UTC timestamp)",
     )
     shard: int | None = Field(
         default=None,
@@ -191,6 +221,13 @@ class CalibrationConfig(BaseSettings):
         json_schema_extra={"flag": "--merge"},
     )
     quiet: bool = Field(default=False, description="no progress bars")
+    preflight_only: bool = Field(
+        default=False,
+        description=(
+            "run the checks that precede any attack (model, data, serving-graph export, store, "
+            "lock, version) and exit 0 if they pass"
+        ),
+    )
 
     @field_validator("eps")
     @classmethod
@@ -199,6 +236,44 @@ class CalibrationConfig(BaseSettings):
         if eps is not None and not eps > 0:
             raise ConfigError(f"eps must be positive, got {eps}")
         return eps
+
+    @field_validator("input_range", "mean", "std", mode="before")
+    @classmethod
+    def _split_numbers(cls, value: object, info: ValidationInfo) -> object:
+        # A comma-separated string from the variable, or a list of them from repeated flags.
+        if isinstance(value, str):
+            value = [value]
+        if isinstance(value, list):
+            value = tuple(part for item in value for part in str(item).split(",") if part.strip())
+        if info.field_name == "input_range" and isinstance(value, tuple) and len(value) != 2:
+            shown = ",".join(map(str, value))
+            raise ConfigError(f"input range takes two numbers, LOW,HIGH; got {shown}")
+        return value
+
+    @field_validator("version")
+    @classmethod
+    def _version_is_a_name(cls, version: str | None) -> str | None:
+        # One path component in the store: `../x` or `.hidden` would escape or hide the version.
+        if version is not None and not re.fullmatch(NAME_PATTERN, version):
+            raise ConfigError(
+                f"version {version!r} is not a valid name: letters, digits, '.', '_' and '-', "
+                "starting with a letter or digit"
+            )
+        return version
+
+    @field_validator("std")
+    @classmethod
+    def _std_positive(cls, std: tuple[float, ...]) -> tuple[float, ...]:
+        if not std or not all(value > 0 for value in std):
+            raise ConfigError(f"std must be positive, got {std}")
+        return std
+
+    @field_validator("input_range")
+    @classmethod
+    def _range_increasing(cls, bounds: tuple[float, float]) -> tuple[float, float]:
+        if not bounds[0] < bounds[1]:
+            raise ConfigError(f"input range must have LOW < HIGH, got {bounds}")
+        return bounds
 
     @field_validator("attacks", mode="before")
     @classmethod
@@ -241,6 +316,11 @@ class CalibrationConfig(BaseSettings):
             raise ConfigError(f"each attack may appear once, got {names}")
         if self.shard is not None and self.shard >= self.num_shards:
             raise ConfigError(f"shard must lie in [0, {self.num_shards}), got {self.shard}")
+        if not re.fullmatch(NAME_PATTERN, self.resolved_model_name):
+            raise ConfigError(
+                f"{self.resolved_model_name!r} (from --model) cannot name a model in the store: "
+                "give --name with letters, digits, '.', '_' and '-'"
+            )
         return self
 
     @property
@@ -269,6 +349,11 @@ class CalibrationConfig(BaseSettings):
             return self.model_name
         source = self.weights if self.weights is not None else Path(self.model.split(":")[-1])
         return source.stem if source.suffix else source.name
+
+    @property
+    def normalizes(self) -> bool:
+        """Whether the model expects inputs other than [0, 1] (then `Normalized` wraps it)."""
+        return (self.input_range, self.mean, self.std) != ((0.0, 1.0), (0.0,), (1.0,))
 
     @property
     def torch_device(self) -> torch.device:

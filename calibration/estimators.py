@@ -235,16 +235,21 @@ def _bootstrap_regression(
     """Regression estimates over ``draws`` joint resamples of the subset (refitting r) and big set.
 
     A big-set resample holds Binomial(n_big, accuracy) correct points, drawn uniformly from the
-    correct ones; only they contribute, so we draw just those (same law, fewer draws).
+    correct ones; only they contribute, so we draw just those (same law, fewer draws). A subset
+    resample without a correct point leaves r undefined (as the point estimate would be) and is
+    drawn again: the interval is conditional on at least one, likely only for a subset with
+    very few correct points (the caller refuses a subset with none).
     """
     n = sub_s.size
     n_c = big_correct_scores.size
+    if not sub_correct.any():
+        raise ValueError("the subset has no correctly classified point to resample")
     out = np.empty(draws)
     for b in range(draws):
         i = rng.integers(0, n, size=n)
+        while not sub_correct[i].any():
+            i = rng.integers(0, n, size=n)
         i = i[sub_correct[i]]
-        if i.size == 0:
-            raise ValueError("a bootstrap resample has no correctly classified point")
         curve = fit_isotonic_curve(sub_s[i], sub_robust[i])
         j = rng.integers(0, n_c, size=rng.binomial(n_big, n_c / n_big))
         out[b] = np.sum(curve(big_correct_scores[j])) / n_big

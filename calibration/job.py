@@ -12,6 +12,7 @@ import functools
 import platform
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +20,6 @@ import numpy as np
 import torch
 
 from marginwatch.artifact import store
-from marginwatch.artifact.graph import LOGITS, OUTPUTS, SCORE
 from marginwatch.artifact.hashing import file_sha256
 from marginwatch.artifact.schema import (
     ONNX_FILE,
@@ -30,93 +30,18 @@ from marginwatch.artifact.schema import (
     PseudoMarginFacts,
 )
 from marginwatch.calibration import margin_cache
-from marginwatch.calibration.config import CalibrationConfig, ConfigError
+from marginwatch.calibration.config import CalibrationConfig, CalibrationError, ConfigError
+from marginwatch.calibration.inputs import Inputs, Outputs, forward_all, subset_indices
 from marginwatch.calibration.margins import MarginResult
 from marginwatch.calibration.metrics import detection_metrics, kendall_tau, nonrobust_mask
+from marginwatch.calibration.preflight import PreflightReport, run_preflight
 from marginwatch.calibration.pseudo_margin import PseudoMarginRegressor
 from marginwatch.calibration.record import build_record, report_data
 from marginwatch.calibration.report import render_report
-from marginwatch.calibration.scores import ServingGraph, logit_margin
+from marginwatch.calibration.scores import ServingGraph, export_serving_graph
 from marginwatch.models.architectures import SplitClassifier
-from marginwatch.models.data import DataError, Dataset, load_dataset
-from marginwatch.models.export import export_onnx, verify_export
-from marginwatch.models.registry import ModelError, load_model
 
-
-class CalibrationError(Exception):
-    """The job cannot produce a trustworthy version (a verification failed)."""
-
-
-@dataclass(frozen=True)
-class Outputs:
-    """The model's outputs on a set of inputs: predicted labels, logit margins, features."""
-
-    labels: np.ndarray
-    scores: np.ndarray
-    features: np.ndarray
-    logits: np.ndarray
-
-    def take(self, indices: np.ndarray) -> Outputs:
-        return Outputs(
-            self.labels[indices], self.scores[indices], self.features[indices], self.logits[indices]
-        )
-
-    def score_inputs(self, kind: str) -> np.ndarray:
-        return self.features if kind == "features" else self.logits
-
-
-@dataclass(frozen=True)
-class Inputs:
-    model: SplitClassifier
-    data: Dataset
-    train_data: Dataset | None  # None: draw pseudo-margin training points from `data`
-
-
-def load_inputs(config: CalibrationConfig) -> Inputs:
-    """Model and data, with shapes checked against each other; `ConfigError` on any problem."""
-    try:
-        model = load_model(config.model, config.weights)
-        data = load_dataset(config.dataset, config.split, config.data_dir)
-    except (ModelError, DataError) as error:
-        raise ConfigError(str(error)) from error
-    if data.images.shape[1:] != tuple(model.input_shape):
-        raise ConfigError(
-            f"data has shape {data.images.shape[1:]} per image but the model expects "
-            f"{tuple(model.input_shape)}"
-        )
-    if config.subset_size > len(data):
-        raise ConfigError(
-            f"subset of {config.subset_size} asked for, but {config.dataset}:{config.split} "
-            f"has only {len(data)} images"
-        )
-    train_data = None
-    if config.split == "test" and config.pseudo_margin != "never":
-        try:
-            train_data = load_dataset(config.dataset, "train", config.data_dir)
-        except DataError:
-            train_data = None  # single-split sources: use the points outside the subset
-    return Inputs(model.to(config.torch_device), data, train_data)
-
-
-@torch.no_grad()
-def forward_all(model: SplitClassifier, inputs: np.ndarray, device: torch.device) -> Outputs:
-    features, logits = [], []
-    for start in range(0, len(inputs), 500):
-        batch_features = model.features(torch.from_numpy(inputs[start : start + 500]).to(device))
-        features.append(batch_features.cpu())
-        logits.append(model.head(batch_features).cpu())
-    all_logits = torch.cat(logits)
-    return Outputs(
-        labels=all_logits.argmax(1).numpy(),
-        scores=logit_margin(all_logits).numpy(),
-        features=torch.cat(features).numpy(),
-        logits=all_logits.numpy(),
-    )
-
-
-def subset_indices(size: int, population: int, seed: int) -> np.ndarray:
-    """A uniform random subset, so the estimators stay unbiased for any class balance."""
-    return np.sort(np.random.default_rng(seed).choice(population, size, replace=False))
+__all__ = ["CalibrationError", "RunResult", "forward_all", "run", "subset_indices"]
 
 
 def margins_for(
@@ -247,27 +172,6 @@ def compare_scores(
     )
 
 
-def export_serving_graph(
-    graph: ServingGraph, input_shape: tuple[int, ...], inputs: np.ndarray, folder: Path
-) -> tuple[np.ndarray, np.ndarray, float]:
-    """Export, check ONNX Runtime against torch (≤ 1e-4 on logits and score, equal labels, no
-    label flip between batch 1 and 64), and measure the guard band: the largest score change
-    between batch 1 and batch 64. Returns ONNX Runtime's labels and scores, and the band."""
-    path = folder / ONNX_FILE
-    graph = graph.cpu().eval()
-    export_onnx(graph, input_shape, path, list(OUTPUTS))
-    with torch.no_grad():
-        torch_logits, torch_scores = graph(torch.from_numpy(inputs))
-    logits_check, score_check = (
-        verify_export(path, reference, inputs, output, torch_logits)
-        for output, reference in ((LOGITS, torch_logits), (SCORE, torch_scores))
-    )
-    problems = logits_check.problems(1e-4) + score_check.problems(1e-4)
-    if problems:
-        raise CalibrationError("; ".join(problems))
-    return score_check.labels, score_check.values, score_check.max_abs_diff_batch1_vs_64
-
-
 @torch.no_grad()
 def graph_scores(graph: ServingGraph, images: np.ndarray, device: torch.device) -> np.ndarray:
     graph = graph.to(device).eval()
@@ -295,17 +199,25 @@ def new_version() -> str:
 
 @dataclass(frozen=True)
 class RunResult:
-    """What a run did: a published version, or only attacked its shard."""
+    """What a run did: a published version, only attacked its shard, or only the preflight."""
 
     record: CalibrationRecord | None
     version_dir: Path | None
+    preflight: PreflightReport
     shard_done: int | None = None
 
 
-def run(config: CalibrationConfig) -> RunResult:
-    """The whole job. Raises `ConfigError` (bad input), `store.StoreBusy`, `CalibrationError`."""
+def run(
+    config: CalibrationConfig, on_preflight: Callable[[PreflightReport], None] | None = None
+) -> RunResult:
+    """The whole job. Raises `ConfigError` (bad input), `store.StoreBusy`, `CalibrationError`.
+    `on_preflight` hears the preflight's report before the attacks start."""
     started = time.monotonic()
-    inputs = load_inputs(config)
+    inputs, preflight = run_preflight(config)
+    if on_preflight is not None and not config.preflight_only:
+        on_preflight(preflight)
+    if config.preflight_only:
+        return RunResult(None, None, preflight)
     images = inputs.data.float_images
     everything = forward_all(inputs.model, images, config.torch_device)
     subset = subset_indices(config.subset_size, len(inputs.data), config.seed)
@@ -324,7 +236,7 @@ def run(config: CalibrationConfig) -> RunResult:
         attack()
         if config.pseudo_margin != "never":
             pseudo_margin_training(config, inputs, subset)
-        return RunResult(None, None, shard_done=config.shard)
+        return RunResult(None, None, preflight, shard_done=config.shard)
     name = config.resolved_model_name
     with store.model_lock(config.store, name):
         folder, size = attack()
@@ -349,7 +261,7 @@ def run(config: CalibrationConfig) -> RunResult:
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-    return RunResult(record, final)
+    return RunResult(record, final, preflight)
 
 
 def finish_version(

@@ -1,4 +1,4 @@
-"""The score, written once, and the serving graph that carries it.
+"""The score, written once, and the serving graph that carries it, with its verified export.
 
 Calibration computes scores by running `ServingGraph`, and the service runs the same graph
 exported to ONNX, so the two cannot disagree about what the score is.
@@ -6,12 +6,19 @@ exported to ONNX, so the two cannot disagree about what the score is.
 
 from __future__ import annotations
 
+import io
+from pathlib import Path
 from typing import Literal, cast
 
+import numpy as np
 import torch
 from torch import nn
 
+from marginwatch.artifact.graph import LOGITS, OUTPUTS, SCORE
+from marginwatch.artifact.schema import ONNX_FILE
+from marginwatch.calibration.config import CalibrationError
 from marginwatch.models.architectures import SplitClassifier
+from marginwatch.models.export import export_onnx, verify_export
 
 ScoreInput = Literal["features", "logits"]
 
@@ -80,9 +87,34 @@ class ServingGraph(nn.Module):
         self.score_input = score_input
 
     def forward(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        features = self.model.features(inputs)
-        logits = self.model.head(features)
-        if self.pseudo_margin is None:
-            return logits, logit_margin(logits)
-        source = features if self.score_input == "features" else logits
-        return logits, self.pseudo_margin(source)
+        if self.pseudo_margin is not None and self.score_input == "features":
+            features, logits = self.model.features_and_logits(inputs)
+            return logits, self.pseudo_margin(features)
+        # The model's own forward: where features and logits come from two passes (a model
+        # with features() but no head()), a score that needs no features costs one.
+        logits = self.model(inputs)
+        score = logit_margin(logits) if self.pseudo_margin is None else self.pseudo_margin(logits)
+        return logits, score
+
+
+def export_serving_graph(
+    graph: ServingGraph, input_shape: tuple[int, ...], inputs: np.ndarray, folder: Path | None
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """Export into `folder` (None: into memory, the preflight's trial), check ONNX Runtime
+    against torch (≤ 1e-4 on logits and score, equal labels, no label flip between batch 1 and
+    64), and measure the guard band: the largest score change between batch 1 and batch 64.
+    Returns ONNX Runtime's labels and scores, and the band."""
+    target: Path | io.BytesIO = io.BytesIO() if folder is None else folder / ONNX_FILE
+    graph = graph.cpu().eval()
+    export_onnx(graph, input_shape, target, list(OUTPUTS))
+    source = target.getvalue() if isinstance(target, io.BytesIO) else target
+    with torch.no_grad():
+        torch_logits, torch_scores = graph(torch.from_numpy(inputs))
+    logits_check, score_check = (
+        verify_export(source, reference, inputs, output, torch_logits)
+        for output, reference in ((LOGITS, torch_logits), (SCORE, torch_scores))
+    )
+    problems = logits_check.problems(1e-4) + score_check.problems(1e-4)
+    if problems:
+        raise CalibrationError("; ".join(problems))
+    return score_check.labels, score_check.values, score_check.max_abs_diff_batch1_vs_64

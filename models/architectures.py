@@ -7,6 +7,7 @@ export exposes as a second output. Every model takes float32 inputs in [0, 1].
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +29,12 @@ class SplitClassifier(nn.Module):
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(inputs))
+
+    def features_and_logits(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both from one pass: what the calibration's forward pass and a pseudo-margin on
+        features read. A model whose logits do not come from `head` overrides it."""
+        features = self.features(inputs)
+        return features, self.head(features)
 
 
 class FashionMnistCNN(SplitClassifier):
@@ -122,24 +129,132 @@ class PreActResNet18(SplitClassifier):
         return self.linear(features)
 
 
-class LogitsAsFeatures(SplitClassifier):
-    """Adapts a plain classifier (say, a TorchScript file) that has no features/head split:
-    its logits serve as features and the head is the identity."""
+def _call(module: nn.Module, method: str, *args: torch.Tensor) -> Any:
+    """A user module's method by name: nn.Module's `__getattr__` types every attribute as a
+    tensor or a module, and a TorchScript module's exported methods are neither."""
+    return getattr(module, method)(*args)
+
+
+class _Adapter(SplitClassifier):
+    """A user's model (TorchScript, ExportedProgram, ONNX, factory) that is no
+    `SplitClassifier`, with the facts it does not carry: the input shape comes from the
+    dataset, class count and feature width from a forward pass (`registry.adapt`)."""
 
     def __init__(
-        self, module: nn.Module, input_shape: tuple[int, int, int], num_classes: int
+        self,
+        module: nn.Module,
+        input_shape: tuple[int, int, int],
+        num_classes: int,
+        feature_dim: int,
     ) -> None:
         super().__init__()
         self.module = module
         self.input_shape = input_shape
         self.num_classes = num_classes
-        self.feature_dim = num_classes
+        self.feature_dim = feature_dim
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return cast(torch.Tensor, self.module(inputs))
+
+
+class LogitsAsFeatures(_Adapter):
+    """A plain classifier with no features/head split: its logits serve as features (the
+    pseudo-margin then reads logits) and the head is the identity."""
+
+    def __init__(
+        self, module: nn.Module, input_shape: tuple[int, int, int], num_classes: int
+    ) -> None:
+        super().__init__(module, input_shape, num_classes, num_classes)
 
     def features(self, inputs: torch.Tensor) -> torch.Tensor:
-        return self.module(inputs)
+        return self(inputs)
 
     def head(self, features: torch.Tensor) -> torch.Tensor:
         return features
+
+    def features_and_logits(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self(inputs)
+        return logits, logits
+
+
+class FeaturesAndForward(_Adapter):
+    """A model with `features(x)` but no `head`: the features reach the pseudo-margin, the
+    logits are its `forward`. Where the module offers `features_and_logits` (an ONNX graph with
+    both outputs) one pass gives both; otherwise the trunk runs twice."""
+
+    def features(self, inputs: torch.Tensor) -> torch.Tensor:
+        return _call(self.module, "features", inputs)
+
+    def head(self, features: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError("this model has no head(): its logits come from forward()")
+
+    def features_and_logits(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if hasattr(self.module, "features_and_logits"):
+            features, logits = _call(self.module, "features_and_logits", inputs)
+            return features, logits
+        return self.features(inputs), self(inputs)
+
+
+class FeaturesAndHead(_Adapter):
+    """A model with both `features(x)` and `head(features)` (a TorchScript file exporting
+    them, say) that does not carry its input shape."""
+
+    def features(self, inputs: torch.Tensor) -> torch.Tensor:
+        return _call(self.module, "features", inputs)
+
+    def head(self, features: torch.Tensor) -> torch.Tensor:
+        return _call(self.module, "head", features)
+
+
+class Normalized(SplitClassifier):
+    """`model` behind the affine map from [0, 1] to the inputs it was trained on: scaled to
+    `input_range`, then `(x − mean) / std` per channel. Attacks see [0, 1] inputs, so ε stays
+    in pixel space (as in RobustBench), and the map is part of the exported serving graph, so
+    the service keeps sending [0, 1] inputs. Folded into one multiply-add; persistent buffers,
+    so the calibration's cache key changes with them."""
+
+    scale: torch.Tensor
+    shift: torch.Tensor
+
+    def __init__(
+        self,
+        model: SplitClassifier,
+        *,
+        input_range: tuple[float, float],
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+    ) -> None:
+        super().__init__()
+        channels = model.input_shape[0]
+        for name, values in (("mean", mean), ("std", std)):
+            if len(values) not in (1, channels):
+                raise ValueError(
+                    f"{name} has {len(values)} values; the model's input has {channels} channels"
+                )
+        low, high = input_range
+        mean_t = torch.tensor(mean, dtype=torch.float32).expand(channels)
+        std_t = torch.tensor(std, dtype=torch.float32).expand(channels)
+        self.model = model
+        self.input_shape = model.input_shape
+        self.num_classes = model.num_classes
+        self.feature_dim = model.feature_dim
+        self.register_buffer("scale", ((high - low) / std_t).view(1, channels, 1, 1))
+        self.register_buffer("shift", ((low - mean_t) / std_t).view(1, channels, 1, 1))
+
+    def _scaled(self, inputs: torch.Tensor) -> torch.Tensor:
+        return inputs * self.scale + self.shift
+
+    def features(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.model.features(self._scaled(inputs))
+
+    def head(self, features: torch.Tensor) -> torch.Tensor:
+        return self.model.head(features)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return cast(torch.Tensor, self.model(self._scaled(inputs)))
+
+    def features_and_logits(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.model.features_and_logits(self._scaled(inputs))
 
 
 ARCHITECTURES: dict[str, Callable[[], SplitClassifier]] = {

@@ -7,11 +7,13 @@ reuses `export_onnx` and `verify_export` for the serving graph (`logits`, `score
 from __future__ import annotations
 
 import argparse
+import io
 import sys
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -21,7 +23,7 @@ from marginwatch.artifact.graph import INPUT_NAME, LOGITS
 from marginwatch.models.architectures import SplitClassifier
 from marginwatch.models.cli import add_dataset_options, command_parser
 from marginwatch.models.data import DataError, load_dataset, stratified_indices
-from marginwatch.models.registry import ModelError, load_model
+from marginwatch.models.registry import ModelError, image_shape, load_model
 
 OPSET = 17
 PROG = "marginwatch-export"
@@ -39,14 +41,31 @@ class LogitsAndFeatures(nn.Module):
         self.model = model
 
     def forward(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        features = self.model.features(inputs)
-        return self.model.head(features), features
+        features, logits = self.model.features_and_logits(inputs)
+        return logits, features
+
+
+def _traceable(graph: nn.Module, example: torch.Tensor) -> nn.Module:
+    """`graph` in a form the ONNX exporter can trace. Its tracer refuses a TorchScript module
+    called from inside another module ("not part of the active trace": a TorchScript file
+    behind an adapter or a factory), but `torch.jit.trace` accepts it, and a traced module
+    exports as a whole. Graphs without TorchScript parts are exported as they are."""
+    if not any(isinstance(module, torch.jit.ScriptModule) for module in graph.modules()):
+        return graph
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # the same as the exporter's
+        traced = torch.jit.trace(graph, (example,), check_trace=False)
+    return cast(nn.Module, traced)
 
 
 def export_onnx(
-    graph: nn.Module, input_shape: Sequence[int], path: Path, output_names: Sequence[str]
+    graph: nn.Module,
+    input_shape: Sequence[int],
+    path: Path | io.BytesIO,
+    output_names: Sequence[str],
 ) -> None:
-    """Write `graph` to `path` with input `input` (float32, N×`input_shape`), batch axis dynamic."""
+    """Write `graph` to `path` (or into a buffer: the preflight's trial export writes nothing)
+    with input `input` (float32, N×`input_shape`), batch axis dynamic."""
     graph.eval()
     example = torch.rand(2, *input_shape)
     dynamic_axes = {name: {0: "batch"} for name in [INPUT_NAME, *output_names]}
@@ -55,14 +74,17 @@ def export_onnx(
         # this one has no extra dependency and handles these graphs exactly.
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", FutureWarning)
-        # constants built inside forward (the logit margin's (1, −1)) are meant to be constants
-        warnings.filterwarnings(
-            "ignore", message=".*registered as constants", category=torch.jit.TracerWarning
-        )
+        # Constants the tracer bakes in (the logit margin's (1, −1); an ExportedProgram's shape
+        # guards) are meant to be constants; a trace that would not generalise shows up in the
+        # parity checks that follow every export (torch, and batch 1 against 64).
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        # A traced TorchScript graph (`_traceable`) has no Python signature to read names from.
+        warnings.filterwarnings("ignore", message="no signature found for", category=UserWarning)
         torch.onnx.export(
-            graph,
+            _traceable(graph, example),
             (example,),
-            str(path),
+            # a buffer works with this exporter (dynamo=False), its annotation names files only
+            path if isinstance(path, io.BytesIO) else str(path),  # type: ignore[arg-type]
             input_names=[INPUT_NAME],
             output_names=list(output_names),
             dynamic_axes=dynamic_axes,
@@ -71,13 +93,15 @@ def export_onnx(
         )
 
 
-def onnx_session(path: Path, threads: int | None = None):  # type: ignore[no-untyped-def]
+def onnx_session(path: Path | bytes, threads: int | None = None):  # type: ignore[no-untyped-def]
+    """An ONNX Runtime CPU session on a file, or on a serialised graph held in memory."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    source = path if isinstance(path, bytes) else str(path)
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 
 
 def run_batched(session, inputs: np.ndarray, output: str, batch_size: int) -> np.ndarray:  # type: ignore[no-untyped-def]
@@ -117,7 +141,11 @@ class ExportCheck:
 
 
 def verify_export(
-    path: Path, reference: torch.Tensor, inputs: np.ndarray, output: str, logits: torch.Tensor
+    path: Path | bytes,
+    reference: torch.Tensor,
+    inputs: np.ndarray,
+    output: str,
+    logits: torch.Tensor,
 ) -> ExportCheck:
     """Compare `output` of the ONNX file at `path` with `reference` (torch's, same inputs);
     labels come from `logits` in torch and from the graph's `logits` output in ONNX Runtime."""
@@ -160,9 +188,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        model = load_model(args.model, args.weights)
         data = load_dataset(args.dataset, "test", args.data_dir)
         data = data.subset(stratified_indices(data.labels, min(args.verify_samples, len(data)), 0))
+        # a model that does not carry its input shape takes the dataset's
+        model = load_model(args.model, args.weights, input_shape=image_shape(data.images))
     except (ModelError, DataError) as error:
         print(f"{PROG}: {error}", file=sys.stderr)
         return 2

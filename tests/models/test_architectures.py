@@ -7,7 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from marginwatch.models.architectures import ARCHITECTURES, FashionMnistCNN, PreActResNet18
+from marginwatch.models.architectures import (
+    ARCHITECTURES,
+    FashionMnistCNN,
+    LogitsAsFeatures,
+    PreActResNet18,
+)
 from marginwatch.models.registry import ModelError, load_model, save_weights
 
 
@@ -66,9 +71,12 @@ def test_torchscript_without_split_uses_logits_as_features(tmp_path: Path) -> No
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # users still ship TorchScript files
         torch.jit.script(plain).save(str(path))
-    with pytest.raises(ModelError, match=r"no features\(\)/head\(\) split.*LogitsAsFeatures"):
+    with pytest.raises(ModelError, match="does not carry its input shape"):
         load_model(str(path))
+    with pytest.raises(ModelError, match="gives 10 logits per input, but the dataset has 7"):
+        load_model(str(path), input_shape=(1, 28, 28), num_classes=7)
     model = load_model(str(path), input_shape=(1, 28, 28), num_classes=10)
+    assert isinstance(model, LogitsAsFeatures) and model.num_classes == 10
     inputs = torch.rand(2, 1, 28, 28)
     with torch.no_grad():
         torch.testing.assert_close(model.features(inputs), plain(inputs))

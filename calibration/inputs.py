@@ -1,0 +1,114 @@
+"""What the job works on: the model and the data, loaded and fitted to each other, and the
+model's outputs on a set of images.
+
+The dataset comes first, because a model that does not carry its own facts takes them from it:
+the input shape from the images, the class count checked against the class names, and the
+normalisation it expects (`--input-range`, `--mean`, `--std`) wrapped around it, so that the
+attacks and the exported graph both see [0, 1] inputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from marginwatch.calibration.config import CalibrationConfig, ConfigError
+from marginwatch.calibration.scores import logit_margin
+from marginwatch.models.architectures import Normalized, SplitClassifier
+from marginwatch.models.data import DataError, Dataset, load_dataset
+from marginwatch.models.registry import ModelError, image_shape, load_model
+
+
+@dataclass(frozen=True)
+class Inputs:
+    model: SplitClassifier
+    data: Dataset
+    train_data: Dataset | None  # None: draw pseudo-margin training points from `data`
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """The model's outputs on a set of inputs: predicted labels, logit margins, features."""
+
+    labels: np.ndarray
+    scores: np.ndarray
+    features: np.ndarray
+    logits: np.ndarray
+
+    def take(self, indices: np.ndarray) -> Outputs:
+        return Outputs(
+            self.labels[indices], self.scores[indices], self.features[indices], self.logits[indices]
+        )
+
+    def score_inputs(self, kind: str) -> np.ndarray:
+        return self.features if kind == "features" else self.logits
+
+
+def load_model_for(config: CalibrationConfig, data: Dataset) -> SplitClassifier:
+    """The configured model, fitted to `data` (input shape, class count) and wrapped in its
+    normalisation when it expects inputs other than [0, 1]; `ConfigError` on any mismatch."""
+    try:
+        model = load_model(
+            config.model,
+            config.weights,
+            input_shape=image_shape(data.images),
+            num_classes=len(data.class_names),
+        )
+    except ModelError as error:
+        raise ConfigError(str(error)) from error
+    if data.images.shape[1:] != tuple(model.input_shape):
+        raise ConfigError(
+            f"data has shape {data.images.shape[1:]} per image but the model expects "
+            f"{tuple(model.input_shape)}"
+        )
+    if not config.normalizes:
+        return model
+    try:
+        return Normalized(model, input_range=config.input_range, mean=config.mean, std=config.std)
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
+
+
+def load_inputs(config: CalibrationConfig) -> Inputs:
+    """Data and model, with shapes checked against each other; `ConfigError` on any problem."""
+    try:
+        data = load_dataset(config.dataset, config.split, config.data_dir)
+    except DataError as error:
+        raise ConfigError(str(error)) from error
+    model = load_model_for(config, data)
+    if config.subset_size > len(data):
+        raise ConfigError(
+            f"subset of {config.subset_size} asked for, but {config.dataset}:{config.split} "
+            f"has only {len(data)} images"
+        )
+    train_data = None
+    if config.split == "test" and config.pseudo_margin != "never":
+        try:
+            train_data = load_dataset(config.dataset, "train", config.data_dir)
+        except DataError:
+            train_data = None  # single-split sources: use the points outside the subset
+    return Inputs(model.to(config.torch_device), data, train_data)
+
+
+@torch.no_grad()
+def forward_all(model: SplitClassifier, inputs: np.ndarray, device: torch.device) -> Outputs:
+    features, logits = [], []
+    for start in range(0, len(inputs), 500):
+        batch = torch.from_numpy(inputs[start : start + 500]).to(device)
+        batch_features, batch_logits = model.features_and_logits(batch)
+        features.append(batch_features.cpu())
+        logits.append(batch_logits.cpu())
+    all_logits = torch.cat(logits)
+    return Outputs(
+        labels=all_logits.argmax(1).numpy(),
+        scores=logit_margin(all_logits).numpy(),
+        features=torch.cat(features).numpy(),
+        logits=all_logits.numpy(),
+    )
+
+
+def subset_indices(size: int, population: int, seed: int) -> np.ndarray:
+    """A uniform random subset, so the estimators stay unbiased for any class balance."""
+    return np.sort(np.random.default_rng(seed).choice(population, size, replace=False))

@@ -229,7 +229,7 @@ class Normalized(SplitClassifier):
         for name, values in (("mean", mean), ("std", std)):
             if len(values) not in (1, channels):
                 raise ValueError(
-                    f"{name} has {len(values)} values; the model's input has {channels} channels"
+                    f"{name} has {len(values)} values for a model with {channels}-channel inputs"
                 )
         low, high = input_range
         mean_t = torch.tensor(mean, dtype=torch.float32).expand(channels)

@@ -84,6 +84,23 @@ def test_estimate_is_seeded() -> None:
     )
 
 
+def test_regression_interval_with_a_single_correct_subset_point() -> None:
+    """A resample of 40 points misses the one correct point about 36 % of the time: such a
+    resample is drawn again (r is undefined on it), rather than ending the run."""
+    s = np.linspace(-1.0, 1.0, 40)
+    correct = np.zeros(40, dtype=bool)
+    correct[20] = True
+    robust = s > 0.0
+    est = estimate_robust_accuracy(
+        s, correct, robust, s, correct, threshold_rule=MATCH, method="regression", bootstrap=50
+    )
+    assert est.ci_low is not None and est.ci_high is not None
+    assert 0.0 <= est.ci_low <= est.estimate <= est.ci_high <= 1.0
+    with pytest.raises(ValueError, match="no correctly classified point"):
+        estimate_robust_accuracy(s, ~np.ones(40, dtype=bool), robust, s, correct,
+                                 threshold_rule=MATCH, method="regression")  # fmt: skip
+
+
 def test_count_and_regression_estimates_by_hand() -> None:
     s = np.array([0.0, 1.0, 2.0, 3.0])
     c = np.array([True, True, False, True])

@@ -135,7 +135,10 @@ CASES = {
         ["--model", "{no-onnx-symbol}"],
         "the serving graph does not export: UnsupportedOperatorError",
     ),
-    "mean-channels": (["--mean", "0.1,0.2,0.3"], "mean has 3 values; the model's input has 1"),
+    "mean-channels": (
+        ["--mean", "0.1,0.2,0.3"],
+        "mean has 3 values for a model with 1-channel inputs",
+    ),
     "std-zero": (["--std", "0"], "std must be positive"),
     "missing-model-file": (["--model", "nowhere.pt2"], "model file nowhere.pt2 does not exist"),
 }

@@ -185,5 +185,5 @@ def test_normalized_sees_zero_one_inputs() -> None:
         torch.testing.assert_close(logits, inner(inputs), atol=1e-5, rtol=1e-4)
     # the map is state (the calibration's cache key covers it)
     assert {"scale", "shift"} <= set(model.state_dict())
-    with pytest.raises(ValueError, match="mean has 3 values; the model's input has 1 channels"):
+    with pytest.raises(ValueError, match="mean has 3 values for a model with 1-channel inputs"):
         Normalized(inner, input_range=(0.0, 1.0), mean=(0.5, 0.5, 0.5), std=(1.0,))

@@ -2,7 +2,8 @@
 folders (one sub-folder per class, PNG/JPEG/WebP decoded with Pillow).
 
 Every loader returns a `Dataset` of uint8 images in N×C×H×W layout and int64 labels; conversion
-to floats in [0, 1] happens once, in `Dataset.float_images`, so no loader can disagree about scale.
+to floats in [0, 1] happens once, in `unit_floats` (`Dataset.float_images`), so no loader can
+disagree about scale.
 Missing or malformed files raise `DataError` with a message that says what is wrong and how to
 get the data.
 """
@@ -69,6 +70,12 @@ class DataError(Exception):
     """Data that is missing, truncated or not in the expected format."""
 
 
+def unit_floats(pixels: np.ndarray) -> np.ndarray:
+    """uint8 pixels as float32 in [0, 1]: value / 255, the one scale of every loader (and of the
+    service's image requests)."""
+    return pixels.astype(np.float32) / 255.0
+
+
 @dataclass(frozen=True)
 class Dataset:
     """Images as uint8 N×C×H×W, labels as int64 N, and the class names in label order."""
@@ -98,7 +105,7 @@ class Dataset:
     @property
     def float_images(self) -> np.ndarray:
         """Images as float32 in [0, 1], the input range of every model here."""
-        return self.images.astype(np.float32) / 255.0
+        return unit_floats(self.images)
 
     def subset(self, indices: np.ndarray) -> Dataset:
         return Dataset(self.images[indices], self.labels[indices], self.class_names)
@@ -260,9 +267,13 @@ def stratified_indices(labels: np.ndarray, size: int, seed: int) -> np.ndarray:
 
 # Image folders. The extensions read, and the only decoders Pillow may use for them: a file is
 # decoded by its content, so restricting the formats also keeps a GIF or TIFF renamed `.png`
-# (and the decoders of formats nobody asked for) out.
+# (and the decoders of formats nobody asked for) out. The service's image requests
+# (`service/images.py`) take the same formats and decode them with the functions below.
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
-_PILLOW_FORMATS = ("PNG", "JPEG", "WEBP")
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
+# How an image is resized to a requested size (aspect ratio not kept). Pillow's bilinear filter
+# widens its support when it shrinks, so a downscaled image is averaged, not aliased.
+RESAMPLING = Image.Resampling.BILINEAR
 # Pillow modes read as 8-bit grayscale; the other 8-bit modes are converted to RGB. Alpha is
 # dropped, as Pillow's `convert` (and torchvision's loader) do: models here see no transparency.
 _GRAY_MODES = frozenset({"1", "L", "LA"})
@@ -350,24 +361,32 @@ def image_split_folder(root: Path, split: Split) -> Path:
     return root / split
 
 
+def image_pixels(image: Image.Image, size: tuple[int, int] | None = None) -> np.ndarray:
+    """An open image's pixels as uint8 H×W (grayscale mode) or H×W×3 (every other 8-bit mode, as
+    RGB; alpha dropped), resized to `size` (height, width) with `RESAMPLING` if given and
+    different. Animated and 16-bit or float images raise `DataError`, whose message continues
+    the name of the image ("… is animated"); a damaged file raises Pillow's own errors (many
+    types), for the caller to name."""
+    frames = getattr(image, "n_frames", 1)
+    if frames > 1:
+        raise DataError(f"is animated ({frames} frames); use still images")
+    if image.mode not in _GRAY_MODES | _COLOUR_MODES:
+        raise DataError(
+            f"has pixel mode {image.mode} (16-bit or float): save it as 8-bit grayscale or RGB"
+        )
+    converted = image.convert("L" if image.mode in _GRAY_MODES else "RGB")
+    if size is not None and converted.size != size[::-1]:
+        converted = converted.resize(size[::-1], RESAMPLING)
+    return np.asarray(converted)
+
+
 def _decode(path: Path, size: tuple[int, int] | None) -> np.ndarray:
-    """One image as uint8 H×W (grayscale mode) or H×W×3 (every other mode, as RGB)."""
+    """One image file as `image_pixels` gives it; any problem is a `DataError` naming the file."""
     try:
-        with Image.open(path, formats=_PILLOW_FORMATS) as image:
-            frames = getattr(image, "n_frames", 1)
-            if frames > 1:
-                raise DataError(f"{path} is animated ({frames} frames); use still images")
-            if image.mode not in _GRAY_MODES | _COLOUR_MODES:
-                raise DataError(
-                    f"{path} has pixel mode {image.mode} (16-bit or float): save it as 8-bit "
-                    "grayscale or RGB"
-                )
-            converted = image.convert("L" if image.mode in _GRAY_MODES else "RGB")
-            if size is not None and converted.size != size[::-1]:
-                converted = converted.resize(size[::-1], Image.Resampling.BILINEAR)
-            return np.asarray(converted)
-    except DataError:
-        raise
+        with Image.open(path, formats=IMAGE_FORMATS) as image:
+            return image_pixels(image, size)
+    except DataError as error:
+        raise DataError(f"{path} {error}") from None
     except Exception as error:  # Pillow's decoders raise many types for one damaged file
         raise DataError(f"{path} is not a readable PNG, JPEG or WebP image: {error}") from error
 
@@ -375,13 +394,13 @@ def _decode(path: Path, size: tuple[int, int] | None) -> np.ndarray:
 def _header_size(path: Path) -> tuple[int, int]:
     """Height and width from the file's header, without decoding the pixels."""
     try:
-        with Image.open(path, formats=_PILLOW_FORMATS) as image:
+        with Image.open(path, formats=IMAGE_FORMATS) as image:
             return image.height, image.width
     except Exception as error:  # as in `_decode`: any reader failure means a bad file
         raise DataError(f"{path} is not a readable PNG, JPEG or WebP image: {error}") from error
 
 
-def _is_gray(pixels: np.ndarray) -> bool:
+def is_gray(pixels: np.ndarray) -> bool:
     """Gray content, whatever the mode: WebP has no grayscale mode, and many writers save gray
     images as RGB or with a palette; such images are read as grayscale too."""
     return pixels.ndim == 2 or bool(
@@ -389,11 +408,11 @@ def _is_gray(pixels: np.ndarray) -> bool:
     )
 
 
-def _to_channels(pixels: np.ndarray, channels: int) -> np.ndarray:
-    """C×H×W with `channels` channels: gray is repeated into RGB; colour to gray is Pillow's
-    ITU-R 601-2 luma, as `convert("L")` computes it."""
+def to_channels(pixels: np.ndarray, channels: int) -> np.ndarray:
+    """`image_pixels`' H×W or H×W×3 as C×H×W with `channels` channels: gray is repeated into
+    RGB; colour to gray is Pillow's ITU-R 601-2 luma, as `convert("L")` computes it."""
     if pixels.ndim == 3 and channels == 1:
-        if _is_gray(pixels):
+        if is_gray(pixels):
             return pixels[None, ..., 0]
         return np.asarray(Image.fromarray(pixels).convert("L"))[None]
     if pixels.ndim == 2:
@@ -412,10 +431,11 @@ def load_image_folder(
     PNG/JPEG/WebP images in each; `image_split_folder` says which folder answers `split`.
 
     Every image must have the same height and width, unless `size` (height, width) is given:
-    then each is resized to it (bilinear, aspect ratio not kept). Channels: 1 when every image
-    is gray (modes 1/L/LA, or RGB/palette content with equal channels), else 3, every gray image
-    repeated into R = G = B; `channels` forces 1 (colour → luma) or 3. Alpha is dropped; EXIF
-    orientation is not applied (pixels as stored); animated and 16-bit images are refused.
+    then each is resized to it (`RESAMPLING`: bilinear, aspect ratio not kept). Channels: 1 when
+    every image is gray (modes 1/L/LA, or RGB/palette content with equal channels), else 3, every
+    gray image repeated into R = G = B; `channels` forces 1 (colour → luma) or 3. Alpha is
+    dropped; EXIF orientation is not applied (pixels as stored); animated and 16-bit images are
+    refused.
     """
     if size is not None and min(size) < 1:
         raise DataError(f"image size must be positive, got {size}")
@@ -436,10 +456,10 @@ def load_image_folder(
                 )
     decoded = [_decode(path, size) for _, path in files]
     if channels is None:
-        channels = 1 if all(_is_gray(pixels) for pixels in decoded) else 3
+        channels = 1 if all(is_gray(pixels) for pixels in decoded) else 3
     images = np.empty((len(decoded), channels, *decoded[0].shape[:2]), dtype=np.uint8)
     for index, pixels in enumerate(decoded):
-        images[index] = _to_channels(pixels, channels)
+        images[index] = to_channels(pixels, channels)
     labels = np.array([label for label, _ in files], dtype=np.int64)
     return Dataset(images, labels, tuple(cls.name for cls in classes))
 

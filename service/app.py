@@ -32,6 +32,7 @@ from marginwatch.service.errors import (
     UnsupportedMediaType,
 )
 from marginwatch.service.fastpath import auth_dependencies, splice_routes
+from marginwatch.service.images import ImageLimits
 from marginwatch.service.metrics import CONTENT_TYPE, ServiceMetrics
 from marginwatch.service.middleware import RequestMetricsMiddleware, guard_routes
 from marginwatch.service.payload import JSON, RequestReader
@@ -146,7 +147,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings if settings is not None else Settings()
     metrics = ServiceMetrics(settings.live_window_predictions)
     registry = ModelRegistry(settings, metrics)
-    reader = RequestReader(registry, settings.max_body_bytes, settings.max_inputs_per_request)
+    images = ImageLimits(
+        settings.max_image_bytes, settings.max_image_request_bytes, settings.max_image_pixels
+    )
+    reader = RequestReader(
+        registry, settings.max_body_bytes, settings.max_inputs_per_request, images=images
+    )
     admission = Admission(
         max_requests=settings.max_inflight_requests,
         max_body_bytes=settings.max_inflight_body_bytes,

@@ -4,13 +4,17 @@
 the model's deployment, the Content-Type, the body's size limit (from Content-Length, and again
 while streaming), admission (`admission.py`: body bytes reserved before the body is read, a place
 taken before it is parsed), the protocol's own decoding (a `BodyFormat`: orjson plus the pydantic
-model, or the binary tensor extension) and the batch checks (shape, size, NaN/Inf, range). Every
-problem raises a domain error whose message names it; nothing here computes a prediction.
+model, the binary tensor extension, or image files: `images.py`) and the batch checks (shape,
+size, NaN/Inf, range). Every problem raises a domain error whose message names it; nothing here
+computes a prediction.
 
-A model's body limit is its largest legal request: `max_inputs` samples of its input shape, at
-`JSON_BYTES_PER_VALUE` or, for the binary tensor extension, 4 bytes a value, plus
-`ENVELOPE_BYTES` for the rest of the body. Bodies above `PARSE_OFF_LOOP_BYTES` are decoded in the
-reader's own thread, so the event loop goes on answering meanwhile.
+A model's body limit is its largest legal request in the body's encoding: `max_inputs` samples
+of its input shape, at `JSON_BYTES_PER_VALUE` or, for the binary tensor extension, 4 bytes a
+value; for a route that also takes image files (v1), `max_image_request_bytes` of files in a
+multipart form, or as base64 in JSON (a JSON body may hold floats or images, so its limit is the
+larger of the two); plus `ENVELOPE_BYTES` for the rest of the body (`body_limit`,
+`image_body_limit`). Bodies above `PARSE_OFF_LOOP_BYTES` are decoded in the reader's own thread,
+so the event loop goes on answering meanwhile; image files are decoded there whatever their size.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import math
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Literal, TypeVar
 
 import numpy as np
 import orjson
@@ -31,32 +35,48 @@ from starlette.requests import Request
 from marginwatch.service.admission import Ticket, ticket_of
 from marginwatch.service.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
 from marginwatch.service.fastpath import model_name
+from marginwatch.service.images import (
+    RESIZE,
+    EncodedImages,
+    ImageLimits,
+    decode_images,
+    resize_option,
+)
 from marginwatch.service.registry import Deployment, ModelRegistry
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
 OptionsT = TypeVar("OptionsT")
 JSON = "application/json"
 OCTET_STREAM = "application/octet-stream"
+FORM = "multipart/form-data"
 # The longest shortest-round-trip float64 in JSON ("-1.1754943508222875e-38", 23 characters) and
 # its ", " separator: what orjson, json.dumps and numpy's tolist() write for any float32.
 JSON_BYTES_PER_VALUE = 25
 BINARY_BYTES_PER_VALUE = 4  # FP32, the one input datatype
 ENVELOPE_BYTES = 64 * 1024  # field names, options, whitespace, a binary request's JSON header
+# A form part's own bytes beside its data: boundary line, Content-Disposition with a file name,
+# Content-Type (about 150 bytes with a 60-character file name)
+FORM_PART_BYTES = 1024
 # Above this a body is decoded off the event loop. A 64 KiB JSON body takes about 1 ms to parse
 # on the 2-core development machine, four times the thread hop (docs/benchmarks.md).
 PARSE_OFF_LOOP_BYTES = 64 * 1024
+# The image encoding a body may carry, known from its Content-Type before it is read
+ImageBody = Literal["form", "json"] | None
 
 
 @dataclass(frozen=True)
 class BodyFormat(Generic[OptionsT]):
     """One protocol's request body: the media types it comes in, and `decode(body, headers)`,
-    which returns the input array (not yet checked) and the request's options."""
+    which returns the input array (not yet checked), or image files not yet decoded, and the
+    request's options."""
 
     media_types: tuple[str, ...]
-    decode: Callable[[bytes, Headers], tuple[np.ndarray, OptionsT]]
+    decode: Callable[[bytes, Headers], tuple[np.ndarray | EncodedImages, OptionsT]]
     what: str = "inputs"  # how error messages name the input
     # the header that marks a body as binary tensor data (4 bytes a value, not JSON's 25)
     binary_header: str | None = None
+    # whether bodies may carry image files: as a multipart form, or as base64 in JSON
+    images: bool = False
 
 
 def body_limit(input_shape: Sequence[int], max_inputs: int, *, binary: bool) -> int:
@@ -64,6 +84,20 @@ def body_limit(input_shape: Sequence[int], max_inputs: int, *, binary: bool) -> 
     `input_shape`, as JSON numbers or as binary FP32, plus `ENVELOPE_BYTES`."""
     per_value = BINARY_BYTES_PER_VALUE if binary else JSON_BYTES_PER_VALUE
     return max_inputs * math.prod(input_shape) * per_value + ENVELOPE_BYTES
+
+
+def image_body_limit(limits: ImageLimits, max_inputs: int, *, form: bool) -> int:
+    """The size of the largest legal body of image files: `limits.max_request_bytes` of files in
+    a multipart form (with the part headers of `max_inputs` files and two flags) or as base64
+    in JSON, plus `ENVELOPE_BYTES`."""
+    files = limits.max_request_bytes
+    if form:
+        return files + (max_inputs + 2) * FORM_PART_BYTES + ENVELOPE_BYTES
+    return 4 * math.ceil(files / 3) + ENVELOPE_BYTES
+
+
+def is_form(headers: Headers) -> bool:
+    return headers.get("content-type", "").lower().startswith(FORM)
 
 
 def _one_parser() -> ThreadPoolExecutor:
@@ -82,6 +116,7 @@ class RequestReader:
     max_body_bytes: int | None  # a cap below the models' own limits, if set
     max_inputs: int
     parser: ThreadPoolExecutor = field(default_factory=_one_parser)
+    images: ImageLimits = field(default_factory=ImageLimits)
 
     async def read(
         self, request: Request, body_format: BodyFormat[OptionsT]
@@ -116,6 +151,12 @@ class RequestReader:
             x, options = await asyncio.get_running_loop().run_in_executor(
                 self.parser, self._decode, deployment, body_format, body, request.headers
             )
+        if isinstance(x, EncodedImages):
+            del body  # the files are in `x`
+            resize = resize_option(x.resize, request.query_params.get(RESIZE))
+            x = await asyncio.get_running_loop().run_in_executor(
+                self.parser, self._decode_images, deployment, x, resize
+            )
         return deployment, x, options
 
     def _admit_body(
@@ -129,38 +170,62 @@ class RequestReader:
         (room in the model's queue, its bytes reserved): all before a byte of it is read."""
         marker = body_format.binary_header
         binary = marker is not None and marker in request.headers
+        images: ImageBody = None
+        if body_format.images and not binary:
+            images = "form" if is_form(request.headers) else "json"
         declared = request.headers.get("content-length")
         size = int(declared) if declared is not None and declared.isdigit() else None
-        return self.admit(deployment, size, binary=binary, ticket=ticket)
+        return self.admit(deployment, size, binary=binary, ticket=ticket, images=images)
 
     def admit(
-        self, deployment: Deployment, size: int | None, *, binary: bool, ticket: Ticket | None
+        self,
+        deployment: Deployment,
+        size: int | None,
+        *,
+        binary: bool,
+        ticket: Ticket | None,
+        images: ImageBody = None,
     ) -> int:
         """The size limit of a request to `deployment`, once its `size` (None: not declared) is
         known to fit it and admission has taken it. Both transports call it: HTTP with the
         Content-Length before reading the body, gRPC with the size of the message it got."""
-        limit = body_limit(deployment.model.record.input_shape, self.max_inputs, binary=binary)
+        limit = self._limit(deployment, binary, images)
         if self.max_body_bytes is not None:
             limit = min(limit, self.max_body_bytes)
         if size is not None and size > limit:
             raise PayloadTooLarge(
-                f"the body has {size} bytes, above {self._explain(deployment, limit, binary)}"
+                f"the body has {size} bytes, above "
+                f"{self._explain(deployment, limit, binary, images)}"
             )
         if ticket is not None:
             deployment.batcher.check_room()
             ticket.reserve_bytes(limit if size is None else size)
         return limit
 
-    def _explain(self, deployment: Deployment, limit: int, binary: bool) -> str:
+    def _limit(self, deployment: Deployment, binary: bool, images: ImageBody) -> int:
+        if images == "form":
+            return image_body_limit(self.images, self.max_inputs, form=True)
+        floats = body_limit(deployment.model.record.input_shape, self.max_inputs, binary=binary)
+        if images == "json":
+            return max(floats, image_body_limit(self.images, self.max_inputs, form=False))
+        return floats
+
+    def _explain(self, deployment: Deployment, limit: int, binary: bool, images: ImageBody) -> str:
         """The body limit in words, for a 413's message (written only then: it costs µs)."""
         if limit == self.max_body_bytes:
             return f"the limit of {limit} bytes (max_body_bytes)"
+        files = f"{self.images.max_request_bytes} bytes of image files (max_image_request_bytes)"
+        if images == "form":
+            return f"the limit of {limit} bytes for image requests ({files} in a multipart form)"
         shape = list(deployment.model.record.input_shape)
         encoding = "binary FP32" if binary else "JSON"
-        return (
-            f"the limit of {limit} bytes for model {deployment.model.name!r} "
-            f"({self.max_inputs} inputs of shape {shape} as {encoding})"
-        )
+        floats = f"{self.max_inputs} inputs of shape {shape} as {encoding}"
+        if images == "json" and limit > body_limit(shape, self.max_inputs, binary=False):
+            return (
+                f"the limit of {limit} bytes for model {deployment.model.name!r} ({files} as "
+                f"base64 in JSON, more than {floats} take)"
+            )
+        return f"the limit of {limit} bytes for model {deployment.model.name!r} ({floats})"
 
     def _decode(
         self,
@@ -168,9 +233,27 @@ class RequestReader:
         body_format: BodyFormat[OptionsT],
         body: bytes,
         headers: Headers,
-    ) -> tuple[np.ndarray, OptionsT]:
+    ) -> tuple[np.ndarray | EncodedImages, OptionsT]:
+        """The checked batch of a body of numbers; the files of a body of images, as they are
+        (`_decode_images` decodes them, always in the parse thread)."""
         x, options = body_format.decode(body, headers)
+        if isinstance(x, EncodedImages):
+            return x, options
         return self.check(deployment, x, body_format.what), options
+
+    def _decode_images(
+        self, deployment: Deployment, encoded: EncodedImages, resize: bool
+    ) -> np.ndarray:
+        record = deployment.model.record
+        x = decode_images(
+            encoded,
+            input_shape=record.input_shape,
+            input_range=record.input_range,
+            resize=resize,
+            limits=self.images,
+            max_inputs=self.max_inputs,
+        )
+        return self.check(deployment, x, "images")
 
     def check(self, deployment: Deployment, x: np.ndarray, what: str) -> np.ndarray:
         """`check_batch` against the deployment's input shape and range and `max_inputs`: the

@@ -1,4 +1,10 @@
-"""The service's own REST API: `POST /v1/models/{name}/predict`. Read, infer, serialise."""
+"""The service's own REST API: `POST /v1/models/{name}/predict`. Read, infer, serialise.
+
+A body is floats in JSON (`inputs`, or KServe v1's `instances`), or image files: a multipart form
+of `file` parts, base64 strings in JSON (`images`, or KServe v1's `{"b64": ...}` instances).
+Image files leave here undecoded (`images.EncodedImages`): the request reader decodes them for
+the model that serves the request, and the response is the one the decoded floats would get.
+"""
 
 from __future__ import annotations
 
@@ -13,19 +19,86 @@ from starlette.datastructures import Headers
 from marginwatch.artifact.schema import CalibrationRecord
 from marginwatch.service.admission import deadline_of
 from marginwatch.service.engine import Prediction
-from marginwatch.service.fastpath import inference_route_docs
-from marginwatch.service.payload import JSON, BodyFormat, RequestReader, as_float32, parse_json
+from marginwatch.service.errors import InvalidInput
+from marginwatch.service.fastpath import inference_route_docs, request_body
+from marginwatch.service.images import RESIZE, EncodedImages, read_form
+from marginwatch.service.payload import (
+    FORM,
+    JSON,
+    BodyFormat,
+    RequestReader,
+    as_float32,
+    is_form,
+    parse_json,
+)
 from marginwatch.service.payload import validate as validate_schema
-from marginwatch.service.schemas import OpenApiResponses, PredictRequest, PredictResponse
+from marginwatch.service.schemas import (
+    OpenApiResponses,
+    PredictForm,
+    PredictRequest,
+    PredictResponse,
+)
+
+BATCH_FIELDS = ("inputs", "instances", "images")
+B64 = "b64"  # KServe v1's key of an instance that is a base64 file
 
 
-def decode_predict(body: bytes, _: Headers) -> tuple[np.ndarray, bool]:
-    """The inputs of a v1 body as one float32 array, and its `return_probabilities` flag."""
+def decode_predict(body: bytes, headers: Headers) -> tuple[np.ndarray | EncodedImages, bool]:
+    """The inputs of a v1 body, as one float32 array or as image files, and its
+    `return_probabilities` flag."""
+    if is_form(headers):
+        parts, flags = read_form(body, headers["content-type"])
+        with_probabilities = flags.get("return_probabilities", False)
+        return EncodedImages(parts, base64=False, resize=flags.get(RESIZE)), with_probabilities
     parsed = validate_schema(PredictRequest, parse_json(body))
-    return as_float32(parsed.inputs, "inputs"), parsed.return_probabilities
+    given = [field for field in BATCH_FIELDS if field in parsed.model_fields_set]
+    if len(given) != 1:
+        problem = "inputs: Field required" if not given else f"{' and '.join(given)} together"
+        raise InvalidInput(
+            f"invalid request: {problem}; send one of inputs (floats), instances (KServe v1: "
+            "floats or b64 files) or images (base64 files)"
+        )
+    resize = parsed.resize if RESIZE in parsed.model_fields_set else None
+    files = _base64_files(parsed)
+    if files is not None:
+        return EncodedImages(files, base64=True, resize=resize), parsed.return_probabilities
+    if resize is not None:
+        raise InvalidInput(f"{RESIZE} applies to images; these inputs are floats")
+    x = as_float32(parsed.instances if given == ["instances"] else parsed.inputs, given[0])
+    return x, parsed.return_probabilities
 
 
-PREDICT_BODY = BodyFormat((JSON,), decode_predict)
+def _base64_files(parsed: PredictRequest) -> list[tuple[str, bytes]] | None:
+    """The base64 files of `images`, or of `instances` of the form {"b64": ...}; None for
+    floats. A string that is not ASCII stays so, for base64 decoding to refuse."""
+    if "images" in parsed.model_fields_set:
+        return [(f"images[{i}]", text.encode()) for i, text in enumerate(parsed.images)]
+    instances = parsed.instances
+    if not any(isinstance(instance, dict) for instance in instances):
+        return None
+    files = []
+    for index, instance in enumerate(instances):
+        if not (isinstance(instance, dict) and instance.keys() == {B64}):
+            raise InvalidInput(
+                f"instances[{index}] must be {{{B64!r}: <base64 image file>}} like the other "
+                "instances: a request's instances are all samples of floats or all image files"
+            )
+        text = instance[B64]
+        if not isinstance(text, str):
+            raise InvalidInput(f"instances[{index}].{B64} must be a string of base64")
+        files.append((f"instances[{index}].{B64}", text.encode()))
+    return files
+
+
+PREDICT_BODY = BodyFormat((JSON, FORM), decode_predict, images=True)
+
+
+def _predict_docs() -> dict[str, Any]:
+    """The route's body in both media types: JSON (`PredictRequest`) and a form (`PredictForm`)."""
+    docs = inference_route_docs(PredictRequest, (JSON,))
+    form = request_body(PredictForm, (FORM,))["requestBody"]["content"]
+    docs["requestBody"]["content"].update(form)
+    return docs
 
 
 def build_v1_router(
@@ -40,7 +113,7 @@ def build_v1_router(
         "/v1/models/{name}/predict",
         response_model=PredictResponse,
         responses=errors,
-        openapi_extra=inference_route_docs(PredictRequest, PREDICT_BODY.media_types),
+        openapi_extra=_predict_docs(),
         summary="Labels with a brittleness flag for a batch of inputs",
     )
     async def v1_predict(request: Request) -> Response:

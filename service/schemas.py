@@ -28,12 +28,54 @@ class ErrorResponse(_Strict):
 
 
 class PredictRequest(_Strict):
+    """A v1 body in JSON: exactly one of `inputs`, `instances` or `images`. The route tells the
+    one given by `model_fields_set` (the schema states the rule with `oneOf`), so that the empty
+    list a missing field defaults to stays apart from an empty batch."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "oneOf": [{"required": [key]} for key in ("inputs", "instances", "images")]
+        },
+    )
+
     inputs: list[Any] = Field(
+        default_factory=list,
         description="a batch of samples, each nested lists of the model's input shape (C×H×W), "
         "floats in the model's input range",
         # stated for the schema only: `check_batch` refuses an empty batch with the message both
         # APIs share
         json_schema_extra={"minItems": 1},
+    )
+    instances: list[Any] = Field(
+        default_factory=list,
+        description="KServe's v1 form: the same samples as `inputs`, or one "
+        '`{"b64": "<base64 image file>"}` per image',
+        json_schema_extra={"minItems": 1},
+    )
+    images: list[str] = Field(
+        default_factory=list,
+        description="image files (PNG, JPEG or WebP), each as base64 text: decoded as the "
+        "image-folder loader reads images (8-bit gray or RGB, alpha dropped, values / 255)",
+        json_schema_extra={"minItems": 1},
+    )
+    resize: bool = Field(
+        default=False,
+        description="images only: resize each to the model's H×W (bilinear, aspect ratio not "
+        "kept); unset or false, an image of another size is refused (also `?resize=true`)",
+    )
+    return_probabilities: bool = Field(default=False, description="add softmax probabilities")
+
+
+class PredictForm(_Strict):
+    """A v1 body as a multipart form (`curl -F file=@shirt.png`)."""
+
+    file: list[bytes] = Field(
+        description="image files (PNG, JPEG or WebP), one part each, in batch order",
+        json_schema_extra={"minItems": 1},
+    )
+    resize: bool = Field(
+        default=False, description="resize each image to the model's H×W (bilinear)"
     )
     return_probabilities: bool = Field(default=False, description="add softmax probabilities")
 

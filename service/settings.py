@@ -15,6 +15,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from marginwatch.artifact.store import default_store
+from marginwatch.service.images import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, MAX_IMAGE_REQUEST_BYTES
 
 LogFormat = Literal["text", "json"]
 LogLevel = Literal["debug", "info", "warning", "error"]
@@ -102,7 +103,29 @@ class Settings(BaseSettings):
         default=None,
         ge=1024,
         description="a cap on request bodies, in bytes; unset: each model's limit is its largest "
-        "legal request (max_inputs_per_request samples of its input shape, as JSON or binary)",
+        "legal request (max_inputs_per_request samples of its input shape, as JSON or binary; "
+        "for image files, max_image_request_bytes of them)",
+    )
+    max_image_bytes: int = Field(
+        default=MAX_IMAGE_BYTES,
+        ge=1024,
+        description="bytes of one image file (PNG, JPEG or WebP, as decoded from base64) in a "
+        "v1 request; a larger one is refused (413) before it is decoded",
+    )
+    max_image_request_bytes: int = Field(
+        default=MAX_IMAGE_REQUEST_BYTES,
+        ge=1024,
+        description="bytes of the image files of one v1 request together; also the body limit "
+        "of image requests (these bytes as a multipart form or as base64 in JSON, plus part "
+        "headers); the default keeps that under the JSON float limit of a 1×28×28 model",
+    )
+    max_image_pixels: int = Field(
+        default=MAX_IMAGE_PIXELS,
+        gt=0,
+        le=1 << 26,
+        description="width × height of one image, read from its file's header before it is "
+        "decoded: a small file claiming more (a decompression bomb) is refused (413); decoding "
+        "takes up to 4 bytes a pixel, in one thread",
     )
     max_inflight_body_bytes: int = Field(
         default=96 * 1024 * 1024,
@@ -193,6 +216,11 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"max_inputs_per_request ({self.max_inputs_per_request}) must not exceed "
                 f"max_batch_size ({self.max_batch_size})"
+            )
+        if self.max_image_bytes > self.max_image_request_bytes:
+            raise ValueError(
+                f"max_image_bytes ({self.max_image_bytes}) must not exceed "
+                f"max_image_request_bytes ({self.max_image_request_bytes})"
             )
         if self.max_batch_wait_s >= self.request_timeout_s:
             raise ValueError(

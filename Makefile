@@ -7,7 +7,7 @@ INSTALLED := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: serve test test-fast fuzz lint tools calibrate models export clean grpc-stubs
+.PHONY: serve test test-fast fuzz lint tools calibrate models export clean grpc-stubs lock
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +49,13 @@ lint: $(INSTALLED)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/hadolint Dockerfile
+
+# The images' lock files (deploy/images/*.lock.txt) from pyproject.toml, with hashes; the
+# calibrate image's needs a source of torch's CPU wheel: TORCH_INDEX_URL=... or
+# TORCH_FIND_LINKS=... (deploy/images/lock.sh). tests/deploy/test_dockerfile.py checks them.
+lock: $(INSTALLED)
+	UV=$(BIN)/uv deploy/images/lock.sh
 
 # The Open Inference Protocol's gRPC stubs (service/oip_grpc/) from the .proto beside them, named
 # through the marginwatch/ link so that the modules import each other as marginwatch.service.*.

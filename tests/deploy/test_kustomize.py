@@ -442,3 +442,18 @@ def test_documented_paths_exist() -> None:
     readme = (DEPLOY / "README.md").read_text()
     for path in re.findall(r"kubectl (?:apply|kustomize) -k (deploy/\S+)", readme):
         assert (DEPLOY.parent / Path(path) / "kustomization.yaml").exists(), path
+
+
+def test_registry_overlay(builds: dict[str, list[dict]]) -> None:
+    """overlays/registry is the base with every image under the registry's prefix, the base's
+    tags kept, and nothing else changed (the generic checks validate it as every variant)."""
+    objects, base = builds["registry"], builds["base"]
+    images = {container["image"] for pod in pods(objects) for container in pod.containers}
+    base_images = {container["image"] for pod in pods(base) for container in pod.containers}
+    assert base_images == {"marginwatch:0.1.0", "marginwatch-calibrate:0.1.0"}
+    assert images == {f"registry.example.com/team/{image}" for image in base_images}
+    unprefixed = [
+        yaml.safe_load(yaml.safe_dump(doc).replace("registry.example.com/team/", ""))
+        for doc in objects
+    ]
+    assert unprefixed == base

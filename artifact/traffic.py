@@ -5,7 +5,7 @@ job publishes next to a served version.
 Layout under the traffic folder (``MARGINWATCH_TRAFFIC_DIR``, never the store: serving pods
 mount the store read-only)::
 
-    <traffic>/<model>/<YYYY-MM-DD>/<HHMMSS>-<pid>-<seq>.npz
+    <traffic>/<model>/<YYYY-MM-DD>/<HHMMSS>-<host>-<pid>-<seq>.npz
 
 The day is the UTC day of the shard's first sample. A shard is written under a hidden name and
 renamed into place, so a reader never sees a half-written one: names starting with ``.`` are
@@ -18,8 +18,9 @@ from __future__ import annotations
 import datetime as dt
 import os
 import shutil
+import socket
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Final, Literal
@@ -80,7 +81,10 @@ def write_shard(root: Path, shard: TrafficShard, *, seq: int) -> Path:
     """Write `shard` atomically (hidden temporary, fsync, rename) and return its path."""
     folder = day_folder(root, shard.model, float(shard.times[0]))
     folder.mkdir(parents=True, exist_ok=True)
-    name = f"{_utc(float(shard.times[0])):%H%M%S}-{os.getpid()}-{seq:08d}{SHARD_SUFFIX}"
+    # the host name as well as the pid: replicas share the folder, and in containers every
+    # replica's server is often the same pid (1)
+    writer = f"{socket.gethostname()}-{os.getpid()}"
+    name = f"{_utc(float(shard.times[0])):%H%M%S}-{writer}-{seq:08d}{SHARD_SUFFIX}"
     final = folder / name
     temporary = folder / f".{name}.tmp"
     try:
@@ -107,7 +111,8 @@ def write_shard(root: Path, shard: TrafficShard, *, seq: int) -> Path:
 def read_shard(path: Path) -> TrafficShard:
     """Load one shard; `TrafficError` names what is wrong with a broken one."""
     try:
-        with np.load(path, allow_pickle=False) as data:
+        # our own handle: np.load leaves the one it opens unclosed when the zip is truncated
+        with path.open("rb") as handle, np.load(handle, allow_pickle=False) as data:
             missing = {"model", "version", *_ARRAYS} - set(data.files)
             if missing:
                 raise TrafficError(f"{path} lacks {sorted(missing)}")
@@ -170,11 +175,21 @@ def prune(root: Path, model: str, *, keep_days: int, now: float) -> list[Path]:
 
 
 def iter_samples(
-    root: Path, model: str, since: float | None = None
+    root: Path,
+    model: str,
+    since: float | None = None,
+    on_broken: Callable[[Path, TrafficError], None] | None = None,
 ) -> Iterator[tuple[Path, TrafficShard]]:
-    """Each readable shard of `model` with samples at or after `since` (rows filtered)."""
+    """Each readable shard of `model` with samples at or after `since` (rows filtered). A broken
+    shard raises `TrafficError`, or, with `on_broken`, is reported to it and skipped."""
     for path in list_shards(root, model, since):
-        shard = read_shard(path)
+        try:
+            shard = read_shard(path)
+        except TrafficError as error:
+            if on_broken is None:
+                raise
+            on_broken(path, error)
+            continue
         if since is None:
             yield path, shard
             continue
@@ -250,3 +265,34 @@ class TrafficCheck(_Frozen):
     )
     ratios_agree: bool = Field(description="the non-robust and flagged intervals overlap")
     duration_s: float = Field(ge=0)
+    other_version_points: int = Field(
+        default=0, ge=0, description="samples since then served by other versions: not checked"
+    )
+    broken_shards: int = Field(default=0, ge=0, description="unreadable shards, skipped")
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Replace `path` by `data` so that a reader sees the old file or the new one, never a part:
+    a hidden temporary beside it, fsynced, renamed over it, and the folder fsynced."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with temporary.open("wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        temporary.replace(path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    descriptor = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def write_traffic_check(version_dir: Path, check: TrafficCheck) -> Path:
+    """Publish `check` as `traffic-check.json` in its version's folder, atomically."""
+    path = version_dir / TRAFFIC_CHECK_FILE
+    write_atomically(path, (check.model_dump_json(indent=2) + "\n").encode())
+    return path

@@ -82,12 +82,17 @@ def _flag_options(field: FieldInfo) -> dict[str, Any]:
         return {"choices": get_args(field.annotation)}
     if get_origin(field.annotation) is list:
         return {"metavar": "A,B"}
-    return {"metavar": METAVARS.get(field.annotation, "VALUE")}
+    # an optional value (`Path | None`) is named by its type
+    kinds = [kind for kind in get_args(field.annotation) if kind is not type(None)]
+    kind = kinds[0] if len(kinds) == 1 else field.annotation
+    return {"metavar": METAVARS.get(kind, "VALUE")}
 
 
 def _shown(value: object) -> str:
     if isinstance(value, list):
         return ",".join(map(str, value)) or "none"
+    if value is None:
+        return "unset"
     return str(value)
 
 

@@ -4,9 +4,11 @@ The route table, the one table from exceptions to HTTP status codes (every statu
 answers with, its OpenAPI error responses and the status the request metrics give an unhandled
 error all come from it) and beside it the one table to gRPC status codes, the lifespan (load
 models and start batchers, the reload watcher and, with `grpc_port`, the gRPC server; on shutdown
-stop the gRPC server and the watcher and let the batchers finish what is queued), and the
-middleware that counts requests. Uvicorn itself stops accepting connections on SIGTERM and waits
-for requests in flight before the lifespan ends; gRPC calls go on being taken until then.
+stop the gRPC server and the watcher and let the batchers finish what is queued; with
+`traffic_sample_rate`, the traffic sampler's writer thread starts first and stops last, so that it
+writes every sample of the drained batches), and the middleware that counts requests. Uvicorn
+itself stops accepting connections on SIGTERM and waits for requests in flight before the lifespan
+ends; gRPC calls go on being taken until then.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from marginwatch.service.routes_v1 import build_v1_router
 from marginwatch.service.routes_v2 import SERVER_VERSION, build_health_router, build_v2_router
 from marginwatch.service.schemas import error_responses
 from marginwatch.service.settings import Settings
+from marginwatch.service.traffic_sampler import TrafficSampler
 
 if TYPE_CHECKING:
     from marginwatch.service.routes_grpc import GrpcServer
@@ -142,11 +145,29 @@ def _grpc_server(
     )
 
 
+def _traffic_sampler(settings: Settings, metrics: ServiceMetrics) -> TrafficSampler | None:
+    if settings.traffic_sample_rate == 0 or settings.traffic_dir is None:
+        return None
+    return TrafficSampler(
+        settings.traffic_dir,
+        metrics,
+        rate=settings.traffic_sample_rate,
+        max_bytes_per_day=settings.traffic_max_bytes_per_day,
+        retention_days=settings.traffic_retention_days,
+        queue_samples=settings.traffic_queue_samples,
+        shard_samples=settings.traffic_shard_samples,
+        flush_s=settings.traffic_flush_s,
+    )
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The service as an ASGI app; nothing is loaded until its lifespan starts."""
     settings = settings if settings is not None else Settings()
-    metrics = ServiceMetrics(settings.live_window_predictions)
-    registry = ModelRegistry(settings, metrics)
+    metrics = ServiceMetrics(
+        settings.live_window_predictions, settings.live_window_s, settings.traffic_sample_rate
+    )
+    sampler = _traffic_sampler(settings, metrics)
+    registry = ModelRegistry(settings, metrics, sampler)
     images = ImageLimits(
         settings.max_image_bytes, settings.max_image_request_bytes, settings.max_image_pixels
     )
@@ -165,6 +186,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        if sampler is not None:
+            sampler.start()
         await registry.start()
         if grpc_server is not None:
             await grpc_server.start()
@@ -177,6 +200,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if grpc_server is not None:  # its calls in flight finish before the batchers stop
                 await grpc_server.stop(settings.shutdown_timeout_s)
             await registry.stop()
+            if sampler is not None:
+                sampler.stop(settings.shutdown_timeout_s)
 
     app = FastAPI(
         title="marginwatch",

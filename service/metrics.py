@@ -7,15 +7,21 @@ artifact store, never a request path), versions are, per model, the one CURRENT 
 one serving, endpoints are route names, status classes are `2xx`…`5xx`. The request middleware
 (`middleware.py`) and the registry's batch runner record into it; the live window it exports
 lives in `live_window.py`; the registry's per-model state is read by `ModelStates` at scrape.
+The traffic sampler (`traffic_sampler.py`) counts written and dropped samples here, and
+`TrafficChecks` exports the latest `traffic-check.json` of each served version (the registry's
+poll reads it).
 """
 
 from __future__ import annotations
 
+import math
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from itertools import groupby
+from typing import Final, Literal, get_args
 
 import numpy as np
 from prometheus_client import (
@@ -37,6 +43,7 @@ from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString
 
 from marginwatch.artifact.schema import CalibrationRecord, Curve
+from marginwatch.artifact.traffic import TrafficCheck
 from marginwatch.service.engine import Prediction, calibration_timestamp_s
 from marginwatch.service.live_window import LiveWindow
 
@@ -46,6 +53,8 @@ LATENCY_BUCKETS_S = (
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 SCORE_BUCKETS = (-1.0, 0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0)
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+TrafficDropReason = Literal["queue_full", "day_limit", "write_error"]
+TRAFFIC_DROP_REASONS: Final[tuple[TrafficDropReason, ...]] = get_args(TrafficDropReason)
 
 
 class _Buckets:
@@ -82,14 +91,14 @@ class _Batch:
 class _ModelTraffic:
     """One model's per-batch metrics: an inbox the hot path appends to, and folded totals."""
 
-    def __init__(self, window_predictions: int) -> None:
+    def __init__(self, window_predictions: int, window_s: float) -> None:
         self.inbox: deque[_Batch] = deque()
         self.execution_seconds = _Buckets(LATENCY_BUCKETS_S)
         self.batch_size = _Buckets(BATCH_BUCKETS)
         self.scores = _Buckets(SCORE_BUCKETS)
         self.brittle = 0
         self.not_brittle = 0
-        self.window = LiveWindow(window_predictions)
+        self.window = LiveWindow(window_predictions, window_s)
 
     def fold(self) -> None:
         """Move the inbox into the totals (the caller holds the lock)."""
@@ -143,8 +152,9 @@ class ServedTraffic(Collector):
 
     FOLD_EVERY = 1024
 
-    def __init__(self, window_predictions: int) -> None:
+    def __init__(self, window_predictions: int, window_s: float = math.inf) -> None:
         self._window_predictions = window_predictions
+        self._window_s = window_s
         self._models: dict[str, _ModelTraffic] = {}
         self._requests = _RequestTotals()
         self._queues: dict[str, Callable[[], int]] = {}
@@ -160,7 +170,9 @@ class ServedTraffic(Collector):
         traffic = self._models.get(model)
         if traffic is None:
             with self._lock:
-                traffic = self._models.setdefault(model, _ModelTraffic(self._window_predictions))
+                traffic = self._models.setdefault(
+                    model, _ModelTraffic(self._window_predictions, self._window_s)
+                )
         traffic.inbox.append(_Batch(prediction, curve, seconds))
         if len(traffic.inbox) >= self.FOLD_EVERY:
             with self._lock:
@@ -227,7 +239,9 @@ class ServedTraffic(Collector):
             labels=["model"],
         )  # fmt: skip
         window = GaugeMetricFamily(
-            "marginwatch_live_window_predictions", "Predictions in the live rolling window",
+            "marginwatch_live_window_predictions",
+            "Predictions in the live rolling window (the last N, none older than "
+            "MARGINWATCH_LIVE_WINDOW_S): alerts on the live gauge need enough per replica",
             labels=["model"],
         )  # fmt: skip
         queued = GaugeMetricFamily(
@@ -308,16 +322,106 @@ class ModelStates(Collector):
         yield from (ready, versions)
 
 
+class TrafficChecks(Collector):
+    """The latest traffic check (`traffic-check.json`, `artifact/traffic.py`) of each model's
+    served version, exported as it is: ratios with their 95 % interval as `bound` =
+    estimate | low | high, recall and precision where the check could compute them, the points
+    behind them, and when it ran. A model without a valid check for its served version has none
+    of these series."""
+
+    def __init__(self) -> None:
+        self._checks: dict[str, TrafficCheck] = {}
+
+    def show(self, model: str, check: TrafficCheck | None) -> None:
+        if check is None:
+            self._checks.pop(model, None)
+        else:
+            self._checks[model] = check
+
+    def collect(self) -> Iterator[Metric]:
+        def family(name: str, text: str, *extra: str) -> GaugeMetricFamily:
+            return GaugeMetricFamily(
+                f"marginwatch_traffic_check_{name}", text, labels=["model", "version", *extra]
+            )
+
+        nonrobust = family(
+            "nonrobust_ratio", "Share of checked traffic whose served label an attack flips "
+            "within eps (label-free non-robustness), with its 95 % interval", "bound",
+        )  # fmt: skip
+        flagged = family(
+            "flagged_ratio", "Share of checked traffic the served flag marked brittle, with its "
+            "95 % interval", "bound",
+        )  # fmt: skip
+        recall = family("recall", "Share of the non-robust checked points that were flagged")
+        precision = family("precision", "Share of the flagged checked points that are non-robust")
+        points = family(
+            "points", "Points behind the check: checked, non-robust and flagged ones", "kind"
+        )
+        timestamp = family("timestamp_seconds", "When the check ran (Unix time)")
+        for model, check in sorted(self._checks.items()):
+            labels = [model, check.version]
+            for ratios, ratio in ((nonrobust, check.nonrobust), (flagged, check.flagged)):
+                for bound, value in (("estimate", ratio.value), ("low", ratio.ci_low),
+                                     ("high", ratio.ci_high)):  # fmt: skip
+                    ratios.add_metric([*labels, bound], value)
+            for kind, count in (("checked", check.nonrobust.total),
+                                ("nonrobust", check.nonrobust.count),
+                                ("flagged", check.flagged.count)):  # fmt: skip
+                points.add_metric([*labels, kind], count)
+            if check.recall is not None:
+                recall.add_metric(labels, check.recall)
+            if check.precision is not None:
+                precision.add_metric(labels, check.precision)
+            timestamp.add_metric(labels, _timestamp_s(check.created_at))
+        yield from (nonrobust, flagged, recall, precision, points, timestamp)
+
+
+def _timestamp_s(iso: str) -> float:
+    """An ISO 8601 time as Unix seconds (0 when it cannot be parsed)."""
+    try:
+        return datetime.fromisoformat(iso).timestamp()
+    except ValueError:
+        return 0.0
+
+
 class ServiceMetrics:
     """The service's metrics; `observe_*` methods are called at stage boundaries."""
 
-    def __init__(self, live_window_predictions: int) -> None:
+    def __init__(
+        self,
+        live_window_predictions: int,
+        live_window_s: float = 600.0,
+        traffic_sample_rate: float = 0.0,
+    ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.traffic = ServedTraffic(live_window_predictions)
+        self.traffic = ServedTraffic(live_window_predictions, live_window_s)
         r.register(self.traffic)
         self.models = ModelStates()
         r.register(self.models)
+        self.traffic_checks = TrafficChecks()
+        r.register(self.traffic_checks)
+        self._sampling = traffic_sample_rate > 0
+        Gauge(
+            "marginwatch_traffic_sample_ratio",
+            "Fraction of served inputs sampled to the traffic folder for the calibration job's "
+            "check of the flag (MARGINWATCH_TRAFFIC_SAMPLE_RATE; 0: off)", registry=r,
+        ).set(traffic_sample_rate)  # fmt: skip
+        self.traffic_samples_written = Counter(
+            "marginwatch_traffic_samples_written", "Sampled inputs written to the traffic folder",
+            ["model"], registry=r,
+        )  # fmt: skip
+        self.traffic_samples_dropped = Counter(
+            "marginwatch_traffic_samples_dropped",
+            "Sampled inputs not written: queue_full (the writer fell behind), day_limit (the "
+            "day's byte budget is spent), write_error (the folder is full, read-only or gone)",
+            ["model", "reason"], registry=r,
+        )  # fmt: skip
+        self.traffic_check_errors = Counter(
+            "marginwatch_traffic_check_errors",
+            "traffic-check.json files of a served version that could not be read or are not a "
+            "valid check of it (ignored: that version shows no check)", ["model"], registry=r,
+        )  # fmt: skip
         self.calibration_robust_accuracy = Gauge(
             "marginwatch_calibration_robust_accuracy_ratio",
             "Robust accuracy estimated by the calibration job, on its evaluation set",
@@ -378,6 +482,11 @@ class ServiceMetrics:
         sees its first failure (a series that appears at 1 has no increase)."""
         for result in ("success", "failure"):
             self.reloads.labels(model, result)
+        self.traffic_check_errors.labels(model)
+        if self._sampling:
+            self.traffic_samples_written.labels(model)
+            for reason in TRAFFIC_DROP_REASONS:
+                self.traffic_samples_dropped.labels(model, reason)
 
     def forget(self, model: str) -> None:
         """`model` left the store: drop its series, so that no dashboard shows it as present."""
@@ -389,12 +498,30 @@ class ServiceMetrics:
         for result in ("success", "failure"):
             self.reloads.remove(model, result)
         self.traffic.forget(model)
+        self.traffic_checks.show(model, None)
+        self.traffic_check_errors.remove(model)
+        self.traffic_samples_written.remove(model)
+        for reason in TRAFFIC_DROP_REASONS:
+            self.traffic_samples_dropped.remove(model, reason)
 
     def observe_batch(
         self, model: str, record: CalibrationRecord, prediction: Prediction, seconds: float
     ) -> None:
         """One model execution: its latency, size, flags, scores and the live estimate."""
         self.traffic.record(model, record.live_curve, prediction, seconds)
+
+    def observe_traffic_written(self, model: str, samples: int) -> None:
+        self.traffic_samples_written.labels(model).inc(samples)
+
+    def observe_traffic_dropped(self, model: str, reason: TrafficDropReason, samples: int) -> None:
+        self.traffic_samples_dropped.labels(model, reason).inc(samples)
+
+    def observe_traffic_check(self, model: str, check: TrafficCheck | None) -> None:
+        """The served version's traffic check (None: it has none, or no valid one)."""
+        self.traffic_checks.show(model, check)
+
+    def observe_traffic_check_error(self, model: str) -> None:
+        self.traffic_check_errors.labels(model).inc()
 
     def observe_request(self, model: str, endpoint: str, status: int, seconds: float) -> None:
         self.traffic.record_request(model, endpoint, status, seconds)

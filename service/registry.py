@@ -20,6 +20,12 @@ at least one is served: a model stops being served only when its folder leaves t
 refused reload keeps the old version), and then it is forgotten (its deployment drained, its
 metrics series dropped), not lost. So a bad model costs its own readiness only
 (`/v2/models/{name}/ready`, `marginwatch_model_ready`), and nothing once its folder is removed.
+
+Each poll also looks at the served version's `traffic-check.json` (written later, by the
+calibration job's check of the flag on sampled traffic) by `stat`, and reads it only when it
+changed: the model is not reloaded, its metrics (`TrafficChecks`) change. One that cannot be read,
+does not validate or checks another version is logged once, counted and shown as no check.
+Every executed batch is offered to the traffic sampler, when sampling is on.
 """
 
 from __future__ import annotations
@@ -37,11 +43,13 @@ import numpy as np
 
 from marginwatch.artifact.schema import ONNX_FILE, RECORD_FILE
 from marginwatch.artifact.store import CURRENT_FILE, ArtifactError, current_version, list_models
+from marginwatch.artifact.traffic import TRAFFIC_CHECK_FILE, TrafficCheck
 from marginwatch.service.batcher import MicroBatcher, RunBatch
 from marginwatch.service.engine import EngineOptions, Prediction, ServedModel
 from marginwatch.service.errors import ModelNotFound, ModelNotReady
 from marginwatch.service.metrics import ModelState, ServiceMetrics
 from marginwatch.service.settings import Settings
+from marginwatch.service.traffic_sampler import TrafficSampler
 
 logger = logging.getLogger("marginwatch.service")
 
@@ -107,9 +115,12 @@ def version_files(folder: Path) -> list[Path]:
 class ModelRegistry:
     """The models this process serves; `start()` loads them, `stop()` drains them."""
 
-    def __init__(self, settings: Settings, metrics: ServiceMetrics) -> None:
+    def __init__(
+        self, settings: Settings, metrics: ServiceMetrics, sampler: TrafficSampler | None = None
+    ) -> None:
         self._settings = settings
         self._metrics = metrics
+        self._sampler = sampler
         self._options = EngineOptions(
             device=settings.device,
             intra_op_threads=settings.intra_op_threads,
@@ -119,6 +130,7 @@ class ModelRegistry:
         self._serving: dict[str, Deployment] = {}
         self._desired: dict[str, str | None] = {}
         self._refusals: dict[str, Refusal] = {}
+        self._checks_seen: dict[str, tuple[str, Stamp]] = {}  # version and traffic-check stamp
         self._watcher: asyncio.Task[None] | None = None
         self._retiring: set[asyncio.Task[None]] = set()
         for name in self._known:
@@ -178,6 +190,7 @@ class ModelRegistry:
         for name in sorted(self._known):
             try:
                 await self._refresh_one(name)
+                await self._refresh_check(name)
             except Exception:  # a bug in one model's refresh must not stop the others' reloads
                 logger.exception("refreshing %s failed", name)
 
@@ -233,6 +246,31 @@ class ModelRegistry:
         self._refusals.pop(name, None)
         self._serve(model)
 
+    async def _refresh_check(self, name: str) -> None:
+        """Show the served version's traffic check, re-read only when its file changed."""
+        deployment = self._serving.get(name)
+        if deployment is None:
+            self._checks_seen.pop(name, None)
+            self._metrics.observe_traffic_check(name, None)
+            return
+        model = deployment.model
+        path = model.version_dir / TRAFFIC_CHECK_FILE
+        seen = (model.version, stamp_of([path]))
+        if self._checks_seen.get(name) == seen:
+            return
+        self._checks_seen[name] = seen
+        check = None
+        if any(seen[1]):  # all zeros: no file (yet)
+            try:
+                check = await asyncio.to_thread(read_traffic_check, path, name, model.version)
+            except (OSError, ValueError) as error:  # pydantic's ValidationError is a ValueError
+                self._metrics.observe_traffic_check_error(name)
+                logger.warning("ignored %s: %s", path, error)
+            else:
+                logger.info("traffic check of %s version %s: recall %s, ratios agree: %s",
+                            name, model.version, check.recall, check.ratios_agree)  # fmt: skip
+        self._metrics.observe_traffic_check(name, check)
+
     def _due(self, name: str, version: str | None, seen: Stamp) -> bool:
         """Whether to try `version`: it was not refused, its files changed, or its backoff ended."""
         refusal = self._refusals.get(name)
@@ -274,6 +312,7 @@ class ModelRegistry:
         self._known.discard(name)
         self._desired.pop(name, None)
         self._refusals.pop(name, None)
+        self._checks_seen.pop(name, None)
         self._metrics.forget(name)
         deployment = self._serving.pop(name, None)
         served = f" (was serving {deployment.model.version})" if deployment else ""
@@ -314,14 +353,29 @@ class ModelRegistry:
     def _runner(self, model: ServedModel) -> RunBatch:
         metrics = self._metrics
         record = model.record
+        sampler = self._sampler
+        name, version = model.name, model.version
 
         def run(x: np.ndarray) -> Prediction:
             started = time.perf_counter()
             prediction = model.predict(x)
-            metrics.observe_batch(model.name, record, prediction, time.perf_counter() - started)
+            metrics.observe_batch(name, record, prediction, time.perf_counter() - started)
+            if sampler is not None:
+                sampler.offer(name, version, x, prediction)
             return prediction
 
         return run
+
+
+def read_traffic_check(path: Path, model: str, version: str) -> TrafficCheck:
+    """The check in `path`, which must be of `model` at `version`; `ValueError` otherwise."""
+    check = TrafficCheck.model_validate_json(path.read_bytes())
+    if (check.model_name, check.version) != (model, version):
+        raise ValueError(
+            f"it checks {check.model_name!r} version {check.version!r}, not {model!r} version "
+            f"{version!r}"
+        )
+    return check
 
 
 def _what(version: str | None) -> str:

@@ -179,6 +179,52 @@ class Settings(BaseSettings):
         gt=0,
         description="served predictions in the rolling window of the live robust-accuracy gauge",
     )
+    live_window_s: float = Field(
+        default=600.0,
+        gt=0,
+        le=7 * 86400,
+        description="the live window also forgets predictions older than this, so that a quiet "
+        "replica's gauge empties (marginwatch_live_window_predictions falls) instead of freezing",
+    )
+    traffic_sample_rate: float = Field(
+        default=0.0,
+        ge=0,
+        le=1,
+        description="fraction of served inputs written, with their label, score, flag and "
+        "calibration version, to traffic_dir for the calibration job's check of the flag; the "
+        "inputs are user data; 0: off",
+    )
+    traffic_dir: Path | None = Field(
+        default=None,
+        description="writable folder for sampled traffic (`<dir>/<model>/<UTC day>/*.npz`), "
+        "never the store; required when traffic_sample_rate is above 0",
+    )
+    traffic_max_bytes_per_day: int = Field(
+        default=256 * 1024 * 1024,
+        ge=1024 * 1024,
+        description="per model and UTC day, samples beyond this many bytes in traffic_dir (all "
+        "replicas together) are dropped",
+    )
+    traffic_retention_days: int = Field(
+        default=7,
+        ge=1,
+        le=366,
+        description="day folders of sampled traffic older than this many days are deleted",
+    )
+    traffic_queue_samples: int = Field(
+        default=4096,
+        gt=0,
+        description="sampled inputs waiting for the writer thread; more are dropped (counted)",
+    )
+    traffic_shard_samples: int = Field(
+        default=1024, gt=0, description="samples per shard file, at most (one version per shard)"
+    )
+    traffic_flush_s: float = Field(
+        default=5.0,
+        gt=0,
+        le=3600,
+        description="a shard is written once its oldest sample waited this long, even if not full",
+    )
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(
         default_factory=list,
         description="accepted API keys (comma-separated, each at least 8 characters; never "
@@ -231,6 +277,15 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"max_batch_size ({self.max_batch_size}) must not exceed "
                 f"max_queue_samples ({self.max_queue_samples})"
+            )
+        if self.traffic_sample_rate > 0 and self.traffic_dir is None:
+            raise ValueError(
+                f"traffic_sample_rate ({self.traffic_sample_rate}) needs traffic_dir: a writable "
+                "folder outside the store"
+            )
+        if self.traffic_dir is not None and self.traffic_dir.resolve() == self.store.resolve():
+            raise ValueError(
+                "traffic_dir must not be the store: shards would sit beside calibration versions"
             )
         if self.reload_retry_min_s > self.reload_retry_max_s:
             raise ValueError(

@@ -19,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from marginwatch.artifact.schema import ThresholdRuleSpec
 from marginwatch.artifact.store import current_dir, default_store, read_record
+from marginwatch.artifact.traffic import TrafficCheck
 from marginwatch.service.engine import Prediction
 from marginwatch.service.metrics import ModelState, ServiceMetrics
 
@@ -54,9 +55,24 @@ def service_source() -> str:
     return "\n".join(path.read_text() for path in sorted((ROOT / "service").glob("*.py")))
 
 
+# A traffic check of the served version as the calibration job writes it (artifact/traffic.py).
+TRAFFIC_CHECK = TrafficCheck.model_validate(
+    {
+        "model_name": "m", "version": "v1", "created_at": "2026-12-02T01:00:00+00:00",
+        "traffic_since": 0.0, "traffic_until": 86400.0, "available_points": 900, "seed": 0,
+        "threat_model": {"norm": "linf", "eps": 0.1},
+        "attacks": [{"name": "fmn", "steps": 100, "succeeded": 100}], "censored": 0,
+        "nonrobust": {"value": 0.3, "ci_low": 0.26, "ci_high": 0.34, "count": 150, "total": 500},
+        "flagged": {"value": 0.28, "ci_low": 0.24, "ci_high": 0.32, "count": 140, "total": 500},
+        "recall": 0.85, "precision": 0.9, "false_positive_rate": 0.05, "kendall_tau": 0.6,
+        "auroc": 0.9, "live_gauge": 0.6, "ratios_agree": True, "duration_s": 60.0,
+    }
+)  # fmt: skip
+
+
 def exported_metrics() -> set[str]:
     """Sample names in the service's real exposition once it has served a batch and a request."""
-    metrics = ServiceMetrics(live_window_predictions=10)
+    metrics = ServiceMetrics(live_window_predictions=10, traffic_sample_rate=0.01)
     record = read_record(current_dir(default_store(), "fmnist-cnn-pgd"))
     scores = np.array([0.1, 2.0], dtype=np.float32)
     prediction = Prediction(
@@ -69,6 +85,8 @@ def exported_metrics() -> set[str]:
     metrics.observe_batch("m", record, prediction, 0.001)
     metrics.observe_request("m", "v1_predict", 200, 0.002)
     metrics.traffic.watch_queue("m", lambda: 0)
+    metrics.track("m")  # the sampling and traffic-check counters exist from here, at 0
+    metrics.observe_traffic_check("m", TRAFFIC_CHECK)
     text = metrics.exposition().decode()
     return {
         sample.name for family in text_string_to_metric_families(text) for sample in family.samples

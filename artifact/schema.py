@@ -123,8 +123,40 @@ class DataSource(_Frozen):
     seed: int | None = None
 
 
+class ScoreFigures(_Frozen):
+    """What one candidate score measured on the attacked subset (held out from its training)."""
+
+    name: str = Field(description="logit-margin, or guarded-pseudo-margin")
+    kendall_tau: float
+    auroc: float
+    threshold: float = Field(description="λ the job's rule fits on this score")
+    estimate: Probability = Field(
+        description="regression estimate of the big set's robust accuracy"
+    )
+    estimate_spread: float = Field(description="width of that estimate's bootstrap interval")
+    boundary_recall: Probability | None = Field(
+        default=None,
+        description="fraction of first-flip points flagged at λ (absent: not measured)",
+    )
+    boundary_points: int | None = Field(default=None, ge=0)
+    multiply_adds: int = Field(ge=0, description="the score's cost per request beyond the logits")
+
+
+class ScoreChoice(_Frozen):
+    """Why the served score was chosen: each candidate's figures, the rule's margins, a reason."""
+
+    candidates: list[ScoreFigures] = Field(min_length=1)
+    chosen: str
+    reason: str
+    min_auroc_gain: float
+    min_tau_gain: float
+    min_spread_gain: float = Field(description="relative reduction of the estimate's spread")
+
+
 class PseudoMarginFacts(_Frozen):
-    """Held-out comparison of the learned pseudo-margin against the logit margin."""
+    """Held-out comparison of the learned pseudo-margin against the logit margin. The
+    `pseudo_margin_*` figures are the MLP's own; `guard_scale` and `choice` (schema 2 records
+    from issue 10 on) say whether it is served guarded by the logit margin, and why."""
 
     score_input: Literal["features", "logits"]
     hidden: int | None = Field(default=None, description="MLP hidden width (absent: 256)")
@@ -136,6 +168,12 @@ class PseudoMarginFacts(_Frozen):
     pseudo_margin_tau: float
     pseudo_margin_auroc: float
     chosen: bool
+    guard_scale: float | None = Field(
+        default=None,
+        gt=0,
+        description="κ of the served min(pseudo-margin, κ · logit margin); absent: unguarded",
+    )
+    choice: ScoreChoice | None = Field(default=None, description="absent in older records")
 
 
 # A model's or a version's name: one path component in the store, never `..` or hidden.

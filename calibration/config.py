@@ -11,10 +11,13 @@ loading torch (about 3 s).
 
 from __future__ import annotations
 
+import datetime as dt
+import hashlib
 import math
 import re
+import secrets
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -42,7 +45,9 @@ HELP_GROUPS: dict[str, str] = {
     "subset_size": "attacks and threat model",
     "threshold_rule": "threshold, estimators, pseudo-margin",
     "store": "store, sharding, output",
+    "traffic": "traffic check (label-free, on the service's sampled traffic)",
 }
+DURATION_UNITS_S: dict[str, float] = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
 class ConfigError(ValueError):
@@ -67,6 +72,27 @@ def parse_attack(text: str) -> tuple[str, int]:
     if budget < 1:
         raise ConfigError(f"attack {name} needs at least one step, got {budget}")
     return name, budget
+
+
+def since_timestamp(text: str, now: float) -> float:
+    """`--since` as unix seconds: a duration before `now` (`90m`, `24h`, `7d`) or an ISO time
+    (`2026-12-01T00:00Z`; without a zone, UTC)."""
+    duration = re.fullmatch(r"(\d+(?:\.\d+)?)([smhdw])", text.strip())
+    if duration:
+        return now - float(duration.group(1)) * DURATION_UNITS_S[duration.group(2)]
+    try:
+        moment = dt.datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise ConfigError(
+            f"since {text!r} is neither a duration (30m, 24h, 7d) nor an ISO time "
+            "(2026-12-01T00:00Z)"
+        ) from None
+    return (moment if moment.tzinfo else moment.replace(tzinfo=dt.UTC)).timestamp()
+
+
+def seed_of_version(version: str) -> int:
+    """The seed a version name stands for: a rerun of `--version X` redraws X's subset."""
+    return int.from_bytes(hashlib.sha256(version.encode()).digest()[:4], "big") >> 1
 
 
 def _default_plan(norm: str) -> str:
@@ -133,7 +159,15 @@ class CalibrationConfig(BaseSettings):
         ),
     )
     subset_size: int = Field(default=500, ge=2, description="points to attack")
-    seed: int = Field(default=0, ge=0, description="seed of the subset and the fits")
+    seed: int = Field(
+        default_factory=lambda: secrets.randbelow(2**31),
+        ge=0,
+        description=(
+            "seed of the subset, the traffic sample and the fits (default: fresh each run, or "
+            "derived from --version when given, so that rerunning a killed --version X redraws "
+            "its subset and resumes from its cached attacks); recorded in the artifact"
+        ),
+    )
     norm: Norm = Field(default="linf", description="threat model")
     eps: float | None = Field(
         default=None,
@@ -175,11 +209,11 @@ class CalibrationConfig(BaseSettings):
     pseudo_margin: PseudoMarginMode = Field(
         default="auto",
         description=(
-            "auto: learn a pseudo-margin when Kendall τ < --tau-cutoff, keep it if it "
-            "ranks the subset better"
+            "auto: learn a pseudo-margin and serve it, guarded by the logit margin, where it "
+            "measures better than the free logit margin on the subset (τ, AUROC, estimate "
+            "spread, boundary recall; the record says why); always: serve it; never: learn none"
         ),
     )
-    tau_cutoff: float = Field(default=0.6, ge=-1, le=1, description="for --pseudo-margin auto")
     pseudo_train_size: int = Field(
         default=1000, ge=10, description="attacked training points for the pseudo-margin"
     )
@@ -228,6 +262,50 @@ class CalibrationConfig(BaseSettings):
             "lock, version) and exit 0 if they pass"
         ),
     )
+    traffic: Path | None = Field(
+        default=None,
+        description=(
+            "check the served version on sampled traffic in this folder (the service's "
+            "MARGINWATCH_TRAFFIC_DIR) instead of calibrating: attack a random sample against the "
+            "served labels and publish traffic-check.json and a report section beside it, "
+            "without changing what is served"
+        ),
+        json_schema_extra={"metavar": "DIR"},
+    )
+    since: str = Field(
+        default="24h",
+        description="traffic served since: a duration before now (30m, 24h, 7d) or an ISO time",
+        json_schema_extra={"metavar": "WHEN"},
+    )
+    traffic_size: int = Field(
+        default=500, ge=1, description="traffic points to attack (all of them when fewer)"
+    )
+    refit: bool = Field(
+        default=False,
+        description=(
+            "with --traffic: after the check, publish a new version (fresh labelled subset, "
+            "verified as usual) whose λ, and pseudo-margin if one is learned, are fitted on the "
+            "traffic points plus the subset; the estimators stay the subset's (they need labels)"
+        ),
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _seed_of_version(cls, data: Any) -> Any:
+        """Without --seed: the version's seed when --version is given (else the field's default
+        draws a fresh one)."""
+        if not isinstance(data, dict) or data.get("seed") is not None:
+            return data
+        version = data.get("version")
+        if isinstance(version, str):
+            return {**data, "seed": seed_of_version(version)}
+        return data
+
+    @field_validator("since")
+    @classmethod
+    def _since_readable(cls, since: str) -> str:
+        since_timestamp(since, 0.0)
+        return since
 
     @field_validator("eps")
     @classmethod
@@ -316,6 +394,21 @@ class CalibrationConfig(BaseSettings):
             raise ConfigError(f"each attack may appear once, got {names}")
         if self.shard is not None and self.shard >= self.num_shards:
             raise ConfigError(f"shard must lie in [0, {self.num_shards}), got {self.shard}")
+        if self.shard is not None and "seed" not in self.model_fields_set:
+            # each pod would draw its own subset and the merge would find none of their chunks
+            raise ConfigError(
+                "--shard needs the same subset in every shard and in the merge: give them all "
+                "the same --seed (or --version)"
+            )
+        if self.refit and self.traffic is None:
+            raise ConfigError("--refit refits λ on traffic: give --traffic DIR")
+        if self.traffic is not None and (
+            self.shard is not None or self.merge_only or self.preflight_only
+        ):
+            raise ConfigError(
+                "--traffic runs its own checks before any attack and is not sharded: drop "
+                "--shard, --merge and --preflight-only"
+            )
         if not re.fullmatch(NAME_PATTERN, self.resolved_model_name):
             raise ConfigError(
                 f"{self.resolved_model_name!r} (from --model) cannot name a model in the store: "

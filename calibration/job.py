@@ -29,19 +29,27 @@ from marginwatch.artifact.schema import (
     DataSource,
     PseudoMarginFacts,
 )
-from marginwatch.calibration import margin_cache
+from marginwatch.calibration import margin_cache, score_choice
 from marginwatch.calibration.config import CalibrationConfig, CalibrationError, ConfigError
 from marginwatch.calibration.inputs import Inputs, Outputs, forward_all, subset_indices
 from marginwatch.calibration.margins import MarginResult
-from marginwatch.calibration.metrics import detection_metrics, kendall_tau, nonrobust_mask
 from marginwatch.calibration.preflight import PreflightReport, run_preflight
-from marginwatch.calibration.pseudo_margin import PseudoMarginRegressor
-from marginwatch.calibration.record import build_record, report_data
+from marginwatch.calibration.record import build_record, report_data, with_refit_facts
 from marginwatch.calibration.report import render_report
 from marginwatch.calibration.scores import ServingGraph, export_serving_graph
 from marginwatch.models.architectures import SplitClassifier
 
-__all__ = ["CalibrationError", "RunResult", "forward_all", "run", "subset_indices"]
+__all__ = ["CalibrationError", "RunResult", "TrafficPoints", "forward_all", "run", "subset_indices"]
+
+
+@dataclass(frozen=True)
+class TrafficPoints:
+    """Attacked points of served traffic that `--refit` adds to the label-free fits: λ's, and
+    the pseudo-margin's training set. The estimators stay the labelled subset's."""
+
+    images: np.ndarray
+    outputs: Outputs  # the model's, on `images`: their labels are the served labels
+    margins: MarginResult
 
 
 def margins_for(
@@ -87,11 +95,25 @@ def load_margins(config: CalibrationConfig, folder: Path, size: int) -> MarginRe
         raise ConfigError(f"cannot merge: {error}; run the missing shards first") from error
 
 
+def joined_margins(first: MarginResult, second: MarginResult) -> MarginResult:
+    return MarginResult(
+        radius=np.r_[first.radius, second.radius],
+        success=np.r_[first.success, second.success],
+        per_attack={n: np.r_[first.per_attack[n], second.per_attack[n]] for n in first.per_attack},
+        censored_at=np.r_[first.censored_at, second.censored_at],
+        norm=first.norm,
+    )
+
+
 def pseudo_margin_training(
-    config: CalibrationConfig, inputs: Inputs, subset: np.ndarray
+    config: CalibrationConfig,
+    inputs: Inputs,
+    subset: np.ndarray,
+    traffic: TrafficPoints | None = None,
 ) -> tuple[np.ndarray, MarginResult] | None:
-    """Features (or logits) and margins of attacked training points, disjoint from the subset.
-    In shard mode only attacks this shard's part of them and returns None."""
+    """Features (or logits) and margins of attacked training points, disjoint from the subset,
+    and `traffic`'s after them (`--refit`: label-free targets, like the others). In shard mode
+    only attacks this shard's part of them and returns None."""
     if inputs.train_data is not None:
         source, tag, pool = inputs.train_data, "train", np.arange(len(inputs.train_data))
     else:
@@ -111,7 +133,14 @@ def pseudo_margin_training(
     )
     if config.shard is not None:
         return None
-    return outputs.score_inputs(config.pseudo_input), load_margins(config, folder, count)
+    features, margins = (
+        outputs.score_inputs(config.pseudo_input),
+        load_margins(config, folder, count),
+    )
+    if traffic is None:
+        return features, margins
+    traffic_features = traffic.outputs.score_inputs(config.pseudo_input)
+    return np.concatenate([features, traffic_features]), joined_margins(margins, traffic.margins)
 
 
 def choose_score(
@@ -120,55 +149,25 @@ def choose_score(
     subset_indices_: np.ndarray,
     subset: Outputs,
     margins: MarginResult,
+    *,
+    traffic: TrafficPoints | None = None,
 ) -> tuple[ServingGraph, PseudoMarginFacts | None]:
-    """The logit margin, unless τ is below the cutoff (or asked): then fit a pseudo-margin on
-    attacked training points and keep whichever ranks the held-out subset better."""
-    tau = kendall_tau(margins.radius, subset.scores)
-    wanted = config.pseudo_margin == "always" or (
-        config.pseudo_margin == "auto" and tau < config.tau_cutoff
-    )
-    if not wanted:
+    """The logit margin, or the pseudo-margin (guarded by the logit margin) fitted on attacked
+    training points (`traffic`'s among them) where it measures better on the held-out subset:
+    `score_choice` decides and records why."""
+    if config.pseudo_margin == "never":
         return ServingGraph(inputs.model), None
-    training = pseudo_margin_training(config, inputs, subset_indices_)
+    training = pseudo_margin_training(config, inputs, subset_indices_, traffic)
     if training is None:
         raise CalibrationError("pseudo-margin training points are not attacked")
-    features, train_margins = training
-    regressor = PseudoMarginRegressor(
-        hidden=config.pseudo_hidden,
-        layers=config.pseudo_layers,
-        epochs=config.pseudo_epochs,
-        seed=config.seed,
-    )
-    regressor.fit(features, train_margins.finite_radius)
-    pseudo_scores = regressor.predict(subset.score_inputs(config.pseudo_input))
-    facts = compare_scores(config, margins, subset.scores, pseudo_scores, len(features))
-    if not facts.chosen:
-        return ServingGraph(inputs.model), facts
-    graph = ServingGraph(inputs.model, regressor.head_.to(config.torch_device), config.pseudo_input)
-    return graph, facts
-
-
-def compare_scores(
-    config: CalibrationConfig,
-    margins: MarginResult,
-    logit_scores: np.ndarray,
-    pseudo_scores: np.ndarray,
-    train_points: int,
-) -> PseudoMarginFacts:
-    nonrobust = nonrobust_mask(margins.radius, margins.success, config.resolved_eps)
-    baseline_tau = kendall_tau(margins.radius, logit_scores)
-    pseudo_tau = kendall_tau(margins.radius, pseudo_scores)
-    return PseudoMarginFacts(
-        score_input=config.pseudo_input,
-        hidden=config.pseudo_hidden,
-        layers=config.pseudo_layers,
-        train_points=train_points,
-        held_out_points=len(pseudo_scores),
-        logit_margin_tau=baseline_tau,
-        logit_margin_auroc=detection_metrics(nonrobust, logit_scores).auroc,
-        pseudo_margin_tau=pseudo_tau,
-        pseudo_margin_auroc=detection_metrics(nonrobust, pseudo_scores).auroc,
-        chosen=config.pseudo_margin == "always" or pseudo_tau > baseline_tau,
+    return score_choice.choose(
+        config,
+        inputs.model,
+        training=training,
+        images=inputs.data.float_images,
+        labels=inputs.data.labels,
+        subset=subset_indices_,
+        margins=margins,
     )
 
 
@@ -208,10 +207,13 @@ class RunResult:
 
 
 def run(
-    config: CalibrationConfig, on_preflight: Callable[[PreflightReport], None] | None = None
+    config: CalibrationConfig,
+    on_preflight: Callable[[PreflightReport], None] | None = None,
+    traffic: TrafficPoints | None = None,
 ) -> RunResult:
     """The whole job. Raises `ConfigError` (bad input), `store.StoreBusy`, `CalibrationError`.
-    `on_preflight` hears the preflight's report before the attacks start."""
+    `on_preflight` hears the preflight's report before the attacks start; `traffic` (`--refit`)
+    joins the subset in the label-free fits."""
     started = time.monotonic()
     inputs, preflight = run_preflight(config)
     if on_preflight is not None and not config.preflight_only:
@@ -241,7 +243,9 @@ def run(
     with store.model_lock(config.store, name):
         folder, size = attack()
         margins = load_margins(config, folder, size)
-        graph, pseudo_facts = choose_score(config, inputs, subset, everything.take(subset), margins)
+        graph, pseudo_facts = choose_score(
+            config, inputs, subset, everything.take(subset), margins, traffic=traffic
+        )
         version = config.version or new_version()
         staging = store.new_staging_dir(config.store, name, version)
         try:
@@ -256,6 +260,7 @@ def run(
                 staging=staging,
                 version=version,
                 started=started,
+                traffic=traffic,
             )
             final = store.publish(config.store, name, staging)
         except BaseException:
@@ -276,6 +281,7 @@ def finish_version(
     staging: Path,
     version: str,
     started: float,
+    traffic: TrafficPoints | None = None,
 ) -> CalibrationRecord:
     """Export and verify the graph, compute every figure, write record and report."""
     images = inputs.data.float_images
@@ -283,6 +289,12 @@ def finish_version(
         graph, inputs.model.input_shape, images[subset], staging
     )
     big_scores = graph_scores(graph, images, config.torch_device)
+    # the new graph's scores: with a refitted pseudo-margin they are not the served ones
+    threshold_points = (
+        None
+        if traffic is None
+        else (graph_scores(graph, traffic.images, config.torch_device), traffic.margins)
+    )
     record = build_record(
         config=config,
         version=version,
@@ -306,10 +318,12 @@ def finish_version(
         big_source=DataSource(dataset=config.dataset, split=config.split, size=len(images)),
         duration_s=time.monotonic() - started,
         software=software_versions(),
+        threshold_points=threshold_points,
     )
     store.write_record(staging, record)
-    html = render_report(
-        report_data(record, margins, subset_scores, onnx_labels == inputs.data.labels[subset])
-    )
+    data = report_data(record, margins, subset_scores, onnx_labels == inputs.data.labels[subset])
+    if traffic is not None:
+        data = with_refit_facts(data, len(traffic.images), config.since)
+    html = render_report(data)
     (staging / REPORT_FILE).write_text(html)
     return record

@@ -72,29 +72,53 @@ class PseudoMarginHead(nn.Module):
         self.standardizes = False
 
 
+def guarded_score(pseudo: torch.Tensor, logits: torch.Tensor, guard_scale: float) -> torch.Tensor:
+    """min(pseudo-margin, κ · logit margin): flagged (score < λ) when either is low.
+
+    A point just past a decision boundary has a logit margin near 0 by construction, while a
+    learned pseudo-margin can extrapolate there to a large value (docs/benchmarks.md, "Boundary
+    recall"); the minimum keeps the pseudo-margin's ranking of clean inputs and adds the logit
+    margin's catch of those points. κ (> 0) puts the logit margin on the pseudo-margin's scale.
+    """
+    return torch.minimum(pseudo, logit_margin(logits) * guard_scale)
+
+
 class ServingGraph(nn.Module):
-    """`model` plus its score: outputs (`logits`, `score`), the contract of the served ONNX file."""
+    """`model` plus its score: outputs (`logits`, `score`), the contract of the served ONNX file.
+
+    The score is the logit margin, or the pseudo-margin head's output, or, with `guard_scale`,
+    `guarded_score` of the two."""
 
     def __init__(
         self,
         model: SplitClassifier,
         pseudo_margin: PseudoMarginHead | None = None,
         score_input: ScoreInput = "features",
+        guard_scale: float | None = None,
     ) -> None:
         super().__init__()
+        if guard_scale is not None and not (pseudo_margin is not None and guard_scale > 0):
+            raise ValueError(f"a guard scale needs a pseudo-margin and must be > 0: {guard_scale}")
         self.model = model
         self.pseudo_margin = pseudo_margin
         self.score_input = score_input
+        self.guard_scale = guard_scale
 
     def forward(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.pseudo_margin is not None and self.score_input == "features":
             features, logits = self.model.features_and_logits(inputs)
-            return logits, self.pseudo_margin(features)
+            return logits, self._learned(self.pseudo_margin(features), logits)
         # The model's own forward: where features and logits come from two passes (a model
         # with features() but no head()), a score that needs no features costs one.
         logits = self.model(inputs)
-        score = logit_margin(logits) if self.pseudo_margin is None else self.pseudo_margin(logits)
-        return logits, score
+        if self.pseudo_margin is None:
+            return logits, logit_margin(logits)
+        return logits, self._learned(self.pseudo_margin(logits), logits)
+
+    def _learned(self, pseudo: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        if self.guard_scale is None:
+            return pseudo
+        return guarded_score(pseudo, logits, self.guard_scale)
 
 
 def export_serving_graph(

@@ -129,3 +129,30 @@ def test_estimate_interval_is_consistent(fields: dict[str, Any], message: str) -
         RobustAccuracyEstimate.model_validate({"method": "count", "estimate": 0.5} | fields)
     point_only = {"method": "count", "estimate": 0.5, "ci_low": None, "ci_high": None}
     assert RobustAccuracyEstimate.model_validate(point_only | {"bootstrap": 0}).ci_low is None
+
+
+def test_older_pseudo_margin_facts_read_as_unguarded() -> None:
+    facts = store.read_record(SHIPPED).pseudo_margin
+    assert facts is not None and facts.chosen
+    assert facts.guard_scale is None and facts.choice is None  # issue 10's fields are optional
+
+
+def score_figures(name: str, auroc: float) -> dict[str, Any]:
+    return {"name": name, "kendall_tau": 0.6, "auroc": auroc, "threshold": 0.3,
+            "estimate": 0.7, "estimate_spread": 0.02, "multiply_adds": 0}  # fmt: skip
+
+
+def test_score_choice_round_trips_in_a_record() -> None:
+    choice = {"candidates": [score_figures("logit-margin", 0.93), score_figures("guarded", 0.95)],
+              "chosen": "guarded", "reason": "buys AUROC", "min_auroc_gain": 0.005,
+              "min_tau_gain": 0.05, "min_spread_gain": 0.05}  # fmt: skip
+    data = shipped_json()
+    data["pseudo_margin"] |= {"guard_scale": 0.25, "choice": choice}
+    record = CalibrationRecord.model_validate(data)
+    assert record.pseudo_margin is not None and record.pseudo_margin.choice is not None
+    assert record.pseudo_margin.choice.candidates[1].boundary_recall is None
+    assert CalibrationRecord.model_validate_json(record.model_dump_json()) == record
+    with pytest.raises(ValidationError, match="guard_scale"):
+        CalibrationRecord.model_validate(
+            data | {"pseudo_margin": data["pseudo_margin"] | {"guard_scale": 0}}
+        )

@@ -1,0 +1,316 @@
+"""Which score the served graph carries, decided by what it buys on held-out points against what
+it costs on every request (issue 10; this replaced a cut-off "learn a pseudo-margin when τ < 0.6").
+
+Two candidates, both measured on the attacked subset, which the pseudo-margin never sees:
+
+* the logit margin m(x): free (one TopK and one MatMul after the logits);
+* the guarded pseudo-margin min(g(x), κ·m(x)) (`scores.guarded_score`): the learned g ranks clean
+  inputs better, and the minimum with the logit margin catches the inputs just past a decision
+  boundary, where g can extrapolate to a large value (docs/benchmarks.md, "Boundary recall").
+  κ = λ_g / (GUARD_SHARE · λ_m) with each λ fitted by the job's rule on its own score: the logit
+  margin flags once it is below GUARD_SHARE of its own λ.
+
+What a candidate buys: Kendall τ and AUROC on the subset, the width of the regression
+estimate's bootstrap interval, and the recall of first-flip points (a fixed-step attack from the
+subset's correctly classified points, `boundary_points.first_flip`) at the λ the job fits. The
+learned score costs the MLP on every request and is served only when it buys more than noise:
+see `decide`. Every figure and the reason go into the record (`PseudoMarginFacts.choice`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from marginwatch.artifact.schema import PseudoMarginFacts, ScoreChoice, ScoreFigures
+from marginwatch.calibration.boundary_points import first_flip
+from marginwatch.calibration.config import CalibrationConfig
+from marginwatch.calibration.estimators import estimate_robust_accuracy
+from marginwatch.calibration.inputs import Outputs, forward_all
+from marginwatch.calibration.margins import MarginResult
+from marginwatch.calibration.metrics import detection_metrics, kendall_tau, nonrobust_mask
+from marginwatch.calibration.pseudo_margin import PseudoMarginRegressor
+from marginwatch.calibration.record import threshold_rule_spec
+from marginwatch.calibration.scores import PseudoMarginHead, ServingGraph
+from marginwatch.calibration.threshold import ThresholdRule, make_threshold_rule
+from marginwatch.models.architectures import SplitClassifier
+
+__all__ = [
+    "BOUNDARY_SOURCES",
+    "GUARD_SHARE",
+    "MIN_AUROC_GAIN",
+    "MIN_SPREAD_GAIN",
+    "MIN_TAU_GAIN",
+    "ScoreSample",
+    "boundary_outputs",
+    "candidates",
+    "choose",
+    "decide",
+    "guard_scale",
+    "measure",
+    "multiply_adds",
+]
+
+GUARD_SHARE = 1.0
+"""The logit margin's share of its own λ in the guard (bench/boundary_recall.py compares 0.25–2)."""
+MIN_AUROC_GAIN = 0.005
+"""Half a point of AUROC: below it, the subset's sampling noise (500 points) hides the gain."""
+MIN_TAU_GAIN = 0.05
+MIN_SPREAD_GAIN = 0.05
+"""Relative narrowing of the estimate's bootstrap interval worth a learned score."""
+BOUNDARY_SOURCES = 200
+"""Subset points the calibration pushes past the boundary (about 10 s on 2 cores)."""
+
+
+def guard_scale(
+    pseudo: np.ndarray, logit: np.ndarray, nonrobust: np.ndarray, rule: ThresholdRule
+) -> float:
+    """κ of min(g, κ·m) such that κ·m < λ_g exactly where m < GUARD_SHARE · λ_m, each λ fitted
+    by `rule` on its own score. Where a λ is not positive (say, no non-robust point on the
+    subset), the medians of the two scores set the scale instead."""
+    lam_pseudo, lam_logit = rule(pseudo, nonrobust), rule(logit, nonrobust)
+    if lam_pseudo > 0 and lam_logit > 0:
+        return float(lam_pseudo / (GUARD_SHARE * lam_logit))
+    top_pseudo, top_logit = float(np.median(np.abs(pseudo))), float(np.median(np.abs(logit)))
+    return top_pseudo / top_logit if top_pseudo > 0 and top_logit > 0 else 1.0
+
+
+@dataclass(frozen=True)
+class ScoreSample:
+    """One candidate's scores on the subset, on the big set and, when measured, on first-flip
+    points."""
+
+    name: str
+    subset: np.ndarray
+    big: np.ndarray
+    boundary: np.ndarray | None
+    multiply_adds: int
+
+
+def measure(
+    sample: ScoreSample,
+    *,
+    radius: np.ndarray,
+    nonrobust: np.ndarray,
+    correct: np.ndarray,
+    big_correct: np.ndarray,
+    rule: ThresholdRule,
+    bootstrap: int,
+    seed: int,
+) -> ScoreFigures:
+    """τ, AUROC and λ on the subset; the regression estimate of the big set's robust accuracy
+    with the width of its bootstrap interval (the spread a subset of this size leaves); the
+    boundary recall at λ."""
+    threshold = rule(sample.subset, nonrobust)
+    estimate = estimate_robust_accuracy(
+        sample.subset,
+        correct,
+        ~nonrobust,
+        sample.big,
+        big_correct,
+        threshold_rule=rule,
+        method="regression",
+        bootstrap=bootstrap,
+        seed=seed,
+    )
+    spread = float("nan")
+    if estimate.ci_low is not None and estimate.ci_high is not None:
+        spread = estimate.ci_high - estimate.ci_low
+    recall = None
+    if sample.boundary is not None and sample.boundary.size:
+        recall = float(np.mean(sample.boundary < threshold))
+    return ScoreFigures(
+        name=sample.name,
+        kendall_tau=kendall_tau(radius, sample.subset),
+        auroc=detection_metrics(nonrobust, sample.subset).auroc,
+        threshold=float(threshold),
+        estimate=estimate.estimate,
+        estimate_spread=spread,
+        boundary_recall=recall,
+        boundary_points=None if sample.boundary is None else int(sample.boundary.size),
+        multiply_adds=sample.multiply_adds,
+    )
+
+
+def decide(logit: ScoreFigures, learned: ScoreFigures, *, forced: bool) -> ScoreChoice:
+    """Serve the learned score when it buys more than noise on at least one count (τ, AUROC,
+    estimate spread) and does not lose boundary recall; else the free logit margin."""
+    gains = []
+    if learned.auroc - logit.auroc >= MIN_AUROC_GAIN:
+        gains.append(f"AUROC {logit.auroc:.3f} → {learned.auroc:.3f}")
+    if learned.kendall_tau - logit.kendall_tau >= MIN_TAU_GAIN:
+        gains.append(f"τ {logit.kendall_tau:.3f} → {learned.kendall_tau:.3f}")
+    if learned.estimate_spread <= (1 - MIN_SPREAD_GAIN) * logit.estimate_spread:
+        gains.append(
+            f"estimate interval {100 * logit.estimate_spread:.2f} → "
+            f"{100 * learned.estimate_spread:.2f} points wide"
+        )
+    losses = []
+    if (
+        logit.boundary_recall is not None
+        and learned.boundary_recall is not None
+        and learned.boundary_recall < logit.boundary_recall - 0.01
+    ):
+        losses.append(
+            f"boundary recall {logit.boundary_recall:.3f} → {learned.boundary_recall:.3f}"
+        )
+    cost = f"cost {learned.multiply_adds:,} multiply-adds per request"
+    if forced:
+        chosen, reason = learned.name, f"forced (--pseudo-margin always); {cost}"
+    elif gains and not losses:
+        chosen, reason = learned.name, f"buys {'; '.join(gains)}; {cost}"
+    else:
+        bought = "; ".join(gains) if gains else "no gain above noise"
+        lost = f", loses {'; '.join(losses)}" if losses else ""
+        chosen, reason = logit.name, f"learned score: {bought}{lost}; not worth its {cost}"
+    return ScoreChoice(
+        candidates=[logit, learned],
+        chosen=chosen,
+        reason=reason,
+        min_auroc_gain=MIN_AUROC_GAIN,
+        min_tau_gain=MIN_TAU_GAIN,
+        min_spread_gain=MIN_SPREAD_GAIN,
+    )
+
+
+def multiply_adds(head: PseudoMarginHead) -> int:
+    """Multiply-adds per request of the head (its linear layers), the learned score's cost."""
+    layers = [module for module in head.modules() if isinstance(module, torch.nn.Linear)]
+    return sum(layer.weight.numel() for layer in layers)
+
+
+def boundary_outputs(
+    model: SplitClassifier,
+    images: np.ndarray,
+    labels: np.ndarray,
+    *,
+    eps: float,
+    norm: float,
+    device: torch.device,
+) -> Outputs | None:
+    """The model's outputs on first-flip points (step ε/50, within 2ε) of at most
+    BOUNDARY_SOURCES of `images`, the correctly classified subset points."""
+    keep = slice(0, BOUNDARY_SOURCES)
+    x = torch.from_numpy(images[keep]).to(device)
+    y = torch.from_numpy(labels[keep]).to(device)
+    points, flipped = first_flip(model, x, y, norm=norm, step=eps / 50, max_steps=100)
+    if not flipped.any():
+        return None
+    return forward_all(model, points[flipped].cpu().numpy(), device)
+
+
+def candidates(
+    config: CalibrationConfig,
+    model: SplitClassifier,
+    regressor: PseudoMarginRegressor,
+    *,
+    everything: Outputs,
+    subset: np.ndarray,
+    boundary: Outputs | None,
+    kappa: float,
+) -> list[ScoreSample]:
+    """The logit margin and the guarded pseudo-margin, scored on the subset, the big set and
+    the first-flip points (numpy's minimum is `scores.guarded_score`'s, without the graph)."""
+
+    def guarded(outputs: Outputs) -> np.ndarray:
+        pseudo = regressor.predict(outputs.score_inputs(config.pseudo_input))
+        return np.minimum(pseudo, kappa * outputs.scores)
+
+    big = guarded(everything)
+    return [
+        ScoreSample(
+            "logit-margin",
+            everything.scores[subset],
+            everything.scores,
+            None if boundary is None else boundary.scores,
+            0,
+        ),
+        ScoreSample(
+            "guarded-pseudo-margin",
+            big[subset],
+            big,
+            None if boundary is None else guarded(boundary),
+            multiply_adds(regressor.head_),
+        ),
+    ]
+
+
+def choose(
+    config: CalibrationConfig,
+    model: SplitClassifier,
+    *,
+    training: tuple[np.ndarray, MarginResult],
+    images: np.ndarray,
+    labels: np.ndarray,
+    subset: np.ndarray,
+    margins: MarginResult,
+) -> tuple[ServingGraph, PseudoMarginFacts]:
+    """Fit the pseudo-margin on the attacked training points, measure both candidates on the
+    subset (`subset` indexes `images`, the big set, whose true labels are `labels`), and return
+    the serving graph of the one `decide` picks, with the facts behind it."""
+    features, train_margins = training
+    regressor = PseudoMarginRegressor(
+        hidden=config.pseudo_hidden,
+        layers=config.pseudo_layers,
+        epochs=config.pseudo_epochs,
+        seed=config.seed,
+    ).fit(features, train_margins.finite_radius)
+    everything = forward_all(model, images, config.torch_device)
+    correct = everything.labels == labels
+    rule = make_threshold_rule(threshold_rule_spec(config))
+    nonrobust = nonrobust_mask(margins.radius, margins.success, config.resolved_eps)
+    pseudo = regressor.predict(everything.take(subset).score_inputs(config.pseudo_input))
+    kappa = guard_scale(pseudo, everything.scores[subset], nonrobust, rule)
+    sources = subset[correct[subset]]
+    boundary = boundary_outputs(
+        model,
+        images[sources],
+        everything.labels[sources],
+        eps=config.resolved_eps,
+        norm=config.attack_plan.norm,
+        device=config.torch_device,
+    )
+    samples = candidates(
+        config,
+        model,
+        regressor,
+        everything=everything,
+        subset=subset,
+        boundary=boundary,
+        kappa=kappa,
+    )
+    logit, learned = (
+        measure(
+            sample,
+            radius=margins.radius,
+            nonrobust=nonrobust,
+            correct=correct[subset],
+            big_correct=correct,
+            rule=rule,
+            bootstrap=min(config.bootstrap, 300),
+            seed=config.seed,
+        )
+        for sample in samples
+    )
+    choice = decide(logit, learned, forced=config.pseudo_margin == "always")
+    served = choice.chosen == learned.name
+    facts = PseudoMarginFacts(
+        score_input=config.pseudo_input,
+        hidden=config.pseudo_hidden,
+        layers=config.pseudo_layers,
+        train_points=len(features),
+        held_out_points=len(pseudo),
+        logit_margin_tau=logit.kendall_tau,
+        logit_margin_auroc=logit.auroc,
+        pseudo_margin_tau=kendall_tau(margins.radius, pseudo),
+        pseudo_margin_auroc=detection_metrics(nonrobust, pseudo).auroc,
+        chosen=served,
+        guard_scale=kappa,
+        choice=choice,
+    )
+    if not served:
+        return ServingGraph(model), facts
+    head = regressor.head_.to(config.torch_device)
+    return ServingGraph(model, head, config.pseudo_input, guard_scale=kappa), facts

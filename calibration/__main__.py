@@ -4,9 +4,11 @@ The options are the fields of `config.CalibrationConfig`: flag, help, default an
 generated from it, so they are written once. Each can also be set by the environment variable
 `MARGINWATCH_CALIBRATE_<FIELD>`; a flag wins over the variable, the variable over the default.
 
-Exit codes: 0 published (or shard done, or `--preflight-only` passed), 1 verification failed,
-2 bad input (every preflight check: one line, before any attack), 3 another run of the same
-model holds the lock. Meant for cron: idempotent, lock-protected, safe to kill.
+Exit codes: 0 published (or shard done, or `--preflight-only` passed, or the traffic check
+published), 1 verification failed, 2 bad input (every preflight check, and every traffic-check
+problem found before the attacks: no traffic, none since --since, every shard broken, another
+model than the served one; one line, before any attack), 3 another run of the same model holds
+the lock. Meant for cron: idempotent, lock-protected, safe to kill.
 """
 
 from __future__ import annotations
@@ -24,8 +26,10 @@ from pydantic.fields import FieldInfo
 
 if typing.TYPE_CHECKING:
     from marginwatch.artifact.schema import CalibrationRecord
+    from marginwatch.artifact.traffic import TrafficCheck
     from marginwatch.calibration.job import RunResult
     from marginwatch.calibration.preflight import PreflightReport
+    from marginwatch.calibration.traffic_check import TrafficResult
 
 from marginwatch.artifact import store
 from marginwatch.calibration.config import (
@@ -96,7 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="Measure input margins on a subset with minimum-norm attacks, check margin "
         "consistency, fit the brittleness threshold λ and the robust-accuracy estimators, and "
-        "publish a verified version (model.onnx, calibration.json, report.html) to the store.",
+        "publish a verified version (model.onnx, calibration.json, report.html) to the store. "
+        "With --traffic DIR, check the served version's flag on a sample of its own traffic "
+        "instead (traffic-check.json beside it; --refit also publishes a refitted version).",
         epilog=f"Every option can also be set by an environment variable: {ENV_PREFIX} and the "
         f"flag in capitals with underscores ({ENV_PREFIX}SUBSET_SIZE=200) unless its help names "
         f"another; lists comma-separated ({ENV_PREFIX}ATTACKS=fmn,fab:200), switches true or "
@@ -182,6 +188,35 @@ def _announce(report: PreflightReport) -> None:
     print(report.summary(), file=sys.stderr, flush=True)
 
 
+def _warn(message: str) -> None:
+    print(f"{PROG}: warning: {message}", file=sys.stderr, flush=True)
+
+
+def _check_summary(check: TrafficCheck) -> str:
+    def ratio(name: str, value: float, low: float, high: float) -> str:
+        return f"{name:16s} {value:.3f} [{low:.3f}, {high:.3f}]"
+
+    def maybe(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.3f}"
+
+    nonrobust, flagged = check.nonrobust, check.flagged
+    return "\n".join(
+        [
+            f"traffic check    {check.model_name}  version {check.version}: {nonrobust.total} of "
+            f"{check.available_points} points since {check.traffic_since:.0f}, seed {check.seed}",
+            ratio("non-robust", nonrobust.value, nonrobust.ci_low, nonrobust.ci_high)
+            + f"  ({check.censored} censored)",
+            ratio("flagged", flagged.value, flagged.ci_low, flagged.ci_high)
+            + f"  ({'intervals overlap' if check.ratios_agree else 'intervals DO NOT overlap'})",
+            f"flag             recall {maybe(check.recall)}  precision "
+            f"{maybe(check.precision)}  FPR {maybe(check.false_positive_rate)}",
+            f"consistency      Kendall τ {maybe(check.kendall_tau)}  AUROC {maybe(check.auroc)}",
+            f"live gauge       {check.live_gauge:.3f} (robust fraction measured "
+            f"{1 - nonrobust.value:.3f}, an upper bound of correct and robust)",
+        ]
+    )
+
+
 def _bad_input(error: ConfigError) -> int:
     print(f"{PROG}: {error}", file=sys.stderr)
     return EXIT_BAD_INPUT
@@ -194,9 +229,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _bad_input(error)
     # Imported here, not at the top, so that `--help` answers without loading torch.
     from marginwatch.calibration.job import CalibrationError, run
+    from marginwatch.calibration.traffic_check import TrafficResult, run_traffic
 
+    announce = None if as_json else _announce
+    result: RunResult | TrafficResult
     try:
-        result = run(config, on_preflight=None if as_json else _announce)
+        if config.traffic is not None:
+            result = run_traffic(config, _warn, announce)
+        else:
+            result = run(config, on_preflight=announce)
     except ConfigError as error:
         return _bad_input(error)
     except store.StoreBusy as error:
@@ -205,8 +246,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CalibrationError, store.ArtifactError, OSError) as error:
         print(f"{PROG}: failed, store unchanged: {error}", file=sys.stderr)
         return EXIT_FAILED
-    _print_result(result, config, as_json)
+    if isinstance(result, TrafficResult):
+        _print_traffic_result(result, config, as_json)
+    else:
+        _print_result(result, config, as_json)
     return 0
+
+
+def _print_traffic_result(result: TrafficResult, config: CalibrationConfig, as_json: bool) -> None:
+    if as_json:
+        check = result.check.model_dump(mode="json")
+        refit = result.refit
+        if refit is None or refit.record is None:
+            print(json.dumps(check, indent=2))
+        else:
+            both = {"traffic_check": check, "calibration": refit.record.model_dump(mode="json")}
+            print(json.dumps(both, indent=2))
+        return
+    print(_check_summary(result.check))
+    print(f"published {os.path.relpath(result.check_path)} (CURRENT unchanged)")
+    if result.refit is not None:
+        _print_result(result.refit, config, as_json)
 
 
 def _print_result(result: RunResult, config: CalibrationConfig, as_json: bool) -> None:

@@ -49,18 +49,29 @@ class Outputs:
 def load_model_for(config: CalibrationConfig, data: Dataset) -> SplitClassifier:
     """The configured model, fitted to `data` (input shape, class count) and wrapped in its
     normalisation when it expects inputs other than [0, 1]; `ConfigError` on any mismatch."""
+    return load_model_shaped(
+        config, image_shape(data.images), len(data.class_names), what="data has shape"
+    )
+
+
+def load_model_shaped(
+    config: CalibrationConfig,
+    input_shape: tuple[int, int, int],
+    num_classes: int,
+    *,
+    what: str,
+) -> SplitClassifier:
+    """The configured model for inputs of `input_shape` and `num_classes` classes (a dataset's,
+    or a served version's: `what` names it in the message when the model expects others)."""
     try:
         model = load_model(
-            config.model,
-            config.weights,
-            input_shape=image_shape(data.images),
-            num_classes=len(data.class_names),
+            config.model, config.weights, input_shape=input_shape, num_classes=num_classes
         )
     except ModelError as error:
         raise ConfigError(str(error)) from error
-    if data.images.shape[1:] != tuple(model.input_shape):
+    if tuple(input_shape) != tuple(model.input_shape):
         raise ConfigError(
-            f"data has shape {data.images.shape[1:]} per image but the model expects "
+            f"{what} {tuple(input_shape)} per image but the model expects "
             f"{tuple(model.input_shape)}"
         )
     if not config.normalizes:

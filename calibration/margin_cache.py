@@ -5,7 +5,8 @@ finds every chunk present merges them.
 
 A chunk file is written to a temporary name and renamed, so a half-written chunk never exists.
 The cache folder's name hashes everything that determines the margins (weights, data indices,
-norm, attacks and budgets), so a changed setting can never reuse stale results.
+norm, attacks and budgets; for sampled traffic, which has no stable indices, the points' bytes),
+so a changed setting can never reuse stale results.
 """
 
 from __future__ import annotations
@@ -48,6 +49,16 @@ def state_dict_sha256(model: torch.nn.Module) -> str:
     for key, value in sorted(model.state_dict().items()):
         digest.update(key.encode())
         digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def content_sha256(*arrays: np.ndarray) -> str:
+    """What names points that have no stable index in a dataset (sampled traffic): their bytes,
+    shapes and dtypes."""
+    digest = hashlib.sha256()
+    for array in arrays:
+        digest.update(f"{array.dtype.str}{array.shape}".encode())
+        digest.update(np.ascontiguousarray(array).tobytes())
     return digest.hexdigest()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import numpy as np
@@ -20,7 +21,7 @@ from marginwatch.calibration.estimators import estimate_robust_accuracy, fit_liv
 from marginwatch.calibration.margins import MarginResult
 from marginwatch.calibration.metrics import detection_metrics, kendall_tau, nonrobust_mask
 from marginwatch.calibration.report import ReportData
-from marginwatch.calibration.threshold import make_threshold_rule
+from marginwatch.calibration.threshold import ThresholdRule, make_threshold_rule
 
 
 def threshold_rule_spec(config: CalibrationConfig) -> ThresholdRuleSpec:
@@ -30,6 +31,18 @@ def threshold_rule_spec(config: CalibrationConfig) -> ThresholdRuleSpec:
     return ThresholdRuleSpec.model_validate(
         {"name": config.threshold_rule, "target_tpr": target_tpr}
     )
+
+
+def fitted_with_points(
+    rule: ThresholdRule, scores: np.ndarray, nonrobust: np.ndarray
+) -> ThresholdRule:
+    """`rule`, fitted on the points it is given plus these fixed ones (`--refit`'s traffic):
+    the count estimator's bootstrap then resamples the subset and keeps the traffic points."""
+
+    def fit(subset_scores: np.ndarray, subset_nonrobust: np.ndarray) -> float:
+        return rule(np.r_[subset_scores, scores], np.r_[subset_nonrobust, nonrobust])
+
+    return fit
 
 
 def build_record(
@@ -51,13 +64,20 @@ def build_record(
     big_source: DataSource,
     duration_s: float,
     software: dict[str, str],
+    threshold_points: tuple[np.ndarray, MarginResult] | None = None,
 ) -> CalibrationRecord:
+    """The record; `threshold_points` (scores and margins of attacked traffic, `--refit`) join
+    the subset in λ's fit, every other figure is the subset's."""
     eps = config.resolved_eps
     nonrobust = nonrobust_mask(margins.radius, margins.success, eps)
     robust = ~nonrobust
     detection = detection_metrics(nonrobust, subset_scores)
     rule_spec = threshold_rule_spec(config)
     rule = make_threshold_rule(rule_spec)
+    if threshold_points is not None:
+        extra_scores, extra_margins = threshold_points
+        extra_nonrobust = nonrobust_mask(extra_margins.radius, extra_margins.success, eps)
+        rule = fitted_with_points(rule, extra_scores, extra_nonrobust)
     threshold = rule(subset_scores, nonrobust)
     estimates = [
         estimate_robust_accuracy(
@@ -148,3 +168,12 @@ def report_data(
         summary=summary,
         headline=headline,
     )
+
+
+def with_refit_facts(data: ReportData, traffic_points: int, since: str) -> ReportData:
+    """The report of a `--refit` version says where λ came from: the record has no field for it."""
+    summary = {
+        **data.summary,
+        "λ fitted on": f"the subset and {traffic_points} attacked traffic points (since {since})",
+    }
+    return dataclasses.replace(data, summary=summary)

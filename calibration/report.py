@@ -12,12 +12,14 @@ import base64
 import dataclasses
 import html
 import io
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from marginwatch.artifact.traffic import Ratio, TrafficCheck
 from marginwatch.calibration.metrics import (
     detection_metrics,
     kendall_tau,
@@ -30,7 +32,7 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-__all__ = ["ReportData", "render_report"]
+__all__ = ["ReportData", "TrafficReport", "render_report", "render_traffic_section", "with_section"]
 
 Value = str | float | int
 
@@ -116,15 +118,16 @@ def _finish(
     return _png(fig)
 
 
-def _scatter_plot(data: ReportData) -> str:
-    """Margin vs score: consistency is visible as a monotone cloud; λ and ε split the quadrants."""
+def _scatter_plot(data: ReportData, names: tuple[str, str] = ("correct", "wrong")) -> str:
+    """Margin vs score: consistency is visible as a monotone cloud; λ and ε split the quadrants.
+    Points are coloured by `data.correct`, the two groups named by `names`."""
     fig, ax = _new_axes()
     d = np.asarray(data.margins, dtype=np.float64)
     ok = np.asarray(data.success, dtype=bool)
     correct = np.asarray(data.correct, dtype=bool)
     finite = d[ok & np.isfinite(d)]
     edge = 1.05 * max(float(finite.max()) if finite.size else 0.0, data.eps * 2.0)
-    for mask_c, colour, name in ((correct, _CORRECT, "correct"), (~correct, _WRONG, "wrong")):
+    for mask_c, colour, name in ((correct, _CORRECT, names[0]), (~correct, _WRONG, names[1])):
         sel = ok & mask_c
         if np.any(sel):
             ax.scatter(d[sel], data.scores[sel], s=8, c=colour, alpha=0.6, label=name)
@@ -207,3 +210,97 @@ def render_report(data: ReportData) -> str:
         f'<div class="cards">{_cards(data.headline)}{_cards(computed)}</div>'
         f'<div class="plots">{plots}</div>{_table(data.summary)}</body></html>\n'
     )
+
+
+SECTION_START, SECTION_END = "<!-- traffic-check -->", "<!-- /traffic-check -->"
+
+
+@dataclass(frozen=True, eq=False)
+class TrafficReport:
+    """The traffic check and its per-point arrays (margins against the served label, served
+    scores and flags), for the report's "Traffic check" section."""
+
+    check: TrafficCheck
+    margins: np.ndarray
+    success: np.ndarray
+    scores: np.ndarray
+    flagged: np.ndarray
+    threshold: float
+
+
+def _ratio_text(ratio: Ratio) -> str:
+    return (
+        f"{ratio.value:.3f} [{ratio.ci_low:.3f}, {ratio.ci_high:.3f}] ({ratio.count}/{ratio.total})"
+    )
+
+
+def _maybe(value: float | None) -> Value:
+    return "n/a" if value is None else value
+
+
+def render_traffic_section(data: TrafficReport) -> str:
+    """The section: headline cards, the plots of the calibration on the traffic sample (points
+    coloured by the served flag), and the check's figures, between markers `with_section`
+    finds again."""
+    check = data.check
+    cards: dict[str, Value] = {
+        "non-robust (measured)": _ratio_text(check.nonrobust),
+        "flagged (served)": _ratio_text(check.flagged),
+        "intervals overlap": "yes" if check.ratios_agree else "NO",
+        "recall": _maybe(check.recall),
+        "precision": _maybe(check.precision),
+        "FPR": _maybe(check.false_positive_rate),
+        "Kendall τ": _maybe(check.kendall_tau),
+        "AUROC": _maybe(check.auroc),
+        "live gauge (mean g)": check.live_gauge,
+        "robust (1 − non-robust)": 1.0 - check.nonrobust.value,
+    }
+    plot_data = ReportData(
+        margins=data.margins,
+        success=data.success,
+        scores=np.asarray(data.scores, dtype=np.float64),
+        correct=~np.asarray(data.flagged, dtype=bool),
+        eps=check.threat_model.eps,
+        threshold=data.threshold,
+        title="",
+    )
+    nonrobust = nonrobust_mask(plot_data.margins, plot_data.success, plot_data.eps)
+    auroc = check.auroc if check.auroc is not None else float("nan")
+    plots = (
+        _scatter_plot(plot_data, ("not flagged", "flagged"))
+        + _roc_plot(plot_data, nonrobust, auroc)
+        + _hist_plot(plot_data, nonrobust)
+    )
+    table: dict[str, Value] = {
+        key: (value if isinstance(value, str | int | float) else str(value))
+        for key, value in check.model_dump(mode="json", exclude={"nonrobust", "flagged"}).items()
+    }
+    table["traffic_since"] = f"{check.traffic_since:.0f} ({_utc_text(check.traffic_since)})"
+    table["traffic_until"] = f"{check.traffic_until:.0f} ({_utc_text(check.traffic_until)})"
+    return (
+        f'{SECTION_START}<section id="traffic-check"><h2>Traffic check</h2>'
+        f"<p>Served version {html.escape(check.version)}, checked on "
+        f"{check.nonrobust.total} points drawn at random (seed {check.seed}) from the "
+        f"{check.available_points} it served since {_utc_text(check.traffic_since)}, attacked "
+        "against the served labels: non-robust is measured without labels, flagged is what "
+        "the service returned. The live gauge is the mean of the calibration curve g over "
+        "these points; the measured robust fraction (1 − non-robust) bounds the correct and "
+        "robust fraction from above.</p>"
+        f'<div class="cards">{_cards(cards)}</div><div class="plots">{plots}</div>'
+        f"{_table(table)}</section>{SECTION_END}"
+    )
+
+
+def _utc_text(seconds: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(seconds))
+
+
+def with_section(page: str, section: str) -> str:
+    """`page` with `section` in place of its previous traffic section, or before `</body>`."""
+    start, end = page.find(SECTION_START), page.find(SECTION_END)
+    if start >= 0 and end > start:
+        return page[:start] + section + page[end + len(SECTION_END) :]
+    body = page.rfind("</body>")
+    if body < 0:
+        raise ValueError("the report has no </body> to put the traffic section before")
+    return page[:body] + section + page[body:]

@@ -56,6 +56,7 @@ def test_help_lists_every_field_with_its_description(monkeypatch: pytest.MonkeyP
         "attacks and threat model",
         "threshold, estimators, pseudo-margin",
         "store, sharding, output",
+        "traffic check (label-free, on the service's sampled traffic)",
     ]
 
 

@@ -382,7 +382,7 @@ def test_network_policy(builds: dict[str, list[dict]]) -> None:
 def test_calibration_jobs_run_read_only_and_non_root(builds: dict[str, list[dict]]) -> None:
     jobs = [pod for pod in pods(builds["base"]) if pod.owner.startswith("CronJob/")]
     jobs += pods([doc for doc in yaml.safe_load_all(SHARDED_JOB.read_text()) if doc])
-    assert len(jobs) == 3
+    assert len(jobs) == 4  # the traffic check, the weekly calibration, the sharded Jobs' two
     for pod in jobs:
         assert pod.spec["securityContext"]["runAsNonRoot"] is True
         (container,) = pod.containers

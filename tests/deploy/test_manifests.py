@@ -45,7 +45,7 @@ KINDS = {
     "base/hpa.yaml": ["HorizontalPodAutoscaler"],
     "base/pdb.yaml": ["PodDisruptionBudget"],
     "base/networkpolicy.yaml": ["NetworkPolicy"],
-    "base/calibration-cronjob.yaml": ["CronJob"],
+    "base/calibration-cronjob.yaml": ["CronJob", "CronJob"],
     "base/kustomization.yaml": ["Kustomization"],
     "calibration-sharded-job.yaml": ["Job", "Job"],
 }

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import orjson
 from fastapi import APIRouter, FastAPI, Request, Response, params
 from fastapi.exceptions import RequestValidationError
+from prometheus_client import start_http_server
 
 from marginwatch.service.admission import Admission
 from marginwatch.service.errors import (
@@ -191,6 +192,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await registry.start()
         if grpc_server is not None:
             await grpc_server.start()
+        metrics_server = (
+            start_http_server(settings.metrics_port, settings.host, metrics.registry)[0]
+            if settings.metrics_port
+            else None
+        )
         logger.info("started: models %s from %s (ready: %s)", registry.names(), settings.store,
                     registry.ready())  # fmt: skip
         try:
@@ -202,6 +208,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await registry.stop()
             if sampler is not None:
                 sampler.stop(settings.shutdown_timeout_s)
+            if metrics_server is not None:  # scraped until the end: the drain shows on it
+                metrics_server.shutdown()
+                metrics_server.server_close()
 
     app = FastAPI(
         title="marginwatch",
@@ -217,8 +226,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         build_health_router(
             registry, dependencies=guarded if settings.protect_health else [], errors=errors
         ),
-        _metrics_router(metrics, guarded if settings.protect_metrics else []),
     ]
+    if not settings.metrics_port:
+        routers.append(_metrics_router(metrics, guarded if settings.protect_metrics else []))
     splice_routes(app, routers)
     guard_routes(app.router.routes, INFERENCE_ENDPOINTS, admission)
     for error_type, status in STATUS_OF.items():

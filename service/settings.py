@@ -56,6 +56,14 @@ class Settings(BaseSettings):
         "inference.GRPCInferenceService; KServe's convention is 8001), on the same host and "
         "models; 0: no gRPC",
     )
+    metrics_port: int = Field(
+        default=0,
+        ge=0,
+        le=65535,
+        description="TCP port of a separate /metrics listener (same host), so that a NetworkPolicy "
+        "can let only the monitoring namespace reach the metrics and not the API; the API port "
+        "then has no /metrics. 0: /metrics on the API port",
+    )
     device: Device = Field(
         default="auto",
         description="execution provider: auto takes CUDA when onnxruntime-gpu sees a GPU, else CPU",
@@ -278,6 +286,13 @@ class Settings(BaseSettings):
                 f"max_batch_size ({self.max_batch_size}) must not exceed "
                 f"max_queue_samples ({self.max_queue_samples})"
             )
+        if self.metrics_port and self.protect_metrics:
+            raise ValueError(
+                "protect_metrics needs /metrics on the API port: the separate metrics_port "
+                f"({self.metrics_port}) takes no API keys (restrict it with a NetworkPolicy)"
+            )
+        if self.metrics_port and self.metrics_port in {self.port, self.grpc_port}:
+            raise ValueError(f"metrics_port ({self.metrics_port}) is already the API's or gRPC's")
         if self.traffic_sample_rate > 0 and self.traffic_dir is None:
             raise ValueError(
                 f"traffic_sample_rate ({self.traffic_sample_rate}) needs traffic_dir: a writable "

@@ -177,9 +177,14 @@ def test_kserve_container_ports_and_settings(builds: dict[str, list[dict]]) -> N
     objects = builds["kserve"]
     (container,) = one(objects, "ServingRuntime")["spec"]["containers"]
     assert container["name"] == "kserve-container"  # where KServe merges the model spec
-    http, grpc = container["ports"]  # KServe maps Service port 80 to the first one
+    http, grpc, metrics = container["ports"]  # KServe maps Service port 80 to the first one
     assert (http["name"], http["containerPort"]) == ("http", 8000)
     assert (grpc["name"], grpc["containerPort"]) == ("grpc", 8001)
+    config_data = one(objects, "ConfigMap")["data"]
+    assert (metrics["name"], str(metrics["containerPort"])) == (
+        "metrics",
+        config_data["MARGINWATCH_METRICS_PORT"],
+    )
     env = {e["name"]: e["value"] for e in container["env"]}
     assert env["MARGINWATCH_GRPC_PORT"] == str(grpc["containerPort"])
     assert container["args"][container["args"].index("--port") + 1] == str(http["containerPort"])

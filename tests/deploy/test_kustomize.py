@@ -372,11 +372,21 @@ def test_network_policy(builds: dict[str, list[dict]]) -> None:
     assert {"podSelector": {}} in inference["from"]  # the namespace's own clients
     ingress_ns = [peer["namespaceSelector"]["matchLabels"] for peer in inference["from"][1:]]
     assert ingress_ns == [{"kubernetes.io/metadata.name": "ingress-nginx"}]
-    # Monitoring: from that namespace only. (Same port as inference: see the manifest's header.)
+    # Monitoring: from that namespace only, to the metrics listener only, which the serving pods
+    # declare on the port the settings give it (and the inference port then has no /metrics).
     assert scraping["from"] == [
         {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
     ]
-    assert [p["port"] for p in scraping["ports"]] == ["http"]
+    assert [p["port"] for p in scraping["ports"]] == ["metrics"]
+    (config,) = find(builds["base"], "ConfigMap")
+    serving = [pod for pod in pods(builds["base"]) if pod.owner.startswith("Deployment/")]
+    assert serving
+    for pod in serving:
+        ports = {p["name"]: p["containerPort"] for c in pod.containers for p in c["ports"]}
+        assert str(ports["metrics"]) == config["data"]["MARGINWATCH_METRICS_PORT"]
+    (deployment,) = find(builds["base"], "Deployment")
+    annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/port"] == config["data"]["MARGINWATCH_METRICS_PORT"]
 
 
 def test_calibration_jobs_run_read_only_and_non_root(builds: dict[str, list[dict]]) -> None:

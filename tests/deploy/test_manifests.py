@@ -160,7 +160,8 @@ def test_label_values_and_endpoints_exist_in_the_service() -> None:
         assert f'"{value}"' in source, value
     for endpoints in set(re.findall(r'endpoint=~"([\w|]+)"', text)):
         for endpoint in endpoints.split("|"):
-            assert f"def {endpoint}(" in source, endpoint
+            # an HTTP route's handler, or a gRPC method's `@rpc("<endpoint>", ...)` label
+            assert f"def {endpoint}(" in source or f'@rpc("{endpoint}"' in source, endpoint
 
 
 def test_dashboard_shape() -> None:

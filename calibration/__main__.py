@@ -14,6 +14,7 @@ the lock. Meant for cron: idempotent, lock-protected, safe to kill.
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import os
 import sys
@@ -180,6 +181,8 @@ def _summary(record: CalibrationRecord) -> str:
             f"AUROC {facts.logit_margin_auroc:.3f} → {facts.pseudo_margin_auroc:.3f} "
             f"({'chosen' if facts.chosen else 'not chosen'})"
         )
+        if facts.choice is not None:
+            lines.append(f"score choice     {facts.choice.chosen}: {facts.choice.reason}")
     return "\n".join(lines)
 
 
@@ -190,6 +193,10 @@ def _announce(report: PreflightReport) -> None:
 
 def _warn(message: str) -> None:
     print(f"{PROG}: warning: {message}", file=sys.stderr, flush=True)
+
+
+def _utc(seconds: float) -> str:
+    return dt.datetime.fromtimestamp(seconds, tz=dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _check_summary(check: TrafficCheck) -> str:
@@ -203,7 +210,7 @@ def _check_summary(check: TrafficCheck) -> str:
     return "\n".join(
         [
             f"traffic check    {check.model_name}  version {check.version}: {nonrobust.total} of "
-            f"{check.available_points} points since {check.traffic_since:.0f}, seed {check.seed}",
+            f"{check.available_points} points since {_utc(check.traffic_since)}, seed {check.seed}",
             ratio("non-robust", nonrobust.value, nonrobust.ci_low, nonrobust.ci_high)
             + f"  ({check.censored} censored)",
             ratio("flagged", flagged.value, flagged.ci_low, flagged.ci_high)

@@ -15,7 +15,7 @@ from marginwatch.service.fastpath import auth_dependencies
 from marginwatch.service.settings import Settings
 
 INFERENCE = {
-    "/v1/models/{name}/predict": ["application/json"],
+    "/v1/models/{name}/predict": ["application/json", "multipart/form-data"],
     "/v2/models/{name}/infer": ["application/json", "application/octet-stream"],
 }
 

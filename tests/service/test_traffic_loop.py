@@ -155,9 +155,9 @@ def test_sampled_traffic_is_checked_exported_and_alerted_on(
     calibration_bytes = (version_dir / RECORD_FILE).read_bytes()
 
     images = fashion_subset.images.astype(np.float32) / 255.0
-    clean = images[:80]
+    clean = images[:48]
     boundary = boundary_images(
-        images[80:200], fashion_subset.labels[80:200], record.threat_model.eps
+        images[48:128], fashion_subset.labels[48:128], record.threat_model.eps
     )
     assert len(boundary) >= 20, "too few flips to check the flag on"
 

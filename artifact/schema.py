@@ -174,6 +174,19 @@ class PseudoMarginFacts(_Frozen):
         description="κ of the served min(pseudo-margin, κ · logit margin); absent: unguarded",
     )
     choice: ScoreChoice | None = Field(default=None, description="absent in older records")
+    path_points: int | None = Field(
+        default=None,
+        ge=0,
+        description=(
+            "attack-path points the MLP was trained on besides the train_points "
+            "(x + t(x* − x), target (1 − t)·‖x* − x‖); absent in older records: none"
+        ),
+    )
+    guard_share: float | None = Field(
+        default=None,
+        gt=0,
+        description="the logit margin's share of its own λ that κ was set for; absent: 1",
+    )
 
 
 # A model's or a version's name: one path component in the store, never `..` or hidden.

@@ -10,6 +10,13 @@ points), three sets of inputs whose margin is near 0 or at most ε/4:
 * min-norm: the job's attacks' own adversarial points (FMN, FAB-top3), where they flip;
 * path: points on the segment to the closer of them, ε/16, ε/8 and ε/4 before it.
 
+Candidates: the logit margin; g, the pseudo-margin MLP on the clean training points; g + paths,
+the bench's own re-implementation of the path training (FMN's points only); their guarded
+minima with the logit margin at each --shares; and "job default", the serving graph that
+`score_choice.choose` builds from `job.pseudo_margin_training` with the job's defaults (path
+training on the ensemble's closest adversarial points, the margin cache keeps them, and
+`score_choice.GUARD_SHARE`), scored by that graph itself.
+
 For each candidate score, λ is fitted by the job's rule (match-fraction) on the calibration
 subset, so the clean flag rate stays what the served flag's is, and recall = the fraction of a
 set flagged. Also: τ and AUROC on the subset and on the held-out points, the robust-accuracy
@@ -42,11 +49,22 @@ from marginwatch.calibration.boundary_points import first_flip, path_points
 from marginwatch.calibration.config import CalibrationConfig
 from marginwatch.calibration.estimators import estimate_robust_accuracy
 from marginwatch.calibration.inputs import Inputs, Outputs, forward_all, load_inputs, subset_indices
-from marginwatch.calibration.job import load_margins, margins_for, pseudo_margin_training
-from marginwatch.calibration.margins import confirmed_radius
+from marginwatch.calibration.job import (
+    graph_scores,
+    load_margins,
+    margins_for,
+    pseudo_margin_training,
+)
+from marginwatch.calibration.margins import MarginResult, confirmed_radius
 from marginwatch.calibration.metrics import detection_metrics, kendall_tau, nonrobust_mask
 from marginwatch.calibration.pseudo_margin import PseudoMarginRegressor
-from marginwatch.calibration.score_choice import GUARD_SHARE, guard_scale
+from marginwatch.calibration.score_choice import (
+    GUARD_SHARE,
+    GUARD_SHARE_WITHOUT_PATHS,
+    TrainingSet,
+    choose,
+    guard_scale,
+)
 from marginwatch.calibration.scores import PseudoMarginHead, ServingGraph
 from marginwatch.calibration.threshold import make_threshold_rule
 from marginwatch.models.export import export_onnx
@@ -81,6 +99,8 @@ class Calibration:
     config: CalibrationConfig
     subset: np.ndarray
     outputs: Outputs
+    margins: MarginResult
+    training: TrainingSet
     radius: np.ndarray
     nonrobust: np.ndarray
     correct: np.ndarray
@@ -105,7 +125,7 @@ def calibration(config: CalibrationConfig, inputs: Inputs, subset: np.ndarray) -
     margins = load_margins(config, folder, size)
     training = pseudo_margin_training(config, inputs, subset)
     assert training is not None
-    features, train_margins = training
+    clean = len(training.features) - training.path_points  # the path points come after them
     # the training images again, as pseudo_margin_training draws them (for path augmentation)
     assert inputs.train_data is not None
     pool = np.arange(len(inputs.train_data))
@@ -115,11 +135,13 @@ def calibration(config: CalibrationConfig, inputs: Inputs, subset: np.ndarray) -
         config=config,
         subset=subset,
         outputs=outputs,
+        margins=margins,
+        training=training,
         radius=margins.radius,
         nonrobust=nonrobust_mask(margins.radius, margins.success, config.resolved_eps),
         correct=outputs.labels == inputs.data.labels[subset],
-        train_features=features,
-        train_radius=train_margins.finite_radius,
+        train_features=training.features[:clean],
+        train_radius=training.targets[:clean],
         train_images=inputs.train_data.subset(chosen).float_images,
     )
 
@@ -265,10 +287,24 @@ def main() -> None:  # noqa: C901, PLR0915 - a benchmark script, read top to bot
         seed=config.seed,
     ).fit(aug_x, aug_y)  # fmt: skip
     heads: dict[str, PseudoMarginRegressor] = {"pseudo": regressor, "pseudo+paths": augmented}
+    # the job's own candidate: the graph `choose` builds, scored by that graph on every set
+    job_graph, job_facts = choose(
+        config, model, training=cal.training, images=data.float_images, labels=data.labels,
+        subset=subset, margins=cal.margins,
+    )  # fmt: skip
+    job_images = {"subset": data.float_images[subset], "held": held_images, **sets}
+    job_scores = {
+        where: graph_scores(job_graph, points, CPU) for where, points in job_images.items()
+    }
+    reason = job_facts.choice.reason if job_facts.choice else ""
+    print(f"job default: {job_facts.path_points} path points, share {job_facts.guard_share}, "
+          f"κ {job_facts.guard_scale}; {reason}")  # fmt: skip
 
-    def score_of(name: str, outputs: Outputs) -> np.ndarray:
+    def score_of(name: str, outputs: Outputs, where: str) -> np.ndarray:
         if name == "logit-margin":
             return outputs.scores
+        if name == "job default":
+            return job_scores[where]
         head, _, share = name.partition(" guard ")
         pseudo = heads[head].predict(outputs.features)
         if not share:
@@ -276,7 +312,8 @@ def main() -> None:  # noqa: C901, PLR0915 - a benchmark script, read top to bot
         return np.minimum(pseudo, kappas[name] * outputs.scores)
 
     shares = [float(s) for s in args.shares.split(",")]
-    candidates = ["logit-margin", "pseudo", "pseudo+paths"]
+    candidates = ["logit-margin", "pseudo", "pseudo+paths", "job default"]
+    job_share = {"pseudo": GUARD_SHARE_WITHOUT_PATHS, "pseudo+paths": GUARD_SHARE}
     kappas: dict[str, float] = {}
     for head, fitted in heads.items():
         pseudo_subset = fitted.predict(cal.outputs.features)
@@ -285,17 +322,20 @@ def main() -> None:  # noqa: C901, PLR0915 - a benchmark script, read top to bot
             name = f"{head} guard {share:g}"
             kappas[name] = lam_p / (share * lam_l)
             candidates.append(name)
-        job_kappa = guard_scale(pseudo_subset, cal.outputs.scores, cal.nonrobust, rule)
-        assert math.isclose(kappas[f"{head} guard {GUARD_SHARE:g}"], job_kappa)
+        share = job_share[head]
+        job_kappa = guard_scale(pseudo_subset, cal.outputs.scores, cal.nonrobust, rule, share=share)
+        assert f"{head} guard {share:g}" not in kappas or math.isclose(
+            kappas[f"{head} guard {share:g}"], job_kappa
+        )
 
     pool_nonrobust = np.concatenate([cal.nonrobust, held_nonrobust])
     pool_correct = np.concatenate([cal.correct, held_correct])
     truth = float(np.mean(pool_correct & ~pool_nonrobust))
     figures: dict[str, dict[str, float]] = {}
     for name in candidates:
-        subset_scores = score_of(name, cal.outputs)
+        subset_scores = score_of(name, cal.outputs, "subset")
         lam = rule(subset_scores, cal.nonrobust)
-        held_scores = score_of(name, held_out)
+        held_scores = score_of(name, held_out, "held")
         row = {
             "lambda": lam,
             "subset_flag_rate": float(np.mean(subset_scores < lam)),
@@ -307,7 +347,7 @@ def main() -> None:  # noqa: C901, PLR0915 - a benchmark script, read top to bot
         }
         caught, total = 0, 0
         for set_name, outputs in set_outputs.items():
-            flagged = score_of(name, outputs) < lam
+            flagged = score_of(name, outputs, set_name) < lam
             row[f"recall {set_name}"] = float(flagged.mean()) if flagged.size else float("nan")
             row[f"n {set_name}"] = int(flagged.size)
             caught, total = caught + int(flagged.sum()), total + flagged.size
@@ -329,11 +369,11 @@ def main() -> None:  # noqa: C901, PLR0915 - a benchmark script, read top to bot
         figures[name] = row
 
     # serving cost of the graph kinds (the head's size is the same for every learned candidate)
-    head: PseudoMarginHead = regressor.head_
+    mlp: PseudoMarginHead = regressor.head_
     cost_graphs = {
         "logit-margin": ServingGraph(model),
-        "pseudo": ServingGraph(model, head, "features"),
-        "pseudo guard": ServingGraph(model, head, "features", guard_scale=1.0),
+        "pseudo": ServingGraph(model, mlp, "features"),
+        "pseudo guard": ServingGraph(model, mlp, "features", guard_scale=1.0),
     }
     costs = {name: onnx_cost(graph, held_images) for name, graph in cost_graphs.items()}
     result = {"truth_pool_robust_accuracy": truth, "pool_points": int(pool_correct.size),

@@ -217,6 +217,15 @@ class CalibrationConfig(BaseSettings):
     pseudo_train_size: int = Field(
         default=1000, ge=10, description="attacked training points for the pseudo-margin"
     )
+    pseudo_paths: bool = Field(
+        default=True,
+        description=(
+            "train the pseudo-margin also on points along the training points' attack paths "
+            "(x + t(x* - x), t = 0.5, 0.75, 0.9, 1; target (1 - t)·‖x* - x‖), which teaches it "
+            "the inputs just before and past a boundary (docs/benchmarks.md, Boundary recall); "
+            "the guard then flags below 0.25 of the logit margin's λ instead of 1"
+        ),
+    )
     pseudo_input: Literal["features", "logits"] = Field(
         default="features", description="what the pseudo-margin MLP reads"
     )

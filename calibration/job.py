@@ -34,6 +34,7 @@ from marginwatch.calibration.config import CalibrationConfig, CalibrationError, 
 from marginwatch.calibration.inputs import Inputs, Outputs, forward_all, subset_indices
 from marginwatch.calibration.margins import MarginResult
 from marginwatch.calibration.preflight import PreflightReport, run_preflight
+from marginwatch.calibration.pseudo_margin import path_training_points
 from marginwatch.calibration.record import build_record, report_data, with_refit_facts
 from marginwatch.calibration.report import render_report
 from marginwatch.calibration.scores import ServingGraph, export_serving_graph
@@ -95,25 +96,16 @@ def load_margins(config: CalibrationConfig, folder: Path, size: int) -> MarginRe
         raise ConfigError(f"cannot merge: {error}; run the missing shards first") from error
 
 
-def joined_margins(first: MarginResult, second: MarginResult) -> MarginResult:
-    return MarginResult(
-        radius=np.r_[first.radius, second.radius],
-        success=np.r_[first.success, second.success],
-        per_attack={n: np.r_[first.per_attack[n], second.per_attack[n]] for n in first.per_attack},
-        censored_at=np.r_[first.censored_at, second.censored_at],
-        norm=first.norm,
-    )
-
-
 def pseudo_margin_training(
     config: CalibrationConfig,
     inputs: Inputs,
     subset: np.ndarray,
     traffic: TrafficPoints | None = None,
-) -> tuple[np.ndarray, MarginResult] | None:
-    """Features (or logits) and margins of attacked training points, disjoint from the subset,
-    and `traffic`'s after them (`--refit`: label-free targets, like the others). In shard mode
-    only attacks this shard's part of them and returns None."""
+) -> score_choice.TrainingSet | None:
+    """Features (or logits) and margins of attacked training points, disjoint from the subset;
+    with `--pseudo-paths`, points on their attack paths after them; `traffic`'s last (`--refit`:
+    label-free targets, like the others). In shard mode only attacks this shard's part of the
+    training points and returns None."""
     if inputs.train_data is not None:
         source, tag, pool = inputs.train_data, "train", np.arange(len(inputs.train_data))
     else:
@@ -133,14 +125,19 @@ def pseudo_margin_training(
     )
     if config.shard is not None:
         return None
-    features, margins = (
-        outputs.score_inputs(config.pseudo_input),
-        load_margins(config, folder, count),
-    )
-    if traffic is None:
-        return features, margins
-    traffic_features = traffic.outputs.score_inputs(config.pseudo_input)
-    return np.concatenate([features, traffic_features]), joined_margins(margins, traffic.margins)
+    margins = load_margins(config, folder, count)
+    features, targets = [outputs.score_inputs(config.pseudo_input)], [margins.finite_radius]
+    paths = 0
+    if config.pseudo_paths and margins.adv_inputs is not None:
+        points, path_targets = path_training_points(images, margins.adv_inputs, margins.radius)
+        path_outputs = forward_all(inputs.model, points, config.torch_device)
+        features.append(path_outputs.score_inputs(config.pseudo_input))
+        targets.append(path_targets)
+        paths = len(points)
+    if traffic is not None:
+        features.append(traffic.outputs.score_inputs(config.pseudo_input))
+        targets.append(traffic.margins.finite_radius)
+    return score_choice.TrainingSet(np.concatenate(features), np.concatenate(targets), paths)
 
 
 def choose_score(

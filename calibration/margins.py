@@ -54,6 +54,9 @@ class MarginResult:
     censored_at: float64, the largest norm reachable in the box (lower-bound stand-in for
         censored points; see the module docstring).
     norm: the norm the radii are measured in.
+    adv_inputs: float32, per sample the confirmed adversarial input of the smallest radius (the
+        clean input where every attack failed), or None where not kept (results older than
+        margin-cache format 2; joined results of which one part has none).
     """
 
     radius: np.ndarray
@@ -61,6 +64,7 @@ class MarginResult:
     per_attack: Mapping[str, np.ndarray]
     censored_at: np.ndarray
     norm: float
+    adv_inputs: np.ndarray | None = None
     attack_names: tuple[str, ...] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -68,6 +72,8 @@ class MarginResult:
         arrays = [self.success, self.censored_at, *self.per_attack.values()]
         if any(array.shape != (size,) for array in arrays):
             raise ValueError("every MarginResult array must have one entry per sample")
+        if self.adv_inputs is not None and len(self.adv_inputs) != size:
+            raise ValueError("adv_inputs must hold one input per sample")
         if np.any(np.isnan(self.radius)) or np.any(self.radius < 0):
             raise ValueError("radii must be non-negative numbers")
         if np.any(np.isfinite(self.radius) != self.success):
@@ -78,6 +84,8 @@ class MarginResult:
         frozen = {name: _frozen(r.astype(np.float64)) for name, r in self.per_attack.items()}
         object.__setattr__(self, "per_attack", MappingProxyType(frozen))
         object.__setattr__(self, "attack_names", tuple(frozen))
+        if self.adv_inputs is not None:
+            object.__setattr__(self, "adv_inputs", _frozen(self.adv_inputs.astype(np.float32)))
 
     @property
     def censored(self) -> np.ndarray:
@@ -168,12 +176,21 @@ def input_margins(
         raise ValueError("the model must be in eval mode (call model.eval())")
     names = _unique_names(attacks)
     radii: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+    best_inputs: list[torch.Tensor] = []
     starts = range(0, len(inputs), batch_size)
     for start in tqdm(starts, desc="input margins", unit="batch", disable=not progress):
         batch, batch_labels = inputs[start : start + batch_size], labels[start : start + batch_size]
+        # the clean input stands where every attack fails; `success` says which those are
+        best = batch.detach().float().clone()
+        best_radius = torch.full((len(batch),), math.inf, dtype=torch.float64, device=batch.device)
         for name, attack in zip(names, attacks, strict=True):
-            adv = attack(model, batch, batch_labels, norm=norm)
-            radii[name].append(confirmed_radius(model, batch, adv.detach(), batch_labels, norm))
+            adv = attack(model, batch, batch_labels, norm=norm).detach()
+            radius = confirmed_radius(model, batch, adv, batch_labels, norm)
+            radii[name].append(radius)
+            closer = radius < best_radius
+            best[closer] = adv[closer].float()
+            best_radius = torch.minimum(best_radius, radius)
+        best_inputs.append(best.cpu())
     per_attack = {name: _to_numpy(parts) for name, parts in radii.items()}
     radius = np.min(np.stack(list(per_attack.values())), axis=0)
     return MarginResult(
@@ -182,6 +199,7 @@ def input_margins(
         per_attack=per_attack,
         censored_at=worst_norm(inputs.double(), norm).cpu().numpy(),
         norm=float(norm),
+        adv_inputs=torch.cat(best_inputs).numpy() if best_inputs else inputs.float().cpu().numpy(),
     )
 
 

@@ -18,6 +18,24 @@ from marginwatch.calibration.estimators import NotFittedError
 from marginwatch.calibration.metrics import kendall_tau
 from marginwatch.calibration.scores import PseudoMarginHead
 
+PATH_STEPS = (0.5, 0.75, 0.9, 1.0)
+"""Where on the segment x → x* the path points lie (1: the adversarial point itself)."""
+
+
+def path_training_points(
+    images: np.ndarray, adv_inputs: np.ndarray, radius: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Points x + t(x* − x) on the attack paths of the points whose attack succeeded (finite
+    `radius` = ‖x* − x‖), one block per t in PATH_STEPS, with the regression target
+    (1 − t)·‖x* − x‖: an upper bound of their margin, since x* is past the boundary. Trained on
+    them as well, the pseudo-margin learns small values just before and past a boundary, where
+    trained on clean points alone it extrapolates (docs/benchmarks.md, "Boundary recall")."""
+    found = np.isfinite(radius)
+    x, adv, r = images[found], adv_inputs[found], radius[found]
+    points = [x + t * (adv - x) for t in PATH_STEPS]
+    targets = [(1 - t) * r for t in PATH_STEPS]
+    return np.concatenate(points).astype(np.float32), np.concatenate(targets)
+
 
 def regression_targets(radius: np.ndarray) -> np.ndarray:
     """√radius, with unbounded (infinite) censored radii set to the largest finite one."""

@@ -7,8 +7,10 @@ Two candidates, both measured on the attacked subset, which the pseudo-margin ne
 * the guarded pseudo-margin min(g(x), κ·m(x)) (`scores.guarded_score`): the learned g ranks clean
   inputs better, and the minimum with the logit margin catches the inputs just past a decision
   boundary, where g can extrapolate to a large value (docs/benchmarks.md, "Boundary recall").
-  κ = λ_g / (GUARD_SHARE · λ_m) with each λ fitted by the job's rule on its own score: the logit
-  margin flags once it is below GUARD_SHARE of its own λ.
+  κ = λ_g / (share · λ_m) with each λ fitted by the job's rule on its own score: the logit
+  margin flags once it is below `share` of its own λ (GUARD_SHARE, 0.25, when g is trained also
+  on attack-path points, `--pseudo-paths`; GUARD_SHARE_WITHOUT_PATHS, 1, when not: the best of
+  each in bench/boundary_recall.py).
 
 What a candidate buys: Kendall τ and AUROC on the subset, the width of the regression
 estimate's bootstrap interval, and the recall of first-flip points (a fixed-step attack from the
@@ -40,10 +42,12 @@ from marginwatch.models.architectures import SplitClassifier
 __all__ = [
     "BOUNDARY_SOURCES",
     "GUARD_SHARE",
+    "GUARD_SHARE_WITHOUT_PATHS",
     "MIN_AUROC_GAIN",
     "MIN_SPREAD_GAIN",
     "MIN_TAU_GAIN",
     "ScoreSample",
+    "TrainingSet",
     "boundary_outputs",
     "candidates",
     "choose",
@@ -53,8 +57,11 @@ __all__ = [
     "multiply_adds",
 ]
 
-GUARD_SHARE = 1.0
-"""The logit margin's share of its own λ in the guard (bench/boundary_recall.py compares 0.25–2)."""
+GUARD_SHARE = 0.25
+"""The logit margin's share of its own λ in the guard of a pseudo-margin trained also on
+attack-path points (bench/boundary_recall.py compares 0.25–2)."""
+GUARD_SHARE_WITHOUT_PATHS = 1.0
+"""The same for a pseudo-margin trained on clean points only (`--no-pseudo-paths`)."""
 MIN_AUROC_GAIN = 0.005
 """Half a point of AUROC: below it, the subset's sampling noise (500 points) hides the gain."""
 MIN_TAU_GAIN = 0.05
@@ -64,15 +71,30 @@ BOUNDARY_SOURCES = 200
 """Subset points the calibration pushes past the boundary (about 10 s on 2 cores)."""
 
 
+@dataclass(frozen=True)
+class TrainingSet:
+    """What the pseudo-margin regresses on: score inputs (features or logits) and margin
+    targets; `path_points` of them are attack-path points (`pseudo_margin.path_training_points`)."""
+
+    features: np.ndarray
+    targets: np.ndarray
+    path_points: int = 0
+
+
 def guard_scale(
-    pseudo: np.ndarray, logit: np.ndarray, nonrobust: np.ndarray, rule: ThresholdRule
+    pseudo: np.ndarray,
+    logit: np.ndarray,
+    nonrobust: np.ndarray,
+    rule: ThresholdRule,
+    *,
+    share: float = GUARD_SHARE,
 ) -> float:
-    """κ of min(g, κ·m) such that κ·m < λ_g exactly where m < GUARD_SHARE · λ_m, each λ fitted
-    by `rule` on its own score. Where a λ is not positive (say, no non-robust point on the
+    """κ of min(g, κ·m) such that κ·m < λ_g exactly where m < share · λ_m, each λ fitted by
+    `rule` on its own score. Where a λ is not positive (say, no non-robust point on the
     subset), the medians of the two scores set the scale instead."""
     lam_pseudo, lam_logit = rule(pseudo, nonrobust), rule(logit, nonrobust)
     if lam_pseudo > 0 and lam_logit > 0:
-        return float(lam_pseudo / (GUARD_SHARE * lam_logit))
+        return float(lam_pseudo / (share * lam_logit))
     top_pseudo, top_logit = float(np.median(np.abs(pseudo))), float(np.median(np.abs(logit)))
     return top_pseudo / top_logit if top_pseudo > 0 and top_logit > 0 else 1.0
 
@@ -241,28 +263,29 @@ def choose(
     config: CalibrationConfig,
     model: SplitClassifier,
     *,
-    training: tuple[np.ndarray, MarginResult],
+    training: TrainingSet,
     images: np.ndarray,
     labels: np.ndarray,
     subset: np.ndarray,
     margins: MarginResult,
 ) -> tuple[ServingGraph, PseudoMarginFacts]:
-    """Fit the pseudo-margin on the attacked training points, measure both candidates on the
-    subset (`subset` indexes `images`, the big set, whose true labels are `labels`), and return
-    the serving graph of the one `decide` picks, with the facts behind it."""
-    features, train_margins = training
+    """Fit the pseudo-margin on the attacked training points (and their attack paths, when
+    `training` has them), measure both candidates on the subset (`subset` indexes `images`, the
+    big set, whose true labels are `labels`), and return the serving graph of the one `decide`
+    picks, with the facts behind it."""
     regressor = PseudoMarginRegressor(
         hidden=config.pseudo_hidden,
         layers=config.pseudo_layers,
         epochs=config.pseudo_epochs,
         seed=config.seed,
-    ).fit(features, train_margins.finite_radius)
+    ).fit(training.features, training.targets)
+    share = GUARD_SHARE if training.path_points else GUARD_SHARE_WITHOUT_PATHS
     everything = forward_all(model, images, config.torch_device)
     correct = everything.labels == labels
     rule = make_threshold_rule(threshold_rule_spec(config))
     nonrobust = nonrobust_mask(margins.radius, margins.success, config.resolved_eps)
     pseudo = regressor.predict(everything.take(subset).score_inputs(config.pseudo_input))
-    kappa = guard_scale(pseudo, everything.scores[subset], nonrobust, rule)
+    kappa = guard_scale(pseudo, everything.scores[subset], nonrobust, rule, share=share)
     sources = subset[correct[subset]]
     boundary = boundary_outputs(
         model,
@@ -300,7 +323,9 @@ def choose(
         score_input=config.pseudo_input,
         hidden=config.pseudo_hidden,
         layers=config.pseudo_layers,
-        train_points=len(features),
+        train_points=len(training.features) - training.path_points,
+        path_points=training.path_points,
+        guard_share=share,
         held_out_points=len(pseudo),
         logit_margin_tau=logit.kendall_tau,
         logit_margin_auroc=logit.auroc,

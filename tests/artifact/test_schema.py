@@ -135,6 +135,7 @@ def test_older_pseudo_margin_facts_read_as_unguarded() -> None:
     facts = store.read_record(SHIPPED).pseudo_margin
     assert facts is not None and facts.chosen
     assert facts.guard_scale is None and facts.choice is None  # issue 10's fields are optional
+    assert facts.path_points is None and facts.guard_share is None
 
 
 def score_figures(name: str, auroc: float) -> dict[str, Any]:
@@ -147,7 +148,8 @@ def test_score_choice_round_trips_in_a_record() -> None:
               "chosen": "guarded", "reason": "buys AUROC", "min_auroc_gain": 0.005,
               "min_tau_gain": 0.05, "min_spread_gain": 0.05}  # fmt: skip
     data = shipped_json()
-    data["pseudo_margin"] |= {"guard_scale": 0.25, "choice": choice}
+    data["pseudo_margin"] |= {"guard_scale": 0.25, "choice": choice, "path_points": 3992,
+                              "guard_share": 0.25}  # fmt: skip
     record = CalibrationRecord.model_validate(data)
     assert record.pseudo_margin is not None and record.pseudo_margin.choice is not None
     assert record.pseudo_margin.choice.candidates[1].boundary_recall is None
@@ -155,4 +157,8 @@ def test_score_choice_round_trips_in_a_record() -> None:
     with pytest.raises(ValidationError, match="guard_scale"):
         CalibrationRecord.model_validate(
             data | {"pseudo_margin": data["pseudo_margin"] | {"guard_scale": 0}}
+        )
+    with pytest.raises(ValidationError, match="path_points"):
+        CalibrationRecord.model_validate(
+            data | {"pseudo_margin": data["pseudo_margin"] | {"path_points": -1}}
         )

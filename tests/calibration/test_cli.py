@@ -41,10 +41,10 @@ def test_help_lists_every_field_with_its_description(monkeypatch: pytest.MonkeyP
     text = help_text(monkeypatch)
     for name, field in FIELDS.items():
         assert field.description, f"{name} has no description"
-        # the flag, its metavar or choices if any, then the description
-        pattern = (
-            re.escape(option_flag(name, field)) + r"(?: \S+)?\s+" + re.escape(field.description)
-        )
+        # the flag (with its --no- twin for a switch that defaults to on), its metavar or
+        # choices if any, then the description
+        flag = re.escape(option_flag(name, field))
+        pattern = flag + r"(?:, --no-\S+)?(?: \S+)?\s+" + re.escape(field.description)
         assert re.search(pattern, text), name
     assert re.search(r"--subset-size SUBSET_SIZE\s+points to attack \(default: 500\)", text)
     assert "--norm {linf,l2}" in text and "--attack NAME[:STEPS]" in text

@@ -88,6 +88,22 @@ def test_minimum_over_attacks_and_per_attack_radii() -> None:
     stacked = np.stack(list(result.per_attack.values()))
     np.testing.assert_array_equal(result.radius, stacked.min(axis=0))
     assert result.attack_names == ("shift0.2", "shift0.06", "shift0.01")
+    # the kept adversarial input is the closest confirmed one, at exactly that radius
+    assert result.adv_inputs is not None and result.adv_inputs.dtype == np.float32
+    kept = perturbation_norm(torch.tensor(result.adv_inputs).double() - inputs.double(), INF)
+    np.testing.assert_allclose(kept.numpy(), result.radius, rtol=1e-5)
+
+
+def test_censored_points_keep_their_clean_input() -> None:
+    model = Threshold(0.55).eval()
+    inputs = inputs_at([0.5, 0.52])
+    labels = predicted_labels(model, inputs)
+    result = input_margins(
+        model, inputs, labels, norm=INF, attacks=[shift_first(0.2, every=2)], progress=False
+    )
+    assert result.success.tolist() == [True, False] and result.adv_inputs is not None
+    np.testing.assert_array_equal(result.adv_inputs[1], inputs[1].numpy())
+    assert result.adv_inputs[0, 0] == pytest.approx(0.7)
 
 
 @pytest.mark.parametrize("norm", [INF, 2.0], ids=["linf", "l2"])

@@ -9,7 +9,12 @@ import torch
 
 from marginwatch.calibration.estimators import IsotonicCurve, NotFittedError
 from marginwatch.calibration.metrics import kendall_tau
-from marginwatch.calibration.pseudo_margin import PseudoMarginRegressor, regression_targets
+from marginwatch.calibration.pseudo_margin import (
+    PATH_STEPS,
+    PseudoMarginRegressor,
+    path_training_points,
+    regression_targets,
+)
 from marginwatch.calibration.scores import PseudoMarginHead, ServingGraph
 from marginwatch.models.architectures import FashionMnistCNN
 
@@ -52,6 +57,21 @@ def test_pseudo_margin_learns_a_ranking_of_held_out_points() -> None:
 def test_censored_radius_targets_stay_on_top() -> None:
     targets = regression_targets(np.array([0.04, np.inf, 0.09]))
     np.testing.assert_allclose(targets, [0.2, 0.3, 0.3])
+
+
+def test_path_points_lie_on_the_segment_with_the_remaining_distance_as_target() -> None:
+    images = np.zeros((3, 4), np.float32)
+    adv = np.array([[0.2, 0, 0, 0], [0.9, 0.9, 0.9, 0.9], [0, 0, 0.4, 0]], np.float32)
+    radius = np.array([0.2, np.inf, 0.4])  # the second point's attacks failed: no path
+    points, targets = path_training_points(images, adv, radius)
+    assert points.shape == (2 * len(PATH_STEPS), 4) and points.dtype == np.float32
+    for block, t in enumerate(PATH_STEPS):
+        np.testing.assert_allclose(points[2 * block], [0.2 * t, 0, 0, 0], rtol=1e-6)
+        np.testing.assert_allclose(points[2 * block + 1], [0, 0, 0.4 * t, 0], rtol=1e-6)
+        np.testing.assert_allclose(
+            targets[2 * block : 2 * block + 2], [(1 - t) * 0.2, (1 - t) * 0.4]
+        )
+    assert targets[-2:].tolist() == [0, 0]  # t = 1: the adversarial points themselves
 
 
 def test_serving_graph_with_pseudo_margin_uses_the_head() -> None:

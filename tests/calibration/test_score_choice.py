@@ -15,7 +15,14 @@ from marginwatch.calibration.boundary_points import first_flip, path_points
 from marginwatch.calibration.config import CalibrationConfig, PseudoMarginMode
 from marginwatch.calibration.inputs import forward_all
 from marginwatch.calibration.margins import MarginResult
-from marginwatch.calibration.score_choice import GUARD_SHARE, choose, decide, guard_scale
+from marginwatch.calibration.score_choice import (
+    GUARD_SHARE,
+    GUARD_SHARE_WITHOUT_PATHS,
+    TrainingSet,
+    choose,
+    decide,
+    guard_scale,
+)
 from marginwatch.calibration.scores import (
     PseudoMarginHead,
     ServingGraph,
@@ -106,6 +113,9 @@ def test_guard_scale_matches_each_score_at_its_own_threshold() -> None:
     lam_pseudo = threshold_matching_fraction(pseudo, nonrobust)
     lam_logit = threshold_matching_fraction(logit, nonrobust)
     assert kappa * GUARD_SHARE * lam_logit == pytest.approx(lam_pseudo)
+    assert guard_scale(pseudo, logit, nonrobust, threshold_matching_fraction, share=1.0) * (
+        lam_logit
+    ) == pytest.approx(lam_pseudo)
     # without a non-robust point the λs are no scale: the medians set it, still positive
     assert guard_scale(-pseudo, logit, np.zeros(200, bool), threshold_matching_fraction) > 0
 
@@ -171,7 +181,7 @@ def test_choose_records_both_candidates_and_serves_what_it_chose(
                                bootstrap=20, quiet=True)  # fmt: skip
     subset = np.arange(150)
     graph, facts = choose(
-        config, model, training=(outputs.features[150:], stand_in_margins(radius[150:])),
+        config, model, training=TrainingSet(outputs.features[150:], radius[150:]),
         images=images, labels=labels, subset=subset, margins=stand_in_margins(radius[subset]),
     )  # fmt: skip
     assert facts.choice is not None and facts.guard_scale is not None and facts.guard_scale > 0
@@ -181,6 +191,8 @@ def test_choose_records_both_candidates_and_serves_what_it_chose(
     assert logit.boundary_recall is not None and learned.multiply_adds > logit.multiply_adds == 0
     assert facts.chosen == (facts.choice.chosen == learned.name)
     assert facts.chosen or mode == "auto"
+    # clean training points only: the guard's share is the one measured best without paths
+    assert (facts.path_points, facts.guard_share) == (0, GUARD_SHARE_WITHOUT_PATHS)
     with torch.no_grad():
         served_logits, served = graph(torch.from_numpy(images[:50]))
     if facts.chosen:

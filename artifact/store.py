@@ -42,7 +42,7 @@ def default_store() -> Path:
     return Path(from_env) if from_env else DEFAULT_STORE
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     descriptor = os.open(path, os.O_RDONLY)
     try:
         os.fsync(descriptor)
@@ -54,7 +54,7 @@ def _fsync_tree(folder: Path) -> None:
     for path in folder.iterdir():
         with path.open("rb") as handle:
             os.fsync(handle.fileno())
-    _fsync_dir(folder)
+    fsync_dir(folder)
 
 
 def read_record(version_dir: Path) -> CalibrationRecord:
@@ -137,7 +137,7 @@ def publish(store: Path, model: str, staging: Path) -> Path:
     if final.exists():
         raise ArtifactError(f"version {record.version} of {model!r} already exists")
     staging.rename(final)
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
     read_record(final)
     pointer_tmp = store / model / f".{CURRENT_FILE}.tmp"
     with pointer_tmp.open("w") as handle:
@@ -145,5 +145,5 @@ def publish(store: Path, model: str, staging: Path) -> Path:
         handle.flush()
         os.fsync(handle.fileno())
     pointer_tmp.replace(store / model / CURRENT_FILE)
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
     return final

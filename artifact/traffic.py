@@ -16,6 +16,7 @@ data (the inputs as served), which is why sampling is off by default.
 from __future__ import annotations
 
 import datetime as dt
+import io
 import os
 import shutil
 import socket
@@ -29,6 +30,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from marginwatch.artifact.schema import NAME_PATTERN, AttackBudget, ThreatModel
+from marginwatch.artifact.store import fsync_dir
 
 TRAFFIC_DIR_ENV: Final = "MARGINWATCH_TRAFFIC_DIR"
 TRAFFIC_CHECK_FILE: Final = "traffic-check.json"
@@ -78,33 +80,26 @@ def day_folder(root: Path, model: str, seconds: float) -> Path:
 
 
 def write_shard(root: Path, shard: TrafficShard, *, seq: int) -> Path:
-    """Write `shard` atomically (hidden temporary, fsync, rename) and return its path."""
+    """Write `shard` atomically (`write_atomically`) and return its path."""
     folder = day_folder(root, shard.model, float(shard.times[0]))
     folder.mkdir(parents=True, exist_ok=True)
     # the host name as well as the pid: replicas share the folder, and in containers every
     # replica's server is often the same pid (1)
     writer = f"{socket.gethostname()}-{os.getpid()}"
     name = f"{_utc(float(shard.times[0])):%H%M%S}-{writer}-{seq:08d}{SHARD_SUFFIX}"
+    buffer = io.BytesIO()
+    np.savez(
+        buffer,
+        model=np.array(shard.model),
+        version=np.array(shard.version),
+        inputs=np.ascontiguousarray(shard.inputs, dtype=np.float32),
+        labels=np.asarray(shard.labels, dtype=np.int64),
+        scores=np.asarray(shard.scores, dtype=np.float32),
+        brittle=np.asarray(shard.brittle, dtype=bool),
+        times=np.asarray(shard.times, dtype=np.float64),
+    )
     final = folder / name
-    temporary = folder / f".{name}.tmp"
-    try:
-        with temporary.open("wb") as handle:
-            np.savez(
-                handle,
-                model=np.array(shard.model),
-                version=np.array(shard.version),
-                inputs=np.ascontiguousarray(shard.inputs, dtype=np.float32),
-                labels=np.asarray(shard.labels, dtype=np.int64),
-                scores=np.asarray(shard.scores, dtype=np.float32),
-                brittle=np.asarray(shard.brittle, dtype=bool),
-                times=np.asarray(shard.times, dtype=np.float64),
-            )
-            handle.flush()
-            os.fsync(handle.fileno())
-        temporary.replace(final)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
+    write_atomically(final, buffer.getvalue())
     return final
 
 
@@ -284,11 +279,7 @@ def write_atomically(path: Path, data: bytes) -> None:
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
-    descriptor = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
+    fsync_dir(path.parent)
 
 
 def write_traffic_check(version_dir: Path, check: TrafficCheck) -> Path:

@@ -26,28 +26,11 @@ from marginwatch.artifact.store import current_dir, default_store
 from marginwatch.models.data import load_dataset
 from marginwatch.service.engine import EngineOptions, Prediction, ServedModel
 from marginwatch.service.metrics import ServiceMetrics
+from marginwatch.service.registry import batch_runner
 from marginwatch.service.traffic_sampler import TrafficSampler
 
 MODEL = "fmnist-cnn-pgd"
 RATES = (0.0, 0.01, 1.0)
-
-
-def runner(
-    model: ServedModel, metrics: ServiceMetrics, sampler: TrafficSampler | None
-) -> Callable[[np.ndarray], Prediction]:
-    """The registry's batch runner (service/registry.py, `_runner`), line for line."""
-    record = model.record
-    name, version = model.name, model.version
-
-    def run(x: np.ndarray) -> Prediction:
-        started = time.perf_counter()
-        prediction = model.predict(x)
-        metrics.observe_batch(name, record, prediction, time.perf_counter() - started)
-        if sampler is not None:
-            sampler.offer(name, version, x, prediction)
-        return prediction
-
-    return run
 
 
 def counted(metrics: ServiceMetrics) -> dict[str, float]:
@@ -132,7 +115,7 @@ def main() -> None:
                     shard_samples=1024, flush_s=5.0,
                 )  # fmt: skip
                 samplers[rate].start()
-            runs[rate] = runner(model, metrics[rate], samplers.get(rate))
+            runs[rate] = batch_runner(model, metrics[rate], samplers.get(rate))
         runner_table(runs, images, args)
         offer_table(model, samplers, images, args)
         for rate, sampler in samplers.items():

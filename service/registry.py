@@ -339,7 +339,7 @@ class ModelRegistry:
 
     def _deploy(self, model: ServedModel) -> Deployment:
         batcher = MicroBatcher(
-            self._runner(model),
+            batch_runner(model, self._metrics, self._sampler),
             max_batch_size=self._settings.max_batch_size,
             max_wait_s=self._settings.max_batch_wait_s,
             max_queue_samples=self._settings.max_queue_samples,
@@ -350,21 +350,24 @@ class ModelRegistry:
         self._metrics.traffic.watch_queue(model.name, lambda: batcher.queued_samples)
         return Deployment(model, batcher)
 
-    def _runner(self, model: ServedModel) -> RunBatch:
-        metrics = self._metrics
-        record = model.record
-        sampler = self._sampler
-        name, version = model.name, model.version
 
-        def run(x: np.ndarray) -> Prediction:
-            started = time.perf_counter()
-            prediction = model.predict(x)
-            metrics.observe_batch(name, record, prediction, time.perf_counter() - started)
-            if sampler is not None:
-                sampler.offer(name, version, x, prediction)
-            return prediction
+def batch_runner(
+    model: ServedModel, metrics: ServiceMetrics, sampler: TrafficSampler | None
+) -> RunBatch:
+    """What a batcher runs: the model, then the batch's metrics, then the sampler's offer (the
+    benchmark of sampling, bench/traffic_sampling.py, times this very function)."""
+    record = model.record
+    name, version = model.name, model.version
 
-        return run
+    def run(x: np.ndarray) -> Prediction:
+        started = time.perf_counter()
+        prediction = model.predict(x)
+        metrics.observe_batch(name, record, prediction, time.perf_counter() - started)
+        if sampler is not None:
+            sampler.offer(name, version, x, prediction)
+        return prediction
+
+    return run
 
 
 def read_traffic_check(path: Path, model: str, version: str) -> TrafficCheck:

@@ -1,5 +1,5 @@
 """What does traffic sampling cost a request? In one process, the batch runner exactly as the
-registry builds it (`ModelRegistry._runner`: ONNX Runtime on the shipped `fmnist-cnn-pgd`, the
+registry builds it (`registry.batch_runner`: ONNX Runtime on the shipped `fmnist-cnn-pgd`, the
 metrics record, then `TrafficSampler.offer`), at sampling rates 0 (no sampler: the default),
 0.01 and 1.0, at batch 1 and 64, in interleaved rounds, median time per batch. The sampler's
 writer thread runs meanwhile and writes real shards into a temporary folder, so its share of the

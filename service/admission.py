@@ -92,7 +92,8 @@ class Admission:
         if size > self._free_bytes:
             raise Overloaded(
                 f"{self.body_bytes} bytes of request bodies are being processed (limit "
-                f"{self.max_body_bytes}); retry later"
+                f"{self.max_body_bytes}); retry later",
+                "body_bytes",
             )
         self._free_bytes -= size
 
@@ -111,7 +112,8 @@ class Admission:
         if self._waiting >= self.max_waiting:
             raise Overloaded(
                 f"{self.max_requests} requests in progress and {self._waiting} waiting (limit "
-                f"{self.max_waiting}); retry later"
+                f"{self.max_waiting}); retry later",
+                "waiting_full",
             )
         give_up_at = deadline - self.service_s
         await self._wait_for_place(give_up_at)
@@ -144,7 +146,8 @@ class Admission:
     def _too_late(self) -> Overloaded:
         return Overloaded(
             f"no place for the request in time for its {self.timeout_s:g} s deadline "
-            f"({self.max_requests} requests in progress); retry later"
+            f"({self.max_requests} requests in progress); retry later",
+            "deadline",
         )
 
     def _release_place(self) -> None:

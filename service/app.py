@@ -37,7 +37,7 @@ from marginwatch.service.errors import (
 from marginwatch.service.fastpath import auth_dependencies, splice_routes
 from marginwatch.service.images import ImageLimits
 from marginwatch.service.metrics import CONTENT_TYPE, ServiceMetrics
-from marginwatch.service.middleware import RequestMetricsMiddleware, guard_routes
+from marginwatch.service.middleware import SHED, RequestMetricsMiddleware, guard_routes
 from marginwatch.service.payload import JSON, RequestReader
 from marginwatch.service.registry import ModelRegistry
 from marginwatch.service.routes_v1 import build_v1_router
@@ -102,6 +102,8 @@ def _client_message(request: Request, error: Exception) -> str:
 
 def _handler(status: int, headers: dict[str, str] | None) -> Handler:
     async def handle(request: Request, error: Exception) -> Response:
+        if isinstance(error, Overloaded):  # for the request metrics (`middleware.py`)
+            request.scope[SHED] = error.reason
         body = orjson.dumps({"error": _client_message(request, error)})
         return Response(body, status, headers, media_type=JSON)
 
@@ -181,6 +183,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         max_waiting=settings.max_waiting_requests,
         timeout_s=settings.request_timeout_s,
     )
+    metrics.watch_admission(admission)
     grpc_server = (
         _grpc_server(settings, registry, reader, admission, metrics) if settings.grpc_port else None
     )

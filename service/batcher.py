@@ -101,7 +101,8 @@ class MicroBatcher:
         if self._queued_samples + size > self._max_queue_samples:
             raise Overloaded(
                 f"model {self._name!r} has {self._queued_samples} samples queued "
-                f"(limit {self._max_queue_samples}); retry later"
+                f"(limit {self._max_queue_samples}); retry later",
+                "queue_full",
             )
 
     def start(self) -> None:
@@ -267,7 +268,8 @@ class MicroBatcher:
             item.future.set_exception(
                 Overloaded(
                     f"model {self._name!r}: the request's deadline passed after "
-                    f"{now - item.queued_at:.3f} s in the queue; retry later"
+                    f"{now - item.queued_at:.3f} s in the queue; retry later",
+                    "deadline",
                 )
             )
 

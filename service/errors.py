@@ -3,6 +3,15 @@ one table, and the message (written for the client) becomes the body `{"error": 
 
 from __future__ import annotations
 
+from typing import Final, Literal, get_args
+
+# Why a request was shed (`Overloaded.reason`; the `reason` label of
+# `marginwatch_requests_shed_total`): every place taken and the waiting room full; no place or
+# batch in time for its deadline; the process's budget of request body bytes spent; its model's
+# queue of samples full.
+ShedReason = Literal["waiting_full", "deadline", "body_bytes", "queue_full"]
+SHED_REASONS: Final[tuple[ShedReason, ...]] = get_args(ShedReason)
+
 
 class ServiceError(Exception):
     """Base class: `str(error)` is safe to show to the client."""
@@ -33,4 +42,10 @@ class ModelNotReady(ServiceError):
 
 
 class Overloaded(ServiceError):
-    """The model's queue is full; the client should retry later."""
+    """The request was shed (admission control, its deadline, its model's queue): the server is
+    at capacity and the client should retry later. A shed request is a 503 like a model that is
+    not ready, but it is counted apart (`reason`): capacity is not a fault."""
+
+    def __init__(self, message: str, reason: ShedReason) -> None:
+        super().__init__(message)
+        self.reason: ShedReason = reason

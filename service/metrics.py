@@ -44,7 +44,9 @@ from prometheus_client.utils import floatToGoString
 
 from marginwatch.artifact.schema import CalibrationRecord, Curve
 from marginwatch.artifact.traffic import TrafficCheck
+from marginwatch.service.admission import Admission
 from marginwatch.service.engine import Prediction, calibration_timestamp_s
+from marginwatch.service.errors import ShedReason
 from marginwatch.service.live_window import LiveWindow
 
 LATENCY_BUCKETS_S = (
@@ -124,20 +126,25 @@ class _ModelTraffic:
 
 
 class _RequestTotals:
-    """Requests by model, endpoint and status class, and their durations by model and endpoint."""
+    """Requests by model, endpoint and status class, the shed ones among them by reason, and
+    their durations by model and endpoint."""
 
     def __init__(self) -> None:
-        self.inbox: deque[tuple[str, str, int, float]] = deque()
+        self.inbox: deque[tuple[str, str, int, float, ShedReason | None]] = deque()
         self.counts: dict[tuple[str, str, str], int] = {}
+        self.shed: dict[tuple[str, str, str], int] = {}
         self.durations: dict[tuple[str, str], _Buckets] = {}
 
     def fold(self) -> None:
         """Move the inbox into the totals (the caller holds the lock)."""
         seconds_by_route: dict[tuple[str, str], list[float]] = {}
         while self.inbox:
-            model, endpoint, status, seconds = self.inbox.popleft()
+            model, endpoint, status, seconds, shed = self.inbox.popleft()
             key = (model, endpoint, f"{status // 100}xx")
             self.counts[key] = self.counts.get(key, 0) + 1
+            if shed is not None:
+                key = (model, endpoint, shed)
+                self.shed[key] = self.shed.get(key, 0) + 1
             seconds_by_route.setdefault((model, endpoint), []).append(seconds)
         for route, durations in seconds_by_route.items():
             if route not in self.durations:
@@ -160,8 +167,15 @@ class ServedTraffic(Collector):
         self._queues: dict[str, Callable[[], int]] = {}
         self._lock = threading.Lock()  # batches of one model may finish on different threads
 
-    def record_request(self, model: str, endpoint: str, status: int, seconds: float) -> None:
-        self._requests.inbox.append((model, endpoint, status, seconds))
+    def record_request(
+        self,
+        model: str,
+        endpoint: str,
+        status: int,
+        seconds: float,
+        shed: ShedReason | None = None,
+    ) -> None:
+        self._requests.inbox.append((model, endpoint, status, seconds, shed))
         if len(self._requests.inbox) >= self.FOLD_EVERY:
             with self._lock:
                 self._requests.fold()
@@ -194,6 +208,8 @@ class ServedTraffic(Collector):
             self._queues.pop(model, None)
             counts, durations = self._requests.counts, self._requests.durations
             self._requests.counts = {key: n for key, n in counts.items() if key[0] != model}
+            shed = self._requests.shed
+            self._requests.shed = {key: n for key, n in shed.items() if key[0] != model}
             self._requests.durations = {key: b for key, b in durations.items() if key[0] != model}
 
     def collect(self) -> Iterator[Metric]:
@@ -205,6 +221,13 @@ class ServedTraffic(Collector):
             "marginwatch_requests", "HTTP requests answered, by model, endpoint and status class",
             labels=["model", "endpoint", "status_class"],
         )  # fmt: skip
+        shed = CounterMetricFamily(
+            "marginwatch_requests_shed",
+            "Inference requests refused with 503 because the server was at capacity, by reason "
+            "(also counted in marginwatch_requests_total as 5xx): waiting_full, deadline, "
+            "body_bytes, queue_full",
+            labels=["model", "endpoint", "reason"],
+        )  # fmt: skip
         durations = HistogramMetricFamily(
             "marginwatch_request_duration_seconds", "Time from request start to response end",
             labels=["model", "endpoint"],
@@ -213,9 +236,11 @@ class ServedTraffic(Collector):
             self._requests.fold()
             for key, count in sorted(self._requests.counts.items()):
                 requests.add_metric(list(key), count)
+            for key, count in sorted(self._requests.shed.items()):
+                shed.add_metric(list(key), count)
             for (model, endpoint), buckets in sorted(self._requests.durations.items()):
                 buckets.add_to(durations, {"model": model, "endpoint": endpoint})
-        yield from (requests, durations)
+        yield from (requests, shed, durations)
 
     def _collect_batches(self) -> Iterator[Metric]:
         execution = HistogramMetricFamily(
@@ -384,6 +409,44 @@ def _timestamp_s(iso: str) -> float:
         return 0.0
 
 
+class AdmissionState(Collector):
+    """The admission budgets (`admission.py`), read at scrape: what is held and waiting against
+    the limits, so that a dashboard shows how close to shedding a replica runs."""
+
+    def __init__(self, admission: Admission) -> None:
+        self._admission = admission
+
+    def collect(self) -> Iterator[Metric]:
+        admission = self._admission
+        requests = GaugeMetricFamily(
+            "marginwatch_admission_requests",
+            "Inference requests holding a place (in_progress) or waiting for one (waiting)",
+            labels=["state"],
+        )  # fmt: skip
+        requests.add_metric(["in_progress"], admission.requests)
+        requests.add_metric(["waiting"], admission.waiting)
+        body_bytes = GaugeMetricFamily(
+            "marginwatch_admission_body_bytes", "Request body bytes reserved by requests in flight"
+        )
+        body_bytes.add_metric([], admission.body_bytes)
+        limits = GaugeMetricFamily(
+            "marginwatch_admission_limit",
+            "Admission limits: requests (MARGINWATCH_MAX_INFLIGHT_REQUESTS), waiting "
+            "(MARGINWATCH_MAX_WAITING_REQUESTS), body_bytes (MARGINWATCH_MAX_INFLIGHT_BODY_BYTES)",
+            labels=["budget"],
+        )  # fmt: skip
+        limits.add_metric(["requests"], admission.max_requests)
+        limits.add_metric(["waiting"], admission.max_waiting)
+        limits.add_metric(["body_bytes"], admission.max_body_bytes)
+        service = GaugeMetricFamily(
+            "marginwatch_admission_service_seconds",
+            "Moving average of the time requests hold a place; a waiting request gives up once "
+            "less than this is left before its deadline",
+        )  # fmt: skip
+        service.add_metric([], admission.service_s)
+        yield from (requests, body_bytes, limits, service)
+
+
 class ServiceMetrics:
     """The service's metrics; `observe_*` methods are called at stage boundaries."""
 
@@ -454,6 +517,10 @@ class ServiceMetrics:
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
 
+    def watch_admission(self, admission: Admission) -> None:
+        """Export `admission`'s budgets (read at each scrape)."""
+        self.registry.register(AdmissionState(admission))
+
     def observe_version(self, model: str, record: CalibrationRecord) -> None:
         """A version was loaded and now serves `model`."""
         self.reloads.labels(model, "success").inc()
@@ -523,8 +590,16 @@ class ServiceMetrics:
     def observe_traffic_check_error(self, model: str) -> None:
         self.traffic_check_errors.labels(model).inc()
 
-    def observe_request(self, model: str, endpoint: str, status: int, seconds: float) -> None:
-        self.traffic.record_request(model, endpoint, status, seconds)
+    def observe_request(
+        self,
+        model: str,
+        endpoint: str,
+        status: int,
+        seconds: float,
+        shed: ShedReason | None = None,
+    ) -> None:
+        """One answered request; `shed`: why it was refused for capacity, if it was."""
+        self.traffic.record_request(model, endpoint, status, seconds, shed)
 
     def observe_disconnect(self) -> None:
         self.client_disconnects.inc()

@@ -20,6 +20,7 @@ from marginwatch.service.admission import ARRIVED, TICKET, Admission
 from marginwatch.service.metrics import ServiceMetrics
 
 UNKNOWN_MODEL = "_unknown"
+SHED = "marginwatch.shed"  # ASGI scope key: why the request was shed (`errors.ShedReason`)
 OTHER_ENDPOINT = "other"
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left before being answered
 
@@ -86,7 +87,7 @@ class RequestMetricsMiddleware:
         model = name if isinstance(name, str) and self.known(name) else UNKNOWN_MODEL
         if name is None:
             model = ""
-        self.metrics.observe_request(model, endpoint, status, seconds)
+        self.metrics.observe_request(model, endpoint, status, seconds, scope.get(SHED))
 
 
 class AdmissionGuard:

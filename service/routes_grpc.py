@@ -47,7 +47,14 @@ from marginwatch.service.engine import (
     TensorSpec,
     calibration_facts,
 )
-from marginwatch.service.errors import InvalidInput, ModelNotFound, ModelNotReady, ServiceError
+from marginwatch.service.errors import (
+    InvalidInput,
+    ModelNotFound,
+    ModelNotReady,
+    Overloaded,
+    ServiceError,
+    ShedReason,
+)
 from marginwatch.service.metrics import ServiceMetrics
 from marginwatch.service.middleware import CLIENT_CLOSED_REQUEST, UNKNOWN_MODEL
 from marginwatch.service.oip_grpc import open_inference_grpc_pb2 as pb
@@ -358,19 +365,22 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         way counted in the request metrics."""
         started = time.perf_counter()
         status = CLIENT_CLOSED_REQUEST  # what a call counts as if the client cancels it
+        shed: ShedReason | None = None
         try:
             if protected and self._keys:
                 verify_key(self._keys, presented_key(_call_headers(context)))
             response = await work()
         except Exception as error:
             status = lookup(self._http_status, error)
+            shed = error.reason if isinstance(error, Overloaded) else None
             await context.abort(lookup(self._grpc_status, error), _client_message(error, endpoint))
         else:
             status = HTTP_OK
             return response
         finally:
             label = "" if model is None else model if self._registry.known(model) else UNKNOWN_MODEL
-            self._metrics.observe_request(label, endpoint, status, time.perf_counter() - started)
+            seconds = time.perf_counter() - started
+            self._metrics.observe_request(label, endpoint, status, seconds, shed)
 
     def _header(self, deployment: Deployment) -> pb.ModelInferResponse:
         """`response_header`, built once per loaded version: setting its eight parameters cost

@@ -20,6 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from marginwatch.artifact.schema import ThresholdRuleSpec
 from marginwatch.artifact.store import current_dir, default_store, read_record
 from marginwatch.artifact.traffic import TrafficCheck
+from marginwatch.service.admission import Admission
 from marginwatch.service.engine import Prediction
 from marginwatch.service.metrics import ModelState, ServiceMetrics
 
@@ -84,6 +85,10 @@ def exported_metrics() -> set[str]:
     metrics.observe_refusal("m")
     metrics.observe_batch("m", record, prediction, 0.001)
     metrics.observe_request("m", "v1_predict", 200, 0.002)
+    metrics.observe_request("m", "v1_predict", 503, 0.9, shed="deadline")
+    metrics.watch_admission(
+        Admission(max_requests=2, max_body_bytes=1000, max_waiting=4, timeout_s=1.0)
+    )
     metrics.traffic.watch_queue("m", lambda: 0)
     metrics.track("m")  # the sampling and traffic-check counters exist from here, at 0
     metrics.observe_traffic_check("m", TRAFFIC_CHECK)

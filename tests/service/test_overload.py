@@ -17,14 +17,16 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import httpx
 import numpy as np
 import orjson
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from marginwatch.service.admission import Admission
 from marginwatch.service.batcher import MicroBatcher, RunBatch
 from marginwatch.service.engine import Prediction
-from marginwatch.service.errors import Overloaded, PayloadTooLarge
+from marginwatch.service.errors import SHED_REASONS, Overloaded, PayloadTooLarge
 from marginwatch.service.payload import body_limit
 
 if TYPE_CHECKING:
@@ -238,16 +240,35 @@ def assert_shed_properly(status: int, headers: dict[str, str], body: bytes) -> N
     assert "retry later" in orjson.loads(body)["error"]
 
 
+def scrape(server: Server) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    text = httpx.get(f"{server.url}/metrics", timeout=WAY_OUT_S).text
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def total(samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str,
+          **labels: str) -> float:  # fmt: skip
+    """The sum of `name`'s samples whose labels include `labels`."""
+    wanted = set(labels.items())
+    return sum(value for (sample, have), value in samples.items()
+               if sample == name and wanted <= have)  # fmt: skip
+
+
 def test_a_burst_beyond_the_budget_is_shed_with_retry_after(tight_server: Server) -> None:
     """A slow upload of the largest legal size holds most of the body budget (it keeps sending,
     so the read time-out spares it): every request of a burst of 32-image bodies (more than the
     80 kB left) is then refused before its body is read, 503 with Retry-After and a JSON message.
     Once the upload stalls, it is cut and the same burst is served; nothing but 200 and 503 is
-    ever answered."""
+    ever answered. The metrics show the reservation against the budget while it is held, and
+    count every 503 of the burst as shed for body bytes (and as a 5xx)."""
     body = orjson.dumps({"inputs": np.full((32, *SHAPE), 0.5, dtype=np.float32).tolist()})
     assert len(body) > BUDGET - JSON_LIMIT
     burst = 16
     stop = threading.Event()
+    before = scrape(tight_server)
     with connect(tight_server) as hog:
         hog.sendall(request_head(V1, JSON_LIMIT) + b'{"inputs": [')
         sender = trickle(hog, stop)
@@ -255,12 +276,29 @@ def test_a_burst_beyond_the_budget_is_shed_with_retry_after(tight_server: Server
             assert eventually(lambda: post(tight_server, V1, body)[0] == 503)
             with ThreadPoolExecutor(burst) as pool:
                 shed = list(pool.map(lambda _: post(tight_server, V1, body), range(burst)))
+            held = scrape(tight_server)
         finally:
             stop.set()
             sender.join()
         assert closed_by_server(hog)  # stalled past the read time-out
     for response in shed:
         assert_shed_properly(*response)
+    assert total(held, "marginwatch_admission_body_bytes") >= JSON_LIMIT
+    assert total(held, "marginwatch_admission_limit", budget="body_bytes") == BUDGET
+    assert total(held, "marginwatch_admission_limit", budget="requests") == 1
+    assert total(held, "marginwatch_admission_limit", budget="waiting") == 1
+    shed_by = {
+        reason: total(held, "marginwatch_requests_shed_total", reason=reason)
+        - total(before, "marginwatch_requests_shed_total", reason=reason)
+        for reason in SHED_REASONS
+    }
+    errors = total(held, "marginwatch_requests_total", status_class="5xx") - total(
+        before, "marginwatch_requests_total", status_class="5xx"
+    )
+    assert shed_by["body_bytes"] >= burst + 1, shed_by  # the burst, and the probe's last one
+    assert errors == sum(shed_by.values()), (errors, shed_by)  # every 5xx was a shed request
+    assert total(held, "marginwatch_requests_shed_total", model=MODEL, endpoint="v1_predict",
+                 reason="body_bytes") >= burst + 1  # fmt: skip
     with ThreadPoolExecutor(burst) as pool:
         after = list(pool.map(lambda _: post(tight_server, V1, body), range(burst)))
     statuses = [status for status, _, _ in after]

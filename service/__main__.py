@@ -25,7 +25,7 @@ from pydantic.fields import FieldInfo
 from uvicorn.config import STARTUP_FAILURE
 
 from marginwatch.service.app import create_app
-from marginwatch.service.fastpath import tune_garbage_collector
+from marginwatch.service.fastpath import tune_garbage_collector, tune_thread_switching
 from marginwatch.service.protocol import timed_protocol
 from marginwatch.service.settings import Settings
 
@@ -145,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     app = create_app(settings)
     tune_garbage_collector()
+    tune_thread_switching()
     protocol = timed_protocol(settings.read_timeout_s)
     config = uvicorn.Config(
         app,

@@ -170,13 +170,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         settings.live_window_predictions, settings.live_window_s, settings.traffic_sample_rate
     )
     sampler = _traffic_sampler(settings, metrics)
-    registry = ModelRegistry(settings, metrics, sampler)
-    images = ImageLimits(
-        settings.max_image_bytes, settings.max_image_request_bytes, settings.max_image_pixels
-    )
-    reader = RequestReader(
-        registry, settings.max_body_bytes, settings.max_inputs_per_request, images=images
-    )
     admission = Admission(
         max_requests=settings.max_inflight_requests,
         max_body_bytes=settings.max_inflight_body_bytes,
@@ -184,6 +177,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         timeout_s=settings.request_timeout_s,
     )
     metrics.watch_admission(admission)
+    registry = ModelRegistry(settings, metrics, sampler, backlog=lambda: admission.waiting > 0)
+    images = ImageLimits(
+        settings.max_image_bytes, settings.max_image_request_bytes, settings.max_image_pixels
+    )
+    reader = RequestReader(
+        registry, settings.max_body_bytes, settings.max_inputs_per_request, images=images
+    )
     grpc_server = (
         _grpc_server(settings, registry, reader, admission, metrics) if settings.grpc_port else None
     )

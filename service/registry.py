@@ -34,7 +34,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -116,9 +116,14 @@ class ModelRegistry:
     """The models this process serves; `start()` loads them, `stop()` drains them."""
 
     def __init__(
-        self, settings: Settings, metrics: ServiceMetrics, sampler: TrafficSampler | None = None
+        self,
+        settings: Settings,
+        metrics: ServiceMetrics,
+        sampler: TrafficSampler | None = None,
+        backlog: Callable[[], bool] = lambda: False,
     ) -> None:
         self._settings = settings
+        self._backlog = backlog  # whether requests wait for admission (each batcher's hint)
         self._metrics = metrics
         self._sampler = sampler
         self._options = EngineOptions(
@@ -344,6 +349,7 @@ class ModelRegistry:
             max_wait_s=self._settings.max_batch_wait_s,
             max_queue_samples=self._settings.max_queue_samples,
             inline_max_samples=self._settings.inline_max_samples,
+            backlog=self._backlog,
             name=model.name,
         )
         batcher.start()

@@ -96,7 +96,8 @@ class Settings(BaseSettings):
         description="batches of at most this many samples run on the event loop's thread, not "
         "in the model's thread: faster for small models on few CPU cores (measured: "
         "docs/benchmarks.md), but the loop waits for the batch; set 0 on a GPU or for models "
-        "that take milliseconds per batch",
+        "that take milliseconds per batch. Under overload (requests waiting for admission, or "
+        "queued behind the batch) every batch runs in the model's thread",
     )
     max_queue_samples: int = Field(
         default=4096,

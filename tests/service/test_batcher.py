@@ -4,6 +4,7 @@ and a closed batcher refuse, failures reach every waiter, waiting and lone reque
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import numpy as np
 import pytest
@@ -154,3 +155,36 @@ def test_batcher_runs_lone_requests_at_once_and_batches_again_under_load(
         await batcher.close()
 
     asyncio.run(scenario())
+
+
+def test_small_batches_leave_the_loops_thread_only_when_work_waits_behind_them(
+    toy_model: RunBatch,
+) -> None:
+    """Inline by default; in the model's thread while the backlog hint says requests wait for
+    admission, and for a batch that leaves requests queued behind it (the queue held more than
+    one batch)."""
+    waiting = False
+    threads: list[tuple[int, int]] = []  # (batch size, thread that ran it)
+
+    def recording(x: np.ndarray) -> Prediction:
+        threads.append((len(x), threading.get_ident()))
+        return toy_model(x)
+
+    async def scenario() -> int:
+        batcher = MicroBatcher(recording, max_batch_size=4, max_wait_s=0, max_queue_samples=64,
+                               inline_max_samples=4, backlog=lambda: waiting)  # fmt: skip
+        batcher.start()
+        two = np.zeros((2, 1), dtype=np.float32)
+        await asyncio.gather(*(batcher.submit(two) for _ in range(2)))  # one batch, nothing behind
+        nonlocal waiting
+        waiting = True
+        await asyncio.gather(*(batcher.submit(two) for _ in range(2)))  # requests wait: thread
+        waiting = False
+        await asyncio.gather(*(batcher.submit(two) for _ in range(4)))  # two batches: the first
+        await batcher.close()  # leaves the second behind it (thread), the second runs inline
+        return threading.get_ident()
+
+    loop_thread = asyncio.run(scenario())
+    assert [size for size, _ in threads] == [4, 4, 4, 4]
+    on_loop = [thread == loop_thread for _, thread in threads]
+    assert on_loop == [True, False, False, True]

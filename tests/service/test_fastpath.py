@@ -54,3 +54,14 @@ def test_garbage_collector_tuned_once_started() -> None:
         "assert gc.get_freeze_count() > 1000, gc.get_freeze_count()\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_thread_switching_tuned_once_started() -> None:
+    code = (
+        "import sys\n"
+        "assert sys.getswitchinterval() == 0.005\n"
+        "from marginwatch.service.fastpath import tune_thread_switching\n"
+        "tune_thread_switching()\n"
+        "assert sys.getswitchinterval() == 0.0005, sys.getswitchinterval()\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

@@ -5,6 +5,7 @@ worst legal load (docs/benchmarks.md, "Overload and memory").
     python bench/overload.py --only load       # wrk at concurrency 64 and 1,000, 15 s each
     python bench/overload.py --only stalled    # 300 stalled connections and one good client
     python bench/overload.py --only memory     # peak RSS under the largest legal requests
+    python bench/overload.py --only soak       # 10 minutes at concurrency 64: leaks, errors
 
 **load**: wrk with its defaults (2 threads, 2 s time-out) posting one Fashion-MNIST image as
 JSON, at concurrency 64 and then 1,000; a Lua script counts the statuses. Successful throughput is
@@ -23,6 +24,11 @@ the longest JSON floats, 1.2 MB; then the same as binary FP32), then 48 send 16 
 long the event loop took to get to it. Prints the statuses, the probe's latency and the server's
 peak resident memory (VmHWM, so cumulative) after each phase, against the 512 MiB container limit
 of deploy/kubernetes.
+
+**soak** (only with `--only soak`): wrk at concurrency 64 for `--soak-s` (600) in 30 s windows,
+with traffic sampling on (rate 0.01, into the scratch folder); after each window the server's
+resident memory, open descriptors and threads. Prints each window and the change from the
+second window to the last: a leak shows as a trend.
 
 The server is `python -m marginwatch.service` with its default settings (add `--env NAME=VALUE`),
 one ONNX Runtime thread, the calibrated model in `artifacts/`. The file limit is raised for 1,000
@@ -283,11 +289,59 @@ def memory_part(
     print(f"\ncontainer limit {CONTAINER_LIMIT_MB:.0f} MB; load average {os.getloadavg()[0]:.2f}")
 
 
+def process_figures(pid: int) -> dict[str, float]:
+    """Resident memory (MB), open descriptors and threads of the server now."""
+    status = dict(
+        line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+    )
+    return {
+        "rss_mb": int(status["VmRSS"].split()[0]) / 1024,
+        "fds": len(os.listdir(f"/proc/{pid}/fd")),
+        "threads": int(status["Threads"]),
+    }
+
+
+def soak_part(url: str, pid: int, body: bytes, soak_s: int, scratch: Path) -> None:
+    """wrk at concurrency 64 in 30 s windows for `soak_s`; after each, the server's memory,
+    descriptors and threads, so that a leak shows as a trend rather than a peak."""
+    (scratch / "body.json").write_bytes(body)
+    script = scratch / "post.lua"
+    script.write_text(WRK_LUA.format(body=scratch / "body.json"))
+    window_s = 30
+    print("\n| window | 200/s | 503 | other | time-outs | p99 ms | RSS MB | fds | threads |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    rows = []
+    for window in range(max(1, soak_s // window_s)):
+        row = run_wrk(url, script, 64, window_s) | process_figures(pid)
+        rows.append(row)
+        print(f"| {window + 1} | {row['ok_per_s']:.0f} | {row['refused']:.0f} | "
+              f"{row['other']:.0f} | {row['timeouts']:.0f} | {row['p99_us'] / 1e3:.1f} | "
+              f"{row['rss_mb']:.0f} | {row['fds']:.0f} | {row['threads']:.0f} |",
+              flush=True)  # fmt: skip
+    ok = sum(row["ok"] for row in rows)
+    bad = sum(row["refused"] + row["other"] + row["timeouts"] for row in rows)
+    settled, last = rows[min(1, len(rows) - 1)], rows[-1]  # the first window warms the caches
+    print(f"\nsoak: {ok:.0f} × 200 and {bad:.0f} other answers or time-outs in "
+          f"{len(rows) * window_s} s; resident memory {settled['rss_mb']:.0f} MB after the "
+          f"second window, {last['rss_mb']:.0f} MB after the last "
+          f"({last['rss_mb'] - settled['rss_mb']:+.0f} MB); descriptors {settled['fds']:.0f} → "
+          f"{last['fds']:.0f}; threads {settled['threads']:.0f} → {last['threads']:.0f}; load "
+          f"average {os.getloadavg()[0]:.2f}; traffic shards written: "
+          f"{len(list((scratch / 'traffic').rglob('*.npz')))}")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--only", choices=("load", "stalled", "memory"), default=None)
+    parser.add_argument(
+        "--only", choices=("load", "stalled", "memory", "soak"), default=None,
+        help="run one part (soak runs only when named)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--soak-s", type=int, default=600,
+        help="soak: seconds of load in all (30 s windows; traffic sampling on at rate 0.01)",
+    )  # fmt: skip
     parser.add_argument("--duration-s", type=int, default=15, help="seconds per wrk run")
     parser.add_argument("--clients", type=int, default=128, help="memory: connections")
     parser.add_argument("--memory-duration-s", type=float, default=15.0)
@@ -299,6 +353,9 @@ def main() -> None:
     env = {"MARGINWATCH_INTRA_OP_THREADS": "1", **dict(item.split("=", 1) for item in args.env)}
     read_timeout_s = float(env.get("MARGINWATCH_READ_TIMEOUT_S", "5"))
     with tempfile.TemporaryDirectory() as scratch:
+        if "soak" in parts:  # the writer thread and its files are part of what must not leak
+            env.setdefault("MARGINWATCH_TRAFFIC_SAMPLE_RATE", "0.01")
+            env.setdefault("MARGINWATCH_TRAFFIC_DIR", str(Path(scratch) / "traffic"))
         store, model = choose_model(None, Path(scratch))
         port = free_port()
         body = orjson.dumps(
@@ -319,6 +376,9 @@ def main() -> None:
                 stalled_part(port, request, read_timeout_s)
             if "memory" in parts:
                 memory_part(port, process.pid, model, live, args)
+            if "soak" in parts:
+                url = f"http://127.0.0.1:{port}{path}"
+                soak_part(url, process.pid, body, args.soak_s, Path(scratch))
             print(f"\nserver peak resident memory: {peak_rss_mb(process.pid):.0f} MB")
 
 

@@ -16,7 +16,6 @@ import jsonschema_rs
 import numpy as np
 import orjson
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 from starlette.datastructures import Headers
 
 from marginwatch.service.errors import InvalidInput
@@ -24,6 +23,7 @@ from marginwatch.service.payload import check_batch, validate
 from marginwatch.service.routes_v1 import decode_predict
 from marginwatch.service.routes_v2 import DTYPES, HEADER_LENGTH, decode_infer
 from marginwatch.service.schemas import InferenceRequest
+from metrics_text import scrape, total
 
 if TYPE_CHECKING:
     from conftest import Server, ServerFactory
@@ -163,16 +163,17 @@ def test_openapi_states_the_limits_the_service_enforces(openapi: dict[str, Any])
 
 def scrape_counts(url: str) -> tuple[dict[str, float], float]:
     """Requests by status class (summed over models and endpoints), and disconnects."""
-    by_class: dict[str, float] = {}
-    disconnects = 0.0
-    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics").text):
-        for sample in family.samples:
-            if sample.name == "marginwatch_requests_total":
-                status = sample.labels["status_class"]
-                by_class[status] = by_class.get(status, 0.0) + sample.value
-            elif sample.name == "marginwatch_client_disconnects_total":
-                disconnects = sample.value
-    return by_class, disconnects
+    samples = scrape(url)
+    classes = {
+        dict(labels)["status_class"]
+        for name, labels in samples
+        if name == "marginwatch_requests_total"
+    }
+    by_class = {
+        status: total(samples, "marginwatch_requests_total", status_class=status)
+        for status in classes
+    }
+    return by_class, total(samples, "marginwatch_client_disconnects_total")
 
 
 def send_half_and_hang_up(url: str, path: str) -> None:

@@ -7,30 +7,26 @@ import httpx
 import numpy as np
 import orjson
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from marginwatch.artifact.schema import CalibrationRecord, Curve
 from marginwatch.service.batcher import RunBatch
 from marginwatch.service.metrics import ServedTraffic
+from metrics_text import Samples, parse, value
 
 MODEL = "fmnist"
 
 
-def scrape(client: httpx.Client) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+def scrape(client: httpx.Client) -> Samples:
+    """/metrics of the in-process app."""
     response = client.get("/metrics")
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/plain")
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(response.text)
-        for sample in family.samples
-    }
+    return parse(response.text)
 
 
-def value(
-    samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str
-) -> float:
-    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+def got(samples: Samples, name: str, **labels: str) -> float:
+    """`value`, with a series not (yet) exported read as 0."""
+    return value(samples, name, **labels) or 0.0
 
 
 def test_metrics_follow_served_traffic(
@@ -47,7 +43,7 @@ def test_metrics_follow_served_traffic(
     after = scrape(client)
 
     def delta(name: str, **labels: str) -> float:
-        return value(after, name, **labels) - value(before, name, **labels)
+        return got(after, name, **labels) - got(before, name, **labels)
 
     assert delta("marginwatch_predictions_total", model=MODEL, brittle="true") == brittle
     assert delta("marginwatch_predictions_total", model=MODEL, brittle="false") == 20 - brittle
@@ -60,16 +56,16 @@ def test_metrics_follow_served_traffic(
     assert delta("marginwatch_score_count", model=MODEL) == 20
     assert delta("marginwatch_batch_size_sum", model=MODEL) == 20
     assert delta("marginwatch_model_execution_seconds_count", model=MODEL) >= 1
-    assert value(after, "marginwatch_calibration_robust_accuracy_ratio", model=MODEL) == (
+    assert got(after, "marginwatch_calibration_robust_accuracy_ratio", model=MODEL) == (
         record.robust_accuracy.estimate
     )
-    live = value(after, "marginwatch_live_robust_accuracy_ratio", model=MODEL)
+    live = got(after, "marginwatch_live_robust_accuracy_ratio", model=MODEL)
     assert min(record.live_curve.knots_y) <= live <= max(record.live_curve.knots_y)
-    assert value(after, "marginwatch_live_window_predictions", model=MODEL) >= 20
-    assert value(after, "marginwatch_calibration_timestamp_seconds", model=MODEL) == 1764072000.0
+    assert got(after, "marginwatch_live_window_predictions", model=MODEL) >= 20
+    assert got(after, "marginwatch_calibration_timestamp_seconds", model=MODEL) == 1764072000.0
     info = [labels for name, labels in after if name == "marginwatch_calibration_info"]
     assert dict(info[0])["version"] == "v1"
-    assert value(after, "marginwatch_reloads_total", model=MODEL, result="success") == 1
+    assert got(after, "marginwatch_reloads_total", model=MODEL, result="success") == 1
 
 
 def test_served_traffic_folds_batches_into_prometheus_families(toy_model: RunBatch) -> None:
@@ -81,33 +77,33 @@ def test_served_traffic_folds_batches_into_prometheus_families(toy_model: RunBat
     traffic.record_request("m", "v1_predict", 200, 0.001)
     traffic.record_request("m", "v1_predict", 404, 0.0001)
     traffic.watch_queue("m", lambda: 7)
-    samples = {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+    samples: Samples = {
+        (sample.name, frozenset(sample.labels.items())): sample.value
         for family in traffic.collect()
         for sample in family.samples
     }
 
-    def value(name: str, **labels: str) -> float:
-        return samples[(name, tuple(sorted({"model": "m", **labels}.items())))]
+    def series(name: str, **labels: str) -> float | None:
+        return value(samples, name, model="m", **labels)
 
-    assert value("marginwatch_batch_size_count") == 2
-    assert value("marginwatch_batch_size_sum") == 4
-    assert value("marginwatch_batch_size_bucket", le="1.0") == 1
-    assert value("marginwatch_batch_size_bucket", le="4.0") == 2
+    assert series("marginwatch_batch_size_count") == 2
+    assert series("marginwatch_batch_size_sum") == 4
+    assert series("marginwatch_batch_size_bucket", le="1.0") == 1
+    assert series("marginwatch_batch_size_bucket", le="4.0") == 2
     # `le` buckets: 0.5 counts in le="0.5", as prometheus_client's own histograms count it
-    assert value("marginwatch_score_bucket", le="0.5") == 3  # 0.0, 0.2, 0.5
-    assert value("marginwatch_score_count") == 4
-    assert value("marginwatch_score_sum") == pytest.approx(1.7)
-    assert value("marginwatch_model_execution_seconds_bucket", le="0.0005") == 1
-    assert value("marginwatch_predictions_total", brittle="true") == 2  # scores 0.0 and 0.2
-    assert value("marginwatch_predictions_total", brittle="false") == 2
+    assert series("marginwatch_score_bucket", le="0.5") == 3  # 0.0, 0.2, 0.5
+    assert series("marginwatch_score_count") == 4
+    assert series("marginwatch_score_sum") == pytest.approx(1.7)
+    assert series("marginwatch_model_execution_seconds_bucket", le="0.0005") == 1
+    assert series("marginwatch_predictions_total", brittle="true") == 2  # scores 0.0 and 0.2
+    assert series("marginwatch_predictions_total", brittle="false") == 2
     # g of each batch comes from its own version's curve: 0, 0.5, 1 and then 1
-    assert value("marginwatch_live_robust_accuracy_ratio") == pytest.approx(2.5 / 4)
-    assert value("marginwatch_live_window_predictions") == 4
-    assert value("marginwatch_queued_samples") == 7
-    assert value("marginwatch_requests_total", endpoint="v1_predict", status_class="2xx") == 1
-    assert value("marginwatch_requests_total", endpoint="v1_predict", status_class="4xx") == 1
-    assert value("marginwatch_request_duration_seconds_count", endpoint="v1_predict") == 2
+    assert series("marginwatch_live_robust_accuracy_ratio") == pytest.approx(2.5 / 4)
+    assert series("marginwatch_live_window_predictions") == 4
+    assert series("marginwatch_queued_samples") == 7
+    assert series("marginwatch_requests_total", endpoint="v1_predict", status_class="2xx") == 1
+    assert series("marginwatch_requests_total", endpoint="v1_predict", status_class="4xx") == 1
+    assert series("marginwatch_request_duration_seconds_count", endpoint="v1_predict") == 2
 
 
 def test_served_traffic_folds_on_its_own_when_nobody_scrapes(toy_model: RunBatch) -> None:

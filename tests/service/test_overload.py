@@ -17,17 +17,16 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import httpx
 import numpy as np
 import orjson
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from marginwatch.service.admission import Admission
 from marginwatch.service.batcher import MicroBatcher, RunBatch
 from marginwatch.service.engine import Prediction
 from marginwatch.service.errors import SHED_REASONS, Overloaded, PayloadTooLarge
 from marginwatch.service.payload import body_limit
+from metrics_text import scrape, total
 
 if TYPE_CHECKING:
     from conftest import Server, ServerFactory
@@ -240,23 +239,6 @@ def assert_shed_properly(status: int, headers: dict[str, str], body: bytes) -> N
     assert "retry later" in orjson.loads(body)["error"]
 
 
-def scrape(server: Server) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    text = httpx.get(f"{server.url}/metrics", timeout=WAY_OUT_S).text
-    return {
-        (sample.name, frozenset(sample.labels.items())): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
-
-
-def total(samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str,
-          **labels: str) -> float:  # fmt: skip
-    """The sum of `name`'s samples whose labels include `labels`."""
-    wanted = set(labels.items())
-    return sum(value for (sample, have), value in samples.items()
-               if sample == name and wanted <= have)  # fmt: skip
-
-
 def test_a_burst_beyond_the_budget_is_shed_with_retry_after(tight_server: Server) -> None:
     """A slow upload of the largest legal size holds most of the body budget (it keeps sending,
     so the read time-out spares it): every request of a burst of 32-image bodies (more than the
@@ -268,7 +250,7 @@ def test_a_burst_beyond_the_budget_is_shed_with_retry_after(tight_server: Server
     assert len(body) > BUDGET - JSON_LIMIT
     burst = 16
     stop = threading.Event()
-    before = scrape(tight_server)
+    before = scrape(tight_server.url, timeout=WAY_OUT_S)
     with connect(tight_server) as hog:
         hog.sendall(request_head(V1, JSON_LIMIT) + b'{"inputs": [')
         sender = trickle(hog, stop)
@@ -276,7 +258,7 @@ def test_a_burst_beyond_the_budget_is_shed_with_retry_after(tight_server: Server
             assert eventually(lambda: post(tight_server, V1, body)[0] == 503)
             with ThreadPoolExecutor(burst) as pool:
                 shed = list(pool.map(lambda _: post(tight_server, V1, body), range(burst)))
-            held = scrape(tight_server)
+            held = scrape(tight_server.url, timeout=WAY_OUT_S)
         finally:
             stop.set()
             sender.join()

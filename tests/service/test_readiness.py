@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 from pydantic import ValidationError
 
 from marginwatch.artifact.schema import ONNX_FILE
@@ -22,6 +21,7 @@ from marginwatch.artifact.store import CURRENT_FILE
 from marginwatch.service.__main__ import main
 from marginwatch.service.registry import retry_delay_s
 from marginwatch.service.settings import Settings
+from metrics_text import scrape, value
 
 if TYPE_CHECKING:
     from conftest import Server, ServerFactory, VersionFactory
@@ -32,7 +32,6 @@ MODEL = "fmnist"
 POLL = {"reload_interval_s": "0.05", "reload_retry_min_s": "3600", "reload_retry_max_s": "3600"}
 NOT_UTF8 = b"\xff\xfev1\n"
 
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 Publish = Callable[..., Path]  # publish(model, version, publish=True): a good version
 Serve = Callable[..., AbstractContextManager["Server"]]  # serve(**settings)
 
@@ -64,16 +63,9 @@ def point(store: Path, model: str, content: bytes) -> None:
     temporary.replace(store / model / CURRENT_FILE)
 
 
-def scrape(server: Server) -> Samples:
-    text = httpx.get(f"{server.url}/metrics").text
-    families = text_string_to_metric_families(text)
-    return {(s.name, frozenset(s.labels.items())): s.value for f in families for s in f.samples}
-
-
 def reloads(server: Server, model: str, result: str = "failure") -> float | None:
     """`marginwatch_reloads_total{model, result}`, or None when the series does not exist."""
-    labels = frozenset({"model": model, "result": result}.items())
-    return scrape(server).get(("marginwatch_reloads_total", labels))
+    return value(scrape(server.url), "marginwatch_reloads_total", model=model, result=result)
 
 
 def status(server: Server, path: str) -> int:
@@ -97,15 +89,15 @@ def versions(server: Server, model: str) -> dict[str, str]:
     """`marginwatch_model_version_info` of `model`: {state: version}."""
     return {
         dict(labels)["state"]: dict(labels)["version"]
-        for name, labels in scrape(server)
+        for name, labels in scrape(server.url)
         if name == "marginwatch_model_version_info" and dict(labels)["model"] == model
     }
 
 
 def ready_gauge(server: Server) -> dict[str, float]:
     return {
-        dict(labels)["model"]: value
-        for (name, labels), value in scrape(server).items()
+        dict(labels)["model"]: number
+        for (name, labels), number in scrape(server.url).items()
         if name == "marginwatch_model_ready"
     }
 
@@ -123,7 +115,7 @@ def test_a_bad_new_folder_leaves_the_replica_ready_and_is_forgotten_once_removed
         shutil.rmtree(fresh_store / "new")
         eventually(lambda: status(server, "/v2/models/new/ready") == 404)
         assert status(server, "/v2/health/ready") == 200
-        assert not any(dict(labels).get("model") == "new" for _, labels in scrape(server))
+        assert not any(dict(labels).get("model") == "new" for _, labels in scrape(server.url))
         assert ready_gauge(server) == {MODEL: 1.0}
 
 

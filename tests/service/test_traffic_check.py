@@ -11,15 +11,14 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 import numpy as np
-from prometheus_client.parser import text_string_to_metric_families
 
 from marginwatch.artifact.traffic import TRAFFIC_CHECK_FILE, TrafficCheck
+from metrics_text import Samples, scrape, value
 
 if TYPE_CHECKING:
     from tests.service.conftest import ServerFactory, VersionFactory
 
 MODEL = "fmnist"
-Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
 def check_document(version: str, *, recall: float | None, nonrobust: float) -> dict[str, Any]:
@@ -50,21 +49,12 @@ def publish(folder: Path, content: bytes) -> None:
     temporary.replace(folder / TRAFFIC_CHECK_FILE)
 
 
-def scrape(url: str) -> Samples:
-    text = httpx.get(f"{url}/metrics", timeout=10).text
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
-
-
 def check_series(samples: Samples) -> dict[str, float]:
     """The traffic-check series, keyed by name and the labels besides model and version."""
     found = {}
     for (name, labels), number in samples.items():
         if name.startswith("marginwatch_traffic_check_") and "_errors_" not in name:
-            rest = ",".join(f"{k}={v}" for k, v in labels if k not in ("model", "version"))
+            rest = ",".join(f"{k}={v}" for k, v in sorted(labels) if k not in ("model", "version"))
             assert dict(labels)["model"] == MODEL and dict(labels)["version"] == "v1"
             found[f"{name.removeprefix('marginwatch_traffic_check_')}{{{rest}}}"] = number
     return found
@@ -88,10 +78,13 @@ def test_traffic_check_metrics_follow_the_file(
 ) -> None:
     store = tmp_path / "store"
     folder = new_version(store, MODEL, "v1", onnx=onnx_path, images=images)
-    errors = ("marginwatch_traffic_check_errors_total", (("model", MODEL),))
+
+    def errors(samples: Samples) -> float | None:
+        return value(samples, "marginwatch_traffic_check_errors_total", model=MODEL)
+
     with spawn_server(store, tmp_path / "logs", reload_interval_s="0.1") as server:
         before = scrape(server.url)
-        assert check_series(before) == {} and before[errors] == 0
+        assert check_series(before) == {} and errors(before) == 0
         publish(folder, check_json(check_document("v1", recall=0.62, nonrobust=0.45)))
         shown = check_series(wait_for(server.url, check_series))
         assert shown == {
@@ -114,14 +107,14 @@ def test_traffic_check_metrics_follow_the_file(
              check_json(check_document("v2", recall=0.9, nonrobust=0.3))), start=1,
         ):  # fmt: skip
             publish(folder, content)
-            samples = wait_for(server.url, lambda s, n=count: s[errors] == n)
-            assert samples[errors] == count and check_series(samples) == {}
+            samples = wait_for(server.url, lambda s, n=count: errors(s) == n)
+            assert errors(samples) == count and check_series(samples) == {}
             response = httpx.post(
                 f"{server.url}/v1/models/{MODEL}/predict",
                 json={"inputs": images[:2].tolist()}, timeout=10,
             )  # fmt: skip
             assert response.status_code == 200
-        reloads = samples[("marginwatch_reloads_total", (("model", MODEL), ("result", "success")))]
+        reloads = value(samples, "marginwatch_reloads_total", model=MODEL, result="success")
         assert reloads == 1  # the model was never reloaded for its check
         assert server.stop() in (0, -signal.SIGTERM)
     log = server.log_text()

@@ -18,7 +18,6 @@ import orjson
 import pytest
 import torch
 import yaml
-from prometheus_client.parser import text_string_to_metric_families
 
 from marginwatch.artifact import store
 from marginwatch.artifact.schema import RECORD_FILE
@@ -27,6 +26,7 @@ from marginwatch.calibration.__main__ import main as calibrate
 from marginwatch.calibration.boundary_points import first_flip
 from marginwatch.models.data import Dataset
 from marginwatch.models.registry import load_model
+from metrics_text import Samples, scrape, value
 
 if TYPE_CHECKING:
     from tests.service.conftest import ServerFactory
@@ -36,7 +36,6 @@ RULES = Path(__file__).resolve().parents[2] / "deploy" / "prometheus" / "rules.y
 CHECK_ALERTS = ("MarginwatchTrafficCheckRecallLow", "MarginwatchTrafficCheckDisagrees")
 RECALL_FLOOR, MIN_NONROBUST = 0.8, 20  # the recall alert's floor and its guard, as in rules.yml
 FAST = ["--attack", "fmn:15", "--attack", "fab:5", "--bootstrap", "50", "--quiet"]
-Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
 def boundary_images(images: np.ndarray, labels: np.ndarray, eps: float) -> np.ndarray:
@@ -67,15 +66,6 @@ def predict(url: str, images: np.ndarray) -> list[dict[str, object]]:
     return predictions
 
 
-def scrape(url: str) -> Samples:
-    text = httpx.get(f"{url}/metrics", timeout=10).text
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
-
-
 def wait_for(condition_name: str, probe: object, timeout_s: float = 30.0) -> None:
     assert callable(probe)
     deadline = time.monotonic() + timeout_s
@@ -89,21 +79,23 @@ def alert_test(samples: Samples, check: TrafficCheck) -> dict[str, object]:
     alerts the check's own figures call for as the expectation."""
     series = [
         {
-            "series": "{}{{{}}}".format(name, ",".join(f'{k}="{v}"' for k, v in [*labels, *extra])),
-            "values": f"{value!r}x30",
+            "series": "{}{{{}}}".format(
+                name, ",".join(f'{k}="{v}"' for k, v in [*sorted(labels), *extra])
+            ),
+            "values": f"{number!r}x30",
         }
-        for (name, labels), value in samples.items()
+        for (name, labels), number in samples.items()
         if name.startswith("marginwatch_traffic_check_")
         for extra in ([("instance", "10.0.0.1:8000")], [("instance", "10.0.0.2:8000")])
     ]
-    assert check.nonrobust.count == int(
-        samples[
-            (
-                "marginwatch_traffic_check_points",
-                (("kind", "nonrobust"), ("model", MODEL), ("version", check.version)),
-            )
-        ]
+    points = value(
+        samples,
+        "marginwatch_traffic_check_points",
+        kind="nonrobust",
+        model=MODEL,
+        version=check.version,
     )
+    assert points is not None and check.nonrobust.count == int(points)
     recall_low = (
         check.recall is not None
         and check.recall < RECALL_FLOOR
@@ -202,25 +194,29 @@ def test_sampled_traffic_is_checked_exported_and_alerted_on(
 
         def exported() -> bool:
             return (
-                "marginwatch_traffic_check_timestamp_seconds",
-                (("model", MODEL), ("version", check.version)),
-            ) in scrape(server.url)
+                value(
+                    scrape(server.url),
+                    "marginwatch_traffic_check_timestamp_seconds",
+                    model=MODEL,
+                    version=check.version,
+                )
+                is not None
+            )
 
         wait_for("the check on /metrics", exported)
         samples = scrape(server.url)
 
-    key = (("model", MODEL), ("version", check.version))
-    assert samples[("marginwatch_traffic_check_recall", key)] == pytest.approx(check.recall)
+    key = {"model": MODEL, "version": check.version}
+    assert value(samples, "marginwatch_traffic_check_recall", **key) == pytest.approx(check.recall)
     for name, ratio in (("nonrobust", check.nonrobust), ("flagged", check.flagged)):
-        for bound, value in (
+        for bound, expected in (
             ("estimate", ratio.value),
             ("low", ratio.ci_low),
             ("high", ratio.ci_high),
         ):
-            labels = (("bound", bound), *key)
-            assert samples[(f"marginwatch_traffic_check_{name}_ratio", labels)] == pytest.approx(
-                value
-            )
+            assert value(
+                samples, f"marginwatch_traffic_check_{name}_ratio", bound=bound, **key
+            ) == pytest.approx(expected)
 
     test_file = tmp_path / "alerts.yml"
     test_file.write_text(

@@ -13,7 +13,6 @@ import httpx
 import numpy as np
 import orjson
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 from pydantic import ValidationError
 
 from marginwatch.artifact.traffic import (
@@ -27,12 +26,12 @@ from marginwatch.service.engine import Prediction
 from marginwatch.service.metrics import ServiceMetrics
 from marginwatch.service.settings import Settings
 from marginwatch.service.traffic_sampler import TrafficSampler, gap
+from metrics_text import Samples, parse, scrape, value
 
 if TYPE_CHECKING:
     from tests.service.conftest import ServerFactory, VersionFactory
 
 MODEL = "fmnist"
-Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
 @pytest.fixture
@@ -42,19 +41,6 @@ def tmp_store(
     store = tmp_path / "store"
     new_version(store, MODEL, "v1", onnx=onnx_path, images=images)
     return store
-
-
-def scrape(url: str) -> Samples:
-    text = httpx.get(f"{url}/metrics", timeout=10).text
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
-
-
-def value(samples: Samples, name: str, **labels: str) -> float | None:
-    return samples.get((name, tuple(sorted(labels.items()))))
 
 
 def predict(url: str, batch: np.ndarray) -> dict[str, object]:
@@ -216,11 +202,7 @@ def sampler(traffic: Path, metrics: ServiceMetrics, **options: float) -> Traffic
 
 
 def exposition(metrics: ServiceMetrics) -> Samples:
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(metrics.exposition().decode())
-        for sample in family.samples
-    }
+    return parse(metrics.exposition().decode())
 
 
 def test_shutdown_writes_what_is_queued_and_retention_prunes_old_days(tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ import re
 import socket
 import subprocess
 import sys
+import time
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,6 +34,7 @@ from tritonclient.utils import InferenceServerException
 from marginwatch.artifact.schema import CalibrationRecord
 from marginwatch.service.app import GRPC_STATUS_OF, STATUS_OF
 from marginwatch.service.errors import ServiceError
+from metrics_text import scrape, total, value
 
 if TYPE_CHECKING:
     from conftest import Server, ServerFactory
@@ -455,3 +457,50 @@ def test_grpc_is_imported_only_when_served_and_never_torch() -> None:
         "assert 'marginwatch.service.routes_grpc' in sys.modules and sys.modules['torch'] is None\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_a_call_shed_for_capacity_is_unavailable_and_counted_as_shed(
+    store: Path,
+    spawn_server: ServerFactory,
+    tmp_path_factory: pytest.TempPathFactory,
+    images: np.ndarray,
+) -> None:
+    """HTTP and gRPC share the process's body budget: while a stalled HTTP upload holds most of
+    it, a ModelInfer call whose message does not fit the rest is shed, UNAVAILABLE with a retry
+    message, and counted as shed for body bytes on its endpoint (besides its 5xx)."""
+    held = 64 * 784 * 25 + 65536  # the largest JSON body the model takes (`payload.body_limit`)
+    port, budget = _free_port(), held + 10_000
+    batch = images[:8]  # 25 kB of raw FP32: more than the 10 kB left
+    with spawn_server(
+        store,
+        tmp_path_factory.mktemp("grpc-tight"),
+        models=MODEL,
+        reload_interval_s="0",
+        grpc_port=str(port),
+        max_inflight_body_bytes=str(budget),
+        read_timeout_s="60",
+    ) as server:
+        host, http_port = server.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(http_port))) as hog:
+            hog.sendall(
+                f"POST /v1/models/{MODEL}/predict HTTP/1.1\r\nHost: test\r\nContent-Type: "
+                f"application/json\r\nContent-Length: {held}\r\n\r\n".encode()
+                + b'{"inputs": ['
+            )
+            deadline = time.monotonic() + 30
+            while total(scrape(server.url), "marginwatch_admission_body_bytes") < held:
+                assert time.monotonic() < deadline, "the upload's bytes were never reserved"
+                time.sleep(0.05)
+            client = triton.InferenceServerClient(f"127.0.0.1:{port}")
+            try:
+                error = grpc_error(lambda: client.infer(MODEL, infer_inputs(batch)))
+            finally:
+                client.close()
+        samples = scrape(server.url)
+    assert error.status() == "StatusCode.UNAVAILABLE", error
+    assert "retry later" in str(error.message())
+    shed = value(samples, "marginwatch_requests_shed_total",
+                 model=MODEL, endpoint="grpc_model_infer", reason="body_bytes")  # fmt: skip
+    assert shed == 1
+    assert value(samples, "marginwatch_requests_total",
+                 model=MODEL, endpoint="grpc_model_infer", status_class="5xx") == 1  # fmt: skip

@@ -123,12 +123,17 @@ def choose_providers(device: str) -> list[str]:
     return [CPU]
 
 
-def calibration_timestamp_s(record: CalibrationRecord) -> float:
-    """`created_at` as seconds since the epoch (0 when it cannot be parsed)."""
+def iso_timestamp_s(iso: str) -> float:
+    """An ISO 8601 time as seconds since the epoch (0 when it cannot be parsed)."""
     try:
-        return datetime.fromisoformat(record.created_at).timestamp()
+        return datetime.fromisoformat(iso).timestamp()
     except ValueError:
         return 0.0
+
+
+def calibration_timestamp_s(record: CalibrationRecord) -> float:
+    """`created_at` as seconds since the epoch (0 when it cannot be parsed)."""
+    return iso_timestamp_s(record.created_at)
 
 
 class ServedModel:

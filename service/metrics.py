@@ -19,7 +19,6 @@ import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from datetime import datetime
 from itertools import groupby
 from typing import Final, Literal, get_args
 
@@ -45,7 +44,7 @@ from prometheus_client.utils import floatToGoString
 from marginwatch.artifact.schema import CalibrationRecord, Curve
 from marginwatch.artifact.traffic import TrafficCheck
 from marginwatch.service.admission import Admission
-from marginwatch.service.engine import Prediction, calibration_timestamp_s
+from marginwatch.service.engine import Prediction, calibration_timestamp_s, iso_timestamp_s
 from marginwatch.service.errors import ShedReason
 from marginwatch.service.live_window import LiveWindow
 
@@ -397,16 +396,8 @@ class TrafficChecks(Collector):
                 recall.add_metric(labels, check.recall)
             if check.precision is not None:
                 precision.add_metric(labels, check.precision)
-            timestamp.add_metric(labels, _timestamp_s(check.created_at))
+            timestamp.add_metric(labels, iso_timestamp_s(check.created_at))
         yield from (nonrobust, flagged, recall, precision, points, timestamp)
-
-
-def _timestamp_s(iso: str) -> float:
-    """An ISO 8601 time as Unix seconds (0 when it cannot be parsed)."""
-    try:
-        return datetime.fromisoformat(iso).timestamp()
-    except ValueError:
-        return 0.0
 
 
 class AdmissionState(Collector):

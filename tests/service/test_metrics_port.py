@@ -11,10 +11,10 @@ from typing import TYPE_CHECKING
 import httpx
 import numpy as np
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 from pydantic import ValidationError
 
 from marginwatch.service.settings import Settings
+from metrics_text import parse
 
 if TYPE_CHECKING:
     from tests.service.conftest import ServerFactory
@@ -38,10 +38,9 @@ def test_metrics_move_to_their_own_port(
         scraped = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5)
         assert scraped.status_code == 200
         requests = {
-            sample.labels["endpoint"]: sample.value
-            for family in text_string_to_metric_families(scraped.text)
-            for sample in family.samples
-            if sample.name == "marginwatch_requests_total" and sample.labels["model"] == "fmnist"
+            dict(labels)["endpoint"]: v
+            for (name, labels), v in parse(scraped.text).items()
+            if name == "marginwatch_requests_total" and dict(labels)["model"] == "fmnist"
         }
         assert requests == {"v1_predict": 1.0}
         assert server.stop() in (0, -signal.SIGTERM)

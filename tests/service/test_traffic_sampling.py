@@ -29,18 +29,9 @@ from marginwatch.service.traffic_sampler import TrafficSampler, gap
 from metrics_text import Samples, parse, scrape, value
 
 if TYPE_CHECKING:
-    from tests.service.conftest import ServerFactory, VersionFactory
+    from tests.service.conftest import ServerFactory
 
 MODEL = "fmnist"
-
-
-@pytest.fixture
-def tmp_store(
-    tmp_path: Path, new_version: VersionFactory, onnx_path: Path, images: np.ndarray
-) -> Path:
-    store = tmp_path / "store"
-    new_version(store, MODEL, "v1", onnx=onnx_path, images=images)
-    return store
 
 
 def predict(url: str, batch: np.ndarray) -> dict[str, object]:
@@ -69,7 +60,7 @@ def read_all(traffic: Path) -> list[TrafficShard]:
 
 
 def test_served_traffic_is_sampled_as_served(
-    tmp_store: Path, tmp_path: Path, spawn_server: ServerFactory, images: np.ndarray
+    store: Path, tmp_path: Path, spawn_server: ServerFactory, images: np.ndarray
 ) -> None:
     traffic = tmp_path / "traffic"
     sent: list[np.ndarray] = []
@@ -77,7 +68,7 @@ def test_served_traffic_is_sampled_as_served(
     scores: list[float] = []
     brittle: list[bool] = []
     with spawn_server(
-        tmp_store, tmp_path / "logs", traffic_sample_rate="1", traffic_dir=str(traffic),
+        store, tmp_path / "logs", models=MODEL, traffic_sample_rate="1", traffic_dir=str(traffic),
         traffic_shard_samples="8", traffic_flush_s="0.2",
     ) as server:  # fmt: skip
         for start in range(0, 30, 6):  # batches of 1 to 6 images, by both protocols
@@ -118,11 +109,11 @@ def test_served_traffic_is_sampled_as_served(
 
 
 def test_rate_zero_writes_nothing(
-    tmp_store: Path, tmp_path: Path, spawn_server: ServerFactory, images: np.ndarray
+    store: Path, tmp_path: Path, spawn_server: ServerFactory, images: np.ndarray
 ) -> None:
     traffic = tmp_path / "traffic"
     with spawn_server(
-        tmp_store, tmp_path / "logs", traffic_sample_rate="0", traffic_dir=str(traffic)
+        store, tmp_path / "logs", models=MODEL, traffic_sample_rate="0", traffic_dir=str(traffic)
     ) as server:
         for start in range(0, 20, 4):
             predict(server.url, images[start : start + 4])
@@ -143,7 +134,7 @@ def fill_day(traffic: Path, nbytes: int) -> None:
 
 @pytest.mark.parametrize("fault", ["not_writable", "day_full"])
 def test_a_folder_that_takes_no_samples_costs_no_request(
-    tmp_store: Path, tmp_path: Path, spawn_server: ServerFactory, images: np.ndarray, fault: str
+    store: Path, tmp_path: Path, spawn_server: ServerFactory, images: np.ndarray, fault: str
 ) -> None:
     if fault == "not_writable":
         blocker = tmp_path / "a-file"  # its "subfolders" cannot be created, even by root
@@ -153,7 +144,7 @@ def test_a_folder_that_takes_no_samples_costs_no_request(
         traffic, reason = tmp_path / "traffic", "day_limit"
         fill_day(traffic, 1024 * 1024)
     with spawn_server(
-        tmp_store, tmp_path / "logs", traffic_sample_rate="1", traffic_dir=str(traffic),
+        store, tmp_path / "logs", models=MODEL, traffic_sample_rate="1", traffic_dir=str(traffic),
         traffic_flush_s="0.1", traffic_max_bytes_per_day=str(1024 * 1024),
     ) as server:  # fmt: skip
         for start in range(0, 40, 4):
@@ -274,12 +265,12 @@ def test_half_written_shards_are_never_listed(tmp_path: Path) -> None:
 
 
 def test_shutdown_writes_the_samples_still_waiting(
-    tmp_store: Path, tmp_path: Path, spawn_server: ServerFactory, images: np.ndarray
+    store: Path, tmp_path: Path, spawn_server: ServerFactory, images: np.ndarray
 ) -> None:
     """Neither full nor old, the shard is written by the lifespan's shutdown (SIGTERM)."""
     traffic = tmp_path / "traffic"
     with spawn_server(
-        tmp_store, tmp_path / "logs", traffic_sample_rate="1", traffic_dir=str(traffic),
+        store, tmp_path / "logs", models=MODEL, traffic_sample_rate="1", traffic_dir=str(traffic),
         traffic_flush_s="3600", traffic_shard_samples="1000",
     ) as server:  # fmt: skip
         for start in range(0, 12, 3):

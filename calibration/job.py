@@ -24,7 +24,6 @@ from marginwatch.artifact.hashing import file_sha256
 from marginwatch.artifact.schema import (
     ONNX_FILE,
     REPORT_FILE,
-    AttackBudget,
     CalibrationRecord,
     DataSource,
     PseudoMarginFacts,
@@ -35,7 +34,12 @@ from marginwatch.calibration.inputs import Inputs, Outputs, forward_all, subset_
 from marginwatch.calibration.margins import MarginResult
 from marginwatch.calibration.preflight import PreflightReport, run_preflight
 from marginwatch.calibration.pseudo_margin import path_training_points
-from marginwatch.calibration.record import build_record, report_data, with_refit_facts
+from marginwatch.calibration.record import (
+    attack_budgets,
+    build_record,
+    report_data,
+    with_refit_facts,
+)
 from marginwatch.calibration.report import render_report
 from marginwatch.calibration.scores import ServingGraph, export_serving_graph
 from marginwatch.models.architectures import SplitClassifier
@@ -144,14 +148,16 @@ def choose_score(
     config: CalibrationConfig,
     inputs: Inputs,
     subset_indices_: np.ndarray,
-    subset: Outputs,
     margins: MarginResult,
     *,
+    images: np.ndarray,
+    everything: Outputs,
     traffic: TrafficPoints | None = None,
 ) -> tuple[ServingGraph, PseudoMarginFacts | None]:
     """The logit margin, or the pseudo-margin (guarded by the logit margin) fitted on attacked
     training points (`traffic`'s among them) where it measures better on the held-out subset:
-    `score_choice` decides and records why."""
+    `score_choice` decides and records why. `images` are the split's, as floats, and
+    `everything` the model's outputs on them."""
     if config.pseudo_margin == "never":
         return ServingGraph(inputs.model), None
     training = pseudo_margin_training(config, inputs, subset_indices_, traffic)
@@ -161,10 +167,11 @@ def choose_score(
         config,
         inputs.model,
         training=training,
-        images=inputs.data.float_images,
+        images=images,
         labels=inputs.data.labels,
         subset=subset_indices_,
         margins=margins,
+        everything=everything,
     )
 
 
@@ -241,7 +248,7 @@ def run(
         folder, size = attack()
         margins = load_margins(config, folder, size)
         graph, pseudo_facts = choose_score(
-            config, inputs, subset, everything.take(subset), margins, traffic=traffic
+            config, inputs, subset, margins, images=images, everything=everything, traffic=traffic
         )
         version = config.version or new_version()
         staging = store.new_staging_dir(config.store, name, version)
@@ -305,10 +312,7 @@ def finish_version(
         big_correct=big_labels == inputs.data.labels,
         guard_band=guard_band,
         pseudo_facts=pseudo_facts,
-        attacks=[
-            AttackBudget(name=n, steps=s, succeeded=int(np.isfinite(margins.per_attack[n]).sum()))
-            for n, s in config.resolved_attacks
-        ],
+        attacks=attack_budgets(config, margins),
         subset_source=DataSource(
             dataset=config.dataset, split=config.split, size=len(subset), seed=config.seed
         ),

@@ -33,6 +33,14 @@ def threshold_rule_spec(config: CalibrationConfig) -> ThresholdRuleSpec:
     )
 
 
+def attack_budgets(config: CalibrationConfig, margins: MarginResult) -> list[AttackBudget]:
+    """Each configured attack, its steps, and on how many points it found an adversarial."""
+    return [
+        AttackBudget(name=n, steps=s, succeeded=int(np.isfinite(margins.per_attack[n]).sum()))
+        for n, s in config.resolved_attacks
+    ]
+
+
 def fitted_with_points(
     rule: ThresholdRule, scores: np.ndarray, nonrobust: np.ndarray
 ) -> ThresholdRule:

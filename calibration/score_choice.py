@@ -225,7 +225,6 @@ def boundary_outputs(
 
 def candidates(
     config: CalibrationConfig,
-    model: SplitClassifier,
     regressor: PseudoMarginRegressor,
     *,
     everything: Outputs,
@@ -268,11 +267,13 @@ def choose(
     labels: np.ndarray,
     subset: np.ndarray,
     margins: MarginResult,
+    everything: Outputs | None = None,
 ) -> tuple[ServingGraph, PseudoMarginFacts]:
     """Fit the pseudo-margin on the attacked training points (and their attack paths, when
     `training` has them), measure both candidates on the subset (`subset` indexes `images`, the
     big set, whose true labels are `labels`), and return the serving graph of the one `decide`
-    picks, with the facts behind it."""
+    picks, with the facts behind it. `everything`: the model's outputs on `images`, where the
+    caller has them already (computed here otherwise)."""
     regressor = PseudoMarginRegressor(
         hidden=config.pseudo_hidden,
         layers=config.pseudo_layers,
@@ -280,7 +281,8 @@ def choose(
         seed=config.seed,
     ).fit(training.features, training.targets)
     share = GUARD_SHARE if training.path_points else GUARD_SHARE_WITHOUT_PATHS
-    everything = forward_all(model, images, config.torch_device)
+    if everything is None:
+        everything = forward_all(model, images, config.torch_device)
     correct = everything.labels == labels
     rule = make_threshold_rule(threshold_rule_spec(config))
     nonrobust = nonrobust_mask(margins.radius, margins.success, config.resolved_eps)
@@ -297,7 +299,6 @@ def choose(
     )
     samples = candidates(
         config,
-        model,
         regressor,
         everything=everything,
         subset=subset,

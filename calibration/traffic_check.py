@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from marginwatch.artifact import store
-from marginwatch.artifact.schema import REPORT_FILE, AttackBudget, CalibrationRecord, ThreatModel
+from marginwatch.artifact.schema import REPORT_FILE, CalibrationRecord, ThreatModel
 from marginwatch.artifact.traffic import (
     Ratio,
     TrafficCheck,
@@ -47,6 +47,7 @@ from marginwatch.calibration.margin_cache import content_sha256
 from marginwatch.calibration.margins import MarginResult
 from marginwatch.calibration.metrics import detection_metrics, kendall_tau, nonrobust_mask
 from marginwatch.calibration.preflight import PreflightReport
+from marginwatch.calibration.record import attack_budgets
 from marginwatch.calibration.report import TrafficReport, render_traffic_section, with_section
 
 Z_95 = 1.959963984540054  # the standard normal's 0.975 quantile
@@ -227,10 +228,7 @@ def traffic_figures(
         available_points=sample.available,
         seed=config.seed,
         threat_model=record.threat_model,
-        attacks=[
-            AttackBudget(name=n, steps=s, succeeded=int(np.isfinite(margins.per_attack[n]).sum()))
-            for n, s in config.resolved_attacks
-        ],
+        attacks=attack_budgets(config, margins),
         censored=int((~margins.success).sum()),
         nonrobust=nonrobust_ratio,
         flagged=flagged_ratio,

@@ -14,7 +14,8 @@ import fcntl
 import json
 import os
 import shutil
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -111,6 +112,23 @@ def model_lock(store: Path, model: str) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def new_version_id(store: Path, model: str, *, clock: Callable[[], float] = time.time) -> str:
+    """A version id that is free in `store` and sorts after the ids this clock gave before:
+    UTC time to the millisecond (`20261207T044737.123Z`), and where two runs still land on one
+    millisecond (a coarse or fixed clock), a counter after it (`...Z-002`). Called under the
+    model's lock, so concurrent runs cannot pick the same id."""
+    seconds = clock()
+    whole = int(seconds)
+    millis = min(int(round((seconds - whole) * 1000)), 999)
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(whole)) + f".{millis:03d}Z"
+    folder = store / model
+    candidate, counter = stamp, 1
+    while (folder / candidate).exists() or (folder / f"{STAGING_PREFIX}{candidate}").exists():
+        counter += 1
+        candidate = f"{stamp}-{counter:03d}"
+    return candidate
 
 
 def new_staging_dir(store: Path, model: str, version: str) -> Path:

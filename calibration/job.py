@@ -196,10 +196,6 @@ def software_versions() -> dict[str, str]:
     }
 
 
-def new_version() -> str:
-    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-
-
 @dataclass(frozen=True)
 class RunResult:
     """What a run did: a published version, only attacked its shard, or only the preflight."""
@@ -250,7 +246,7 @@ def run(
         graph, pseudo_facts = choose_score(
             config, inputs, subset, margins, images=images, everything=everything, traffic=traffic
         )
-        version = config.version or new_version()
+        version = config.version or store.new_version_id(config.store, name)
         staging = store.new_staging_dir(config.store, name, version)
         try:
             record = finish_version(

@@ -336,8 +336,18 @@ def _as_split(
     if isinstance(model, SplitClassifier):
         return model
     declared = getattr(model, "input_shape", None)
-    if _is_method(model, "features") and _is_method(model, "head") and declared is not None:
-        return model  # type: ignore[return-value]  # duck-typed split model
+    if declared is not None:
+        # A model that states its input shape is adapted to it, not to the dataset's: a
+        # mismatch is then reported by the caller, naming both shapes.
+        try:
+            declared_shape = tuple(int(size) for size in declared)
+        except (TypeError, ValueError) as error:
+            raise ModelError(
+                f"model {spec!r}: input_shape {declared!r} is not C×H×W (three integers)"
+            ) from error
+        if len(declared_shape) != 3:
+            raise ModelError(f"model {spec!r}: input_shape {declared!r} is not C×H×W")
+        return adapt(spec, model, declared_shape)  # type: ignore[arg-type]
     if input_shape is None:
         raise ModelError(
             f"model {spec!r} does not carry its input shape: load it with the dataset's "

@@ -54,6 +54,27 @@ def factories(tmp_path: Path, model_files: dict[str, Path]) -> Iterator[str]:
         "        return torch.jit.load(PATH)\n"
         "def wrapped():\n"
         "    return LogitsAsFeatures(plain(), (1, 28, 28), 10)\n"
+        "class Duck(torch.nn.Module):  # split by duck typing: no class of ours\n"
+        "    input_shape = (1, 28, 28)\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.trunk = plain()\n"
+        "    def features(self, x):\n"
+        "        return self.trunk(x) * 2.0\n"
+        "    def head(self, f):\n"
+        "        return f / 2.0\n"
+        "    def forward(self, x):\n"
+        "        return self.head(self.features(x))\n"
+        "def duck():\n"
+        "    return Duck()\n"
+        "class Plain(torch.nn.Module):  # forward only\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.trunk = plain()\n"
+        "    def forward(self, x):\n"
+        "        return self.trunk(x)\n"
+        "def module():\n"
+        "    return Plain()\n"
     )
     sys.path.insert(0, str(tmp_path))
     try:
@@ -89,7 +110,7 @@ def _check_served(
 @pytest.mark.parametrize(
     "spec",
     ["forward.pt", "split.pt", "program.pt2", "model.onnx", "factory:wrapped", "factory:plain",
-     "architecture"],
+     "factory:duck", "factory:module", "architecture"],
 )  # fmt: skip
 def test_each_format_is_calibrated_published_and_served(
     spec: str,

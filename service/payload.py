@@ -20,7 +20,9 @@ so the event loop goes on answering meanwhile; image files are decoded there wha
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
+import re
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -299,8 +301,16 @@ def validate(schema: type[ModelT], document: Any) -> ModelT:
         raise InvalidInput(f"invalid request: {problems}") from None
 
 
-def as_float32(data: Any, what: str) -> np.ndarray:
-    """Nested lists of numbers as one float32 array (numpy's C loop, not element by element)."""
+# A JSON token that numpy would turn into a number though it is none: `true`/`false`, or a
+# string that starts like a number ("1.5", " -2"). Only a body holding one pays for the strict
+# scan below; a body of plain numbers keeps numpy's one C loop.
+_NOT_A_NUMBER = re.compile(rb'true|false|"\s*[-+.0-9]')
+
+
+def as_float32(data: Any, what: str, source: bytes | memoryview = b"") -> np.ndarray:
+    """Nested lists of numbers as one float32 array (numpy's C loop, not element by element).
+    `source` is the JSON text `data` came from: where it holds a boolean or a numeric string,
+    the values are checked to be numbers, which numpy alone would convert silently."""
     if isinstance(data, np.ndarray):
         return data
     try:
@@ -312,7 +322,19 @@ def as_float32(data: Any, what: str) -> np.ndarray:
         raise InvalidInput(
             f"{what} must be numbers in nested lists of equal lengths (a regular array)"
         ) from None
+    if _NOT_A_NUMBER.search(source) and not _only_numbers(data, array.ndim):
+        raise InvalidInput(f"{what} must hold numbers only: no strings, booleans or null")
     return array
+
+
+def _only_numbers(data: Any, depth: int) -> bool:
+    """Whether every leaf of the regular nested list `data` (`depth` levels) is an int or a
+    float, booleans excluded (Python's bool is an int)."""
+    leaves = data if isinstance(data, list) else [data]
+    for _ in range(depth - 1):
+        leaves = list(itertools.chain.from_iterable(leaves))
+    kinds = set(map(type, leaves))
+    return kinds <= {int, float}
 
 
 def check_batch(

@@ -64,7 +64,7 @@ def decode_predict(body: bytes, headers: Headers) -> tuple[np.ndarray | EncodedI
         return EncodedImages(files, base64=True, resize=resize), parsed.return_probabilities
     if resize is not None:
         raise InvalidInput(f"{RESIZE} applies to images; these inputs are floats")
-    x = as_float32(parsed.instances if given == ["instances"] else parsed.inputs, given[0])
+    x = as_float32(parsed.instances if given == ["instances"] else parsed.inputs, given[0], body)
     return x, parsed.return_probabilities
 
 

@@ -182,7 +182,7 @@ def decode_infer(body: bytes, headers: Headers) -> tuple[np.ndarray, tuple[str |
     """The one input as a float32 array (not yet checked), the request id and the outputs."""
     header, binary = split_body(body, headers.get(HEADER_LENGTH))
     parsed = validate_schema(InferenceRequest, parse_json(header))
-    return input_array(parsed, binary), (parsed.id, requested_outputs(parsed))
+    return input_array(parsed, binary, header), (parsed.id, requested_outputs(parsed))
 
 
 INFER_BODY = BodyFormat(
@@ -248,8 +248,11 @@ def binary_inputs(request: InferenceRequest, binary: memoryview) -> dict[str, np
     return arrays
 
 
-def input_array(request: InferenceRequest, binary: memoryview) -> np.ndarray:
-    """The one input tensor, from JSON data or binary bytes, reshaped to its declared shape."""
+def input_array(
+    request: InferenceRequest, binary: memoryview, header: bytes | memoryview = b""
+) -> np.ndarray:
+    """The one input tensor, from JSON data or binary bytes, reshaped to its declared shape.
+    `header` is the JSON text the request was parsed from (`as_float32` reads it)."""
     names = [tensor.name for tensor in request.inputs]
     if names != [INPUT_NAME]:
         raise InvalidInput(f"the model takes one input named {INPUT_NAME!r}; got {names}")
@@ -262,7 +265,7 @@ def input_array(request: InferenceRequest, binary: memoryview) -> np.ndarray:
     data = raw if raw is not None else tensor.data
     if data is None:
         raise InvalidInput(f"input {INPUT_NAME!r} has neither `data` nor binary_data_size")
-    array = as_float32(data, f"input {INPUT_NAME!r}")
+    array = as_float32(data, f"input {INPUT_NAME!r}", header)
     expected = math.prod(tensor.shape)  # exact: numpy's product wraps around past int64
     if array.size != expected:
         raise InvalidInput(
@@ -285,12 +288,17 @@ def requested_outputs(request: InferenceRequest) -> Asked:
     if request.outputs is None:
         return [(output, default_binary) for output in SERVED_OUTPUTS]
     chosen = []
+    seen: set[str] = set()
     for output in request.outputs:
         spec = OUTPUT_NAMED.get(output.name)
         if spec is None:
             raise InvalidInput(
                 f"unknown output {output.name!r}; outputs are {', '.join(OUTPUT_NAMED)}"
             )
+        # refused, not repeated: each repeat would copy the whole output into the response
+        if output.name in seen:
+            raise InvalidInput(f"output {output.name!r} is asked for more than once")
+        seen.add(output.name)
         chosen.append((spec, output.parameters.get("binary_data", default_binary) is True))
     return chosen
 

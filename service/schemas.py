@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
 
 class _Strict(BaseModel):
@@ -59,12 +59,15 @@ class PredictRequest(_Strict):
         "image-folder loader reads images (8-bit gray or RGB, alpha dropped, values / 255)",
         json_schema_extra={"minItems": 1},
     )
-    resize: bool = Field(
+    resize: StrictBool = Field(
         default=False,
         description="images only: resize each to the model's H×W (bilinear, aspect ratio not "
         "kept); unset or false, an image of another size is refused (also `?resize=true`)",
     )
-    return_probabilities: bool = Field(default=False, description="add softmax probabilities")
+    # strict: JSON's true or false only, never "yes" or 1
+    return_probabilities: StrictBool = Field(
+        default=False, description="add softmax probabilities (true or false)"
+    )
 
 
 class PredictForm(_Strict):

@@ -123,6 +123,24 @@ BAD: list[tuple[str, str, bytes, dict[str, str], int, str]] = [
      {"Inference-Header-Content-Length": binary_request(np.zeros((1, 1, 28, 28)))[1][
          "Inference-Header-Content-Length"]}, 400, "2 binary bytes"),
     ("v1-body-above-limit", V1, b" " * (1 << 20) + b"{}", JSON_TYPE, 413, "limit"),
+    # numpy turns these into numbers; the service does not
+    ("v1-numeric-strings", V1, v1_body([[[["0.5"] * 28] * 28]]), JSON_TYPE, 400, "numbers only"),
+    ("v1-one-numeric-string", V1, v1_body([[[[0.5] * 27 + [" 1"]] * 28]]), JSON_TYPE, 400,
+     "numbers only"),
+    ("v1-booleans", V1, v1_body([[[[True] * 28] * 28]]), JSON_TYPE, 400, "numbers only"),
+    ("v1-one-boolean", V1, v1_body([[[[0.5] * 27 + [False]] + [[0.5] * 28] * 27]]), JSON_TYPE,
+     400, "numbers only"),
+    ("v2-numeric-strings", V2, v2_body([1, 1, 28, 28], ["0.5"] * 784), JSON_TYPE, 400,
+     "numbers only"),
+    ("v2-one-boolean", V2, v2_body([1, 1, 28, 28], [0.5] * 783 + [True]), JSON_TYPE, 400,
+     "numbers only"),
+    ("v1-flag-not-boolean", V1, v1_body([one_json], return_probabilities="yes"), JSON_TYPE, 400,
+     "return_probabilities: Input should be a valid boolean"),
+    ("v1-flag-number", V1, v1_body([one_json], return_probabilities=1), JSON_TYPE, 400,
+     "return_probabilities"),
+    ("v2-repeated-output", V2, orjson.dumps({**orjson.loads(v2_body([1, 1, 28, 28], [0.5] * 784)),
+     "outputs": [{"name": "logits"}, {"name": "label"}, {"name": "logits"}]}), JSON_TYPE, 400,
+     "output 'logits' is asked for more than once"),
 ]  # fmt: skip
 
 

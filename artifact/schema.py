@@ -3,6 +3,8 @@ calibration job and validated by the service. No torch, nothing pickled.
 
 Schema 2 spells the threshold rule as typed fields (`ThresholdRuleSpec`); schema 1 spelled it
 as one string. Version-1 records are still read: `CalibrationRecord` upgrades them on validation.
+Fields added within version 2 are optional with a default that means "not recorded", so records
+written before them still validate.
 """
 
 from __future__ import annotations
@@ -121,6 +123,22 @@ class DataSource(_Frozen):
     split: Literal["train", "test"]
     size: int = Field(gt=0)
     seed: int | None = None
+    data_dir: str | None = Field(
+        default=None, description="`--data-dir` as given (absent: not given, or older records)"
+    )
+
+
+class ModelSource(_Frozen):
+    """How the job loaded the model and fed it: `--model` and `--weights` as given, and the
+    input the model itself expects (`--input-range`, then `(x − mean) / std`), which the served
+    graph computes inside; the graph takes [0, 1] (the record's `input_range`). A `--traffic`
+    check and `--refit` reuse them. Absent in records written before issue 17."""
+
+    model: str = Field(min_length=1)
+    weights: str | None = None
+    input_range: tuple[float, float] = (0.0, 1.0)
+    mean: tuple[float, ...] = (0.0,)
+    std: tuple[float, ...] = (1.0,)
 
 
 class ScoreFigures(_Frozen):
@@ -165,8 +183,9 @@ class PseudoMarginFacts(_Frozen):
     held_out_points: int
     logit_margin_tau: float
     logit_margin_auroc: float
-    pseudo_margin_tau: float
-    pseudo_margin_auroc: float
+    # None since issue 17: no MLP was fitted (too few training points; `choice.reason` says so)
+    pseudo_margin_tau: float | None = None
+    pseudo_margin_auroc: float | None = None
     chosen: bool
     guard_scale: float | None = Field(
         default=None,
@@ -226,6 +245,9 @@ class CalibrationRecord(_Frozen):
     )
     live_curve: Curve = Field(description="g(s) = P(correct and robust | score = s)")
     pseudo_margin: PseudoMarginFacts | None = None
+    model_source: ModelSource | None = Field(
+        default=None, description="the model and its input normalisation (absent: older records)"
+    )
     created_at: str
     duration_s: float = Field(ge=0)
     software: dict[str, str] = Field(default_factory=dict)

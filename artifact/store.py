@@ -121,7 +121,7 @@ def new_version_id(store: Path, model: str, *, clock: Callable[[], float] = time
     model's lock, so concurrent runs cannot pick the same id."""
     seconds = clock()
     whole = int(seconds)
-    millis = min(int(round((seconds - whole) * 1000)), 999)
+    millis = min(round((seconds - whole) * 1000), 999)
     stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(whole)) + f".{millis:03d}Z"
     folder = store / model
     candidate, counter = stamp, 1

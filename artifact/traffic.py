@@ -126,25 +126,52 @@ def read_shard(path: Path) -> TrafficShard:
         raise TrafficError(f"{path} is not a readable traffic shard: {error}") from error
 
 
+def _visible(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+
+
+def _day_shards(day: Path) -> list[Path]:
+    """The complete shards of one day folder, by name (the first sample's time first)."""
+    return [p for p in _visible(day) if p.suffix == SHARD_SUFFIX and p.is_file()]
+
+
+def _days(root: Path, model: str) -> list[Path]:
+    base = root / model
+    return [p for p in _visible(base) if p.is_dir()] if base.is_dir() else []
+
+
 def list_shards(root: Path, model: str, since: float | None = None) -> list[Path]:
     """Complete shards of `model`, oldest first; with `since`, only day folders that can hold
     samples served at or after it (filter the samples by their `times` when reading)."""
-    base = root / model
-    if not base.is_dir():
-        return []
     first_day = _utc(since).strftime("%Y-%m-%d") if since is not None else ""
-    shards: list[Path] = []
-    for day in sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        if day.name < first_day:
-            continue
-        shards.extend(
-            sorted(
-                p
-                for p in day.iterdir()
-                if p.suffix == SHARD_SUFFIX and not p.name.startswith(".") and p.is_file()
-            )
-        )
-    return shards
+    days = [day for day in _days(root, model) if day.name >= first_day]
+    return [shard for day in days for shard in _day_shards(day)]
+
+
+def traffic_models(root: Path) -> list[str]:
+    """The models with at least one complete shard under `root`, by name."""
+    if not root.is_dir():
+        return []
+    return [
+        folder.name
+        for folder in _visible(root)
+        if folder.is_dir() and any(_day_shards(day) for day in _days(root, folder.name))
+    ]
+
+
+def newest_sample(root: Path, model: str) -> float | None:
+    """When the newest readable sample of `model` was served (None: no readable shard). Reads
+    only the newest day folder that holds a readable shard: for messages, not for the check."""
+    for day in reversed(_days(root, model)):
+        times = []
+        for path in _day_shards(day):
+            try:
+                times.append(float(read_shard(path).times.max()))
+            except TrafficError:
+                continue
+        if times:
+            return max(times)
+    return None
 
 
 def day_bytes(root: Path, model: str, seconds: float) -> int:

@@ -8,13 +8,16 @@ Exit codes: 0 published (or shard done, or `--preflight-only` passed, or the tra
 published), 1 verification failed, 2 bad input (every preflight check, and every traffic-check
 problem found before the attacks: no traffic, none since --since, every shard broken, another
 model than the served one; one line, before any attack), 3 another run of the same model holds
-the lock. Meant for cron: idempotent, lock-protected, safe to kill.
+the lock. With --traffic DIR and neither --model nor --name, every model with traffic in DIR
+that the store serves is checked in turn, and the exit code is the highest of theirs. Meant for
+cron: idempotent, lock-protected, safe to kill.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import functools
 import json
 import os
 import sys
@@ -176,19 +179,28 @@ def _summary(record: CalibrationRecord) -> str:
         )
     if record.pseudo_margin is not None:
         facts = record.pseudo_margin
-        lines.append(
-            f"pseudo-margin    τ {facts.logit_margin_tau:.3f} → {facts.pseudo_margin_tau:.3f}, "
-            f"AUROC {facts.logit_margin_auroc:.3f} → {facts.pseudo_margin_auroc:.3f} "
-            f"({'chosen' if facts.chosen else 'not chosen'})"
-        )
+        if facts.pseudo_margin_tau is not None and facts.pseudo_margin_auroc is not None:
+            lines.append(
+                f"pseudo-margin    τ {facts.logit_margin_tau:.3f} → {facts.pseudo_margin_tau:.3f}"
+                f", AUROC {facts.logit_margin_auroc:.3f} → {facts.pseudo_margin_auroc:.3f} "
+                f"({'chosen' if facts.chosen else 'not chosen'})"
+            )
         if facts.choice is not None:
             lines.append(f"score choice     {facts.choice.chosen}: {facts.choice.reason}")
     return "\n".join(lines)
 
 
-def _announce(report: PreflightReport) -> None:
+def _announce(report: PreflightReport, *, notes: bool = True) -> None:
     # stderr, at once: the attacks that follow take minutes, and stdout is the result's
+    if notes:
+        _notes(report)
     print(report.summary(), file=sys.stderr, flush=True)
+
+
+def _notes(report: PreflightReport) -> None:
+    """What the run chose that its settings did not say (all of a small dataset, say)."""
+    for note in report.notes:
+        _note(note)
 
 
 def _warn(message: str) -> None:
@@ -234,24 +246,47 @@ def main(argv: Sequence[str] | None = None) -> int:
         config, as_json = load_config(argv)
     except ConfigError as error:
         return _bad_input(error)
+    if config.traffic is None:
+        return _run(config, as_json)
     # Imported here, not at the top, so that `--help` answers without loading torch.
+    from marginwatch.calibration.served_setup import models_to_check
+
+    try:
+        configs = models_to_check(config, _warn, as_json=as_json)
+    except ConfigError as error:
+        return _bad_input(error)
+    # Without --model, each model with traffic in DIR in turn; the exit code is the worst.
+    several = len(configs) > 1
+    return max(
+        [_run(each, as_json, each.resolved_model_name if several else "") for each in configs]
+    )
+
+
+def _note(message: str) -> None:
+    print(f"{PROG}: note: {message}", file=sys.stderr, flush=True)
+
+
+def _run(config: CalibrationConfig, as_json: bool, model: str = "") -> int:
+    """One calibration, or one model's traffic check; its exit code. Errors name `model`."""
     from marginwatch.calibration.job import CalibrationError, run
     from marginwatch.calibration.traffic_check import TrafficResult, run_traffic
 
-    announce = None if as_json else _announce
+    announce = None if as_json else functools.partial(_announce, notes=not config.quiet)
+    prefix = f"{PROG}: {model}: " if model else f"{PROG}: "
     result: RunResult | TrafficResult
     try:
         if config.traffic is not None:
-            result = run_traffic(config, _warn, announce)
+            result = run_traffic(config, _warn, announce, None if config.quiet else _note)
         else:
             result = run(config, on_preflight=announce)
     except ConfigError as error:
-        return _bad_input(error)
+        print(f"{prefix}{error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     except store.StoreBusy as error:
-        print(f"{PROG}: {error}; try again later", file=sys.stderr)
+        print(f"{prefix}{error}; try again later", file=sys.stderr)
         return EXIT_BUSY
     except (CalibrationError, store.ArtifactError, OSError) as error:
-        print(f"{PROG}: failed, store unchanged: {error}", file=sys.stderr)
+        print(f"{prefix}failed, store unchanged: {error}", file=sys.stderr)
         return EXIT_FAILED
     if isinstance(result, TrafficResult):
         _print_traffic_result(result, config, as_json)
@@ -278,6 +313,8 @@ def _print_traffic_result(result: TrafficResult, config: CalibrationConfig, as_j
 
 def _print_result(result: RunResult, config: CalibrationConfig, as_json: bool) -> None:
     if config.preflight_only:
+        if not config.quiet:
+            _notes(result.preflight)
         print(result.preflight.summary())
     elif result.record is None:
         print(f"shard {result.shard_done} of {config.num_shards} done")

@@ -38,6 +38,9 @@ DEFAULT_STEPS = 100  # per attack, as in the paper
 DEFAULT_ATTACKS: dict[str, tuple[str, ...]] = {"linf": ("fmn", "fab-top3"), "l2": ("fmn", "ddn")}
 NORM_VALUES: dict[str, float] = {"linf": math.inf, "l2": 2.0}
 PseudoMarginMode = Literal["auto", "always", "never"]
+MIN_PSEUDO_TRAIN_POINTS = 50
+"""Attacked training points (outside the subset) that a pseudo-margin needs: with fewer, a
+regressor on 128 features learns noise, and the held-out comparison cannot tell."""
 
 # `--help` groups: each starts at the field named here and runs, in field order, to the next.
 HELP_GROUPS: dict[str, str] = {
@@ -143,7 +146,10 @@ class CalibrationConfig(BaseSettings):
         default=(1.0,), description=_STD_HELP, json_schema_extra={"metavar": "S[,S,...]"}
     )
     dataset: str = Field(
-        default="fashion-mnist", min_length=1, description=f"{', '.join(DATASETS)}, or an .npz path"
+        default="fashion-mnist",
+        min_length=1,
+        description=f"{', '.join(DATASETS)}, an .npz path, or an image folder (one sub-folder "
+        "of PNG/JPEG/WebP files per class, or train/ and test/ of them)",
     )
     data_dir: Path | None = Field(
         default=None,
@@ -158,6 +164,19 @@ class CalibrationConfig(BaseSettings):
             "split to calibrate on; its full size is the large set of the robust-accuracy estimate"
         ),
     )
+    # NoDecode: the variable is comma-separated, like the flag (`Ankle boot,Bag,Coat`).
+    class_names: Annotated[tuple[str, ...], NoDecode] = Field(
+        default=(),
+        description=(
+            "the model's classes in label order (label i is the class named i-th), served as "
+            "the class names: an image folder's class folders, every one named (default: "
+            "sorted by name); an .npz's names when it has none; or a dataset's own names "
+            "reordered. Preflight refuses a subset whose labels look permuted and prints the "
+            "likely order"
+        ),
+        json_schema_extra={"metavar": "NAME,NAME,..."},
+    )
+    # Not given and more than the data holds: all of it, with a note (`inputs.subset_size`).
     subset_size: int = Field(default=500, ge=2, description="points to attack")
     seed: int = Field(
         default_factory=lambda: secrets.randbelow(2**31),
@@ -211,7 +230,10 @@ class CalibrationConfig(BaseSettings):
         description=(
             "auto: learn a pseudo-margin and serve it, guarded by the logit margin, where it "
             "measures better than the free logit margin on the subset (τ, AUROC, estimate "
-            "spread, boundary recall; the record says why); always: serve it; never: learn none"
+            "spread, boundary recall; the record says why); always: serve it; never: learn none. "
+            f"It needs {MIN_PSEUDO_TRAIN_POINTS} attacked training points (the train split's, "
+            "else the split's points outside the subset): with fewer, auto serves the logit "
+            "margin (the record says why) and always is refused"
         ),
     )
     pseudo_train_size: int = Field(
@@ -277,7 +299,10 @@ class CalibrationConfig(BaseSettings):
             "check the served version on sampled traffic in this folder (the service's "
             "MARGINWATCH_TRAFFIC_DIR) instead of calibrating: attack a random sample against the "
             "served labels and publish traffic-check.json and a report section beside it, "
-            "without changing what is served"
+            "without changing what is served. Without --model or --name: each model with "
+            "traffic here that the store serves, in turn. The served version's dataset, split, "
+            "class names, model, normalisation and threat model are reused where no flag gives "
+            "them (one line says which)"
         ),
         json_schema_extra={"metavar": "DIR"},
     )
@@ -292,8 +317,9 @@ class CalibrationConfig(BaseSettings):
     refit: bool = Field(
         default=False,
         description=(
-            "with --traffic: after the check, publish a new version (fresh labelled subset, "
-            "verified as usual) whose λ, and pseudo-margin if one is learned, are fitted on the "
+            "with --traffic: after the check, publish a new version (fresh labelled subset of "
+            "the served version's data unless --dataset is given, verified as usual) whose λ, "
+            "and pseudo-margin if one is learned, are fitted on the "
             "traffic points plus the subset; the estimators stay the subset's (they need labels)"
         ),
     )
@@ -336,6 +362,26 @@ class CalibrationConfig(BaseSettings):
             shown = ",".join(map(str, value))
             raise ConfigError(f"input range takes two numbers, LOW,HIGH; got {shown}")
         return value
+
+    @field_validator("class_names", mode="before")
+    @classmethod
+    def _split_names(cls, value: object) -> object:
+        # The variable's string, or the flag's list (repeatable); empty parts kept, to refuse.
+        if isinstance(value, str):
+            value = [value]
+        if isinstance(value, list):
+            value = tuple(part.strip() for item in value for part in str(item).split(","))
+        return value
+
+    @field_validator("class_names")
+    @classmethod
+    def _names_distinct(cls, names: tuple[str, ...]) -> tuple[str, ...]:
+        if "" in names:
+            raise ConfigError(f"class names must not be empty, got {','.join(names)!r}")
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ConfigError(f"each class is named once; repeated: {', '.join(repeated)}")
+        return names
 
     @field_validator("version")
     @classmethod

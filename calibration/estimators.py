@@ -36,6 +36,7 @@ import numpy as np
 from scipy.optimize import isotonic_regression
 
 from marginwatch.artifact.schema import Curve, EstimateMethod, RobustAccuracyEstimate
+from marginwatch.calibration.progress import Advance, ignore
 
 __all__ = [
     "IsotonicCurve",
@@ -208,6 +209,7 @@ def _bootstrap_count(
     rule: Callable[[np.ndarray, np.ndarray], float],
     draws: int,
     rng: np.random.Generator,
+    advance: Advance,
 ) -> np.ndarray:
     """Count estimates over ``draws`` joint resamples of the subset (refitting λ) and big set.
 
@@ -216,7 +218,10 @@ def _bootstrap_count(
     """
     n = sub_s.size
     idx = rng.integers(0, n, size=(draws, n))
-    lams = np.array([rule(sub_s[i], sub_nonrobust[i]) for i in idx])
+    lams = np.empty(draws)
+    for b, i in enumerate(idx):
+        lams[b] = rule(sub_s[i], sub_nonrobust[i])
+        advance(1)
     sorted_c = np.sort(big_correct_scores)
     p = (sorted_c.size - np.searchsorted(sorted_c, lams, side="left")) / n_big
     return rng.binomial(n_big, p) / n_big
@@ -231,6 +236,7 @@ def _bootstrap_regression(
     n_big: int,
     draws: int,
     rng: np.random.Generator,
+    advance: Advance,
 ) -> np.ndarray:
     """Regression estimates over ``draws`` joint resamples of the subset (refitting r) and big set.
 
@@ -253,6 +259,7 @@ def _bootstrap_regression(
         curve = fit_isotonic_curve(sub_s[i], sub_robust[i])
         j = rng.integers(0, n_c, size=rng.binomial(n_big, n_c / n_big))
         out[b] = np.sum(curve(big_correct_scores[j])) / n_big
+        advance(1)
     return out
 
 
@@ -268,6 +275,7 @@ def estimate_robust_accuracy(
     bootstrap: int = 1000,
     seed: int = 0,
     confidence: float = 0.95,
+    advance: Advance = ignore,
 ) -> RobustAccuracyEstimate:
     """Robust accuracy of the big set with a percentile-bootstrap confidence interval.
 
@@ -277,6 +285,7 @@ def estimate_robust_accuracy(
     anyway so that switching methods never changes which rule an artifact records.
     Each bootstrap draw resamples the attacked subset and refits λ or r (the dominant source of
     variance), and resamples the big set. ``bootstrap=0`` skips the interval (no bounds).
+    ``advance`` hears of each resample done (a progress bar's; see `calibration.progress`).
     """
     sub_s = _floats("subset_scores", subset_scores)
     sub_c = _bools("subset_correct", subset_correct, sub_s.size)
@@ -298,11 +307,19 @@ def estimate_robust_accuracy(
             rule=threshold_rule,
             draws=bootstrap,
             rng=rng,
+            advance=advance,
         )
     elif method == "regression":
         point = regression_estimate(big_c, big_s, fit_robust_curve(sub_s, sub_c, sub_r))
         draws = _bootstrap_regression(
-            sub_s, sub_c, sub_r, big_s[big_c], n_big=big_s.size, draws=bootstrap, rng=rng
+            sub_s,
+            sub_c,
+            sub_r,
+            big_s[big_c],
+            n_big=big_s.size,
+            draws=bootstrap,
+            rng=rng,
+            advance=advance,
         )
     else:
         raise ValueError(f"method must be 'count' or 'regression', got {method!r}")

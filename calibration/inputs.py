@@ -17,7 +17,7 @@ import torch
 from marginwatch.calibration.config import CalibrationConfig, ConfigError
 from marginwatch.calibration.scores import logit_margin
 from marginwatch.models.architectures import Normalized, SplitClassifier
-from marginwatch.models.data import DataError, Dataset, load_dataset
+from marginwatch.models.data import DataError, Dataset, has_train_split, load_dataset
 from marginwatch.models.registry import ModelError, image_shape, load_model
 
 
@@ -26,6 +26,15 @@ class Inputs:
     model: SplitClassifier
     data: Dataset
     train_data: Dataset | None  # None: draw pseudo-margin training points from `data`
+    subset_size: int  # --subset-size, or every point of `data` when it holds fewer by default
+
+    @property
+    def pseudo_pool(self) -> int:
+        """The points the pseudo-margin's training points are drawn from: the train split's,
+        else those of `data` outside the subset."""
+        if self.train_data is not None:
+            return len(self.train_data)
+        return len(self.data) - self.subset_size
 
 
 @dataclass(frozen=True)
@@ -83,24 +92,41 @@ def load_model_shaped(
 
 
 def load_inputs(config: CalibrationConfig) -> Inputs:
-    """Data and model, with shapes checked against each other; `ConfigError` on any problem."""
+    """Data (in `--class-names`' order) and model, with shapes checked against each other, and
+    the subset's size; `ConfigError` on any problem."""
+    names = config.class_names or None
     try:
-        data = load_dataset(config.dataset, config.split, config.data_dir)
+        data = load_dataset(config.dataset, config.split, config.data_dir, class_names=names)
     except DataError as error:
         raise ConfigError(str(error)) from error
     model = load_model_for(config, data)
-    if config.subset_size > len(data):
-        raise ConfigError(
-            f"subset of {config.subset_size} asked for, but {config.dataset}:{config.split} "
-            f"has only {len(data)} images"
-        )
     train_data = None
-    if config.split == "test" and config.pseudo_margin != "never":
+    if (
+        config.split == "test"
+        and config.pseudo_margin != "never"
+        and has_train_split(config.dataset)
+    ):
         try:
-            train_data = load_dataset(config.dataset, "train", config.data_dir)
+            train_data = load_dataset(config.dataset, "train", config.data_dir, class_names=names)
         except DataError:
             train_data = None  # single-split sources: use the points outside the subset
-    return Inputs(model.to(config.torch_device), data, train_data)
+    size = subset_size(config, len(data))
+    return Inputs(model.to(config.torch_device), data, train_data, size)
+
+
+def subset_size(config: CalibrationConfig, available: int) -> int:
+    """`--subset-size`, which the data must hold; by default 500, or every point when fewer."""
+    source = f"{config.dataset}:{config.split}"
+    if available < 2:
+        raise ConfigError(f"{source} has {available} image(s); calibration needs at least 2")
+    if config.subset_size <= available:
+        return config.subset_size
+    if "subset_size" in config.model_fields_set:
+        raise ConfigError(
+            f"--subset-size {config.subset_size} asked for, but {source} has only {available} "
+            f"images: give --subset-size {available} or less, or leave it out to attack them all"
+        )
+    return available
 
 
 @torch.no_grad()

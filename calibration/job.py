@@ -25,11 +25,15 @@ from marginwatch.artifact.schema import (
     ONNX_FILE,
     REPORT_FILE,
     CalibrationRecord,
-    DataSource,
     PseudoMarginFacts,
 )
 from marginwatch.calibration import margin_cache, score_choice
-from marginwatch.calibration.config import CalibrationConfig, CalibrationError, ConfigError
+from marginwatch.calibration.config import (
+    MIN_PSEUDO_TRAIN_POINTS,
+    CalibrationConfig,
+    CalibrationError,
+    ConfigError,
+)
 from marginwatch.calibration.inputs import Inputs, Outputs, forward_all, subset_indices
 from marginwatch.calibration.margins import MarginResult
 from marginwatch.calibration.preflight import PreflightReport, run_preflight
@@ -37,6 +41,7 @@ from marginwatch.calibration.pseudo_margin import path_training_points
 from marginwatch.calibration.record import (
     attack_budgets,
     build_record,
+    data_source,
     report_data,
     with_refit_facts,
 )
@@ -65,9 +70,11 @@ def margins_for(
     labels: np.ndarray,
     data_id: str,
     indices: np.ndarray,
+    phase: str = "input margins",
 ) -> tuple[Path, int]:
     """The cache folder of the margins of `images` (the points `indices` of `data_id`, which
-    name them in the cache key); attacks the chunks that are missing, or this shard's."""
+    name them in the cache key); attacks the chunks that are missing, or this shard's, under one
+    progress bar named `phase`."""
     key = margin_cache.cache_key(
         margin_cache.state_dict_sha256(model), data_id, indices, config.attack_plan
     )
@@ -89,6 +96,7 @@ def margins_for(
         chunks=chunks,
         batch_size=config.attack_batch_size,
         progress=config.progress,
+        phase=phase,
     )
     return folder, size
 
@@ -126,6 +134,7 @@ def pseudo_margin_training(
         labels=outputs.labels,
         data_id=f"{config.dataset}:{tag}:pseudo",
         indices=chosen,
+        phase="training-point margins",
     )
     if config.shard is not None:
         return None
@@ -160,6 +169,17 @@ def choose_score(
     `everything` the model's outputs on them."""
     if config.pseudo_margin == "never":
         return ServingGraph(inputs.model), None
+    train_points = score_choice.pseudo_train_points(config, inputs)
+    if train_points < MIN_PSEUDO_TRAIN_POINTS:  # small data: attack none, say why in the record
+        facts = score_choice.without_pseudo_margin(
+            config,
+            train_points=train_points,
+            labels=inputs.data.labels,
+            subset=subset_indices_,
+            margins=margins,
+            everything=everything,
+        )
+        return ServingGraph(inputs.model), facts
     training = pseudo_margin_training(config, inputs, subset_indices_, traffic)
     if training is None:
         raise CalibrationError("pseudo-margin training points are not attacked")
@@ -222,7 +242,7 @@ def run(
         return RunResult(None, None, preflight)
     images = inputs.data.float_images
     everything = forward_all(inputs.model, images, config.torch_device)
-    subset = subset_indices(config.subset_size, len(inputs.data), config.seed)
+    subset = subset_indices(inputs.subset_size, len(inputs.data), config.seed)
     attack = functools.partial(
         margins_for,
         config,
@@ -231,12 +251,16 @@ def run(
         labels=everything.labels[subset],
         data_id=f"{config.dataset}:{config.split}",
         indices=subset,
+        phase="subset margins",
     )
     if config.shard is not None:
         # Shards write disjoint chunk files atomically: no lock needed. They also attack their
         # part of the pseudo-margin's training points, which `--merge` may need.
         attack()
-        if config.pseudo_margin != "never":
+        if (
+            config.pseudo_margin != "never"
+            and score_choice.pseudo_train_points(config, inputs) >= MIN_PSEUDO_TRAIN_POINTS
+        ):
             pseudo_margin_training(config, inputs, subset)
         return RunResult(None, None, preflight, shard_done=config.shard)
     name = config.resolved_model_name
@@ -309,10 +333,8 @@ def finish_version(
         guard_band=guard_band,
         pseudo_facts=pseudo_facts,
         attacks=attack_budgets(config, margins),
-        subset_source=DataSource(
-            dataset=config.dataset, split=config.split, size=len(subset), seed=config.seed
-        ),
-        big_source=DataSource(dataset=config.dataset, split=config.split, size=len(images)),
+        subset_source=data_source(config, len(subset), seed=config.seed),
+        big_source=data_source(config, len(images)),
         duration_s=time.monotonic() - started,
         software=software_versions(),
         threshold_points=threshold_points,

@@ -31,6 +31,7 @@ import torch
 
 from marginwatch.calibration.attacks import ATTACKS
 from marginwatch.calibration.margins import MarginResult, input_margins
+from marginwatch.calibration.progress import phase as progress_phase
 
 CHUNK_SIZE = 50
 CACHE_FORMAT = 2
@@ -112,6 +113,11 @@ def _save_chunk(folder: Path, index: int, result: MarginResult, plan: AttackPlan
     temporary.replace(final)
 
 
+def chunk_points(size: int, index: int) -> int:
+    """How many of `size` points chunk `index` holds (the last one may hold fewer)."""
+    return max(0, min(CHUNK_SIZE, size - index * CHUNK_SIZE))
+
+
 def compute_chunks(
     folder: Path,
     model: torch.nn.Module,
@@ -122,22 +128,31 @@ def compute_chunks(
     chunks: Sequence[int],
     batch_size: int,
     progress: bool,
+    phase: str = "input margins",
 ) -> None:
-    """Attack the given chunks that are not cached yet, saving each as soon as it is done."""
-    for index in chunks:
-        if (folder / f"chunk-{index:05d}.npz").exists():
-            continue
-        part = slice(index * CHUNK_SIZE, (index + 1) * CHUNK_SIZE)
-        result = input_margins(
-            model,
-            inputs[part],
-            labels[part],
-            norm=plan.norm,
-            attacks=plan.functions(),
-            batch_size=batch_size,
-            progress=progress,
-        )
-        _save_chunk(folder, index, result, plan)
+    """Attack the given chunks that are not cached yet, saving each as soon as it is done.
+
+    With `progress`, one bar named `phase` counts the points of all these chunks through every
+    attack (cached chunks count as done from the start), not one bar per chunk."""
+    cached = {index for index in chunks if (folder / f"chunk-{index:05d}.npz").exists()}
+    total = sum(chunk_points(len(inputs), index) for index in chunks)
+    done = sum(chunk_points(len(inputs), index) for index in cached)
+    with progress_phase(phase, total, enabled=progress, done=done) as advance:
+        for index in chunks:
+            if index in cached:
+                continue
+            part = slice(index * CHUNK_SIZE, (index + 1) * CHUNK_SIZE)
+            result = input_margins(
+                model,
+                inputs[part],
+                labels[part],
+                norm=plan.norm,
+                attacks=plan.functions(),
+                batch_size=batch_size,
+                progress=False,
+                advance=advance,
+            )
+            _save_chunk(folder, index, result, plan)
 
 
 def load_chunks(folder: Path, size: int, plan: AttackPlan) -> MarginResult:

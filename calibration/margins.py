@@ -24,7 +24,6 @@ from types import MappingProxyType
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from marginwatch.calibration.attacks._common import (
     KNOWN_NORMS,
@@ -34,6 +33,7 @@ from marginwatch.calibration.attacks._common import (
     perturbation_norm,
     worst_norm,
 )
+from marginwatch.calibration.progress import Advance, phase
 
 __all__ = ["MarginResult", "attack_name", "input_margins", "perturbation_norm", "predicted_labels"]
 
@@ -158,6 +158,7 @@ def input_margins(
     attacks: Sequence[Callable[..., torch.Tensor]],
     batch_size: int = 64,
     progress: bool = True,
+    advance: Advance | None = None,
 ) -> MarginResult:
     """Per-sample minimum over `attacks` of the confirmed adversarial norm.
 
@@ -165,6 +166,10 @@ def input_margins(
     other options with `functools.partial`. `labels` should be `predicted_labels(model, inputs)`
     (a sample whose label the model already disagrees with gets radius 0). The model must be in
     eval mode; this function never changes its mode.
+
+    Progress counts points, each once every attack is done with its batch: with `progress`, on
+    a bar of its own; with `advance`, on the caller's (a bar spanning several calls, say the
+    margin cache's chunks), and no bar here.
     """
     check_norm(norm, KNOWN_NORMS, "input_margins")
     check_inputs(inputs, labels)
@@ -174,23 +179,17 @@ def input_margins(
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     if isinstance(model, torch.nn.Module) and model.training:
         raise ValueError("the model must be in eval mode (call model.eval())")
-    names = _unique_names(attacks)
-    radii: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+    named = dict(zip(_unique_names(attacks), attacks, strict=True))
+    radii: dict[str, list[torch.Tensor]] = {name: [] for name in named}
     best_inputs: list[torch.Tensor] = []
-    starts = range(0, len(inputs), batch_size)
-    for start in tqdm(starts, desc="input margins", unit="batch", disable=not progress):
-        batch, batch_labels = inputs[start : start + batch_size], labels[start : start + batch_size]
-        # the clean input stands where every attack fails; `success` says which those are
-        best = batch.detach().float().clone()
-        best_radius = torch.full((len(batch),), math.inf, dtype=torch.float64, device=batch.device)
-        for name, attack in zip(names, attacks, strict=True):
-            adv = attack(model, batch, batch_labels, norm=norm).detach()
-            radius = confirmed_radius(model, batch, adv, batch_labels, norm)
-            radii[name].append(radius)
-            closer = radius < best_radius
-            best[closer] = adv[closer].float()
-            best_radius = torch.minimum(best_radius, radius)
-        best_inputs.append(best.cpu())
+    with phase("input margins", len(inputs), enabled=progress and advance is None) as own:
+        for start in range(0, len(inputs), batch_size):
+            part = slice(start, start + batch_size)
+            best = _attack_batch(
+                model, inputs[part], labels[part], norm=norm, attacks=named, radii=radii
+            )
+            best_inputs.append(best)
+            (advance or own)(len(best))
     per_attack = {name: _to_numpy(parts) for name, parts in radii.items()}
     radius = np.min(np.stack(list(per_attack.values())), axis=0)
     return MarginResult(
@@ -201,6 +200,30 @@ def input_margins(
         norm=float(norm),
         adv_inputs=torch.cat(best_inputs).numpy() if best_inputs else inputs.float().cpu().numpy(),
     )
+
+
+def _attack_batch(
+    model: Model,
+    batch: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    norm: float,
+    attacks: Mapping[str, Callable[..., torch.Tensor]],
+    radii: dict[str, list[torch.Tensor]],
+) -> torch.Tensor:
+    """Run every attack on one batch, appending each one's confirmed radii to `radii`; returns
+    the closest confirmed adversarial input per point (on the CPU)."""
+    # the clean input stands where every attack fails; `success` says which those are
+    best = batch.detach().float().clone()
+    best_radius = torch.full((len(batch),), math.inf, dtype=torch.float64, device=batch.device)
+    for name, attack in attacks.items():
+        adv = attack(model, batch, labels, norm=norm).detach()
+        radius = confirmed_radius(model, batch, adv, labels, norm)
+        radii[name].append(radius)
+        closer = radius < best_radius
+        best[closer] = adv[closer].float()
+        best_radius = torch.minimum(best_radius, radius)
+    return best.cpu()
 
 
 def _to_numpy(parts: list[torch.Tensor]) -> np.ndarray:

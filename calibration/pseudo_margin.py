@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from marginwatch.calibration.estimators import NotFittedError
 from marginwatch.calibration.metrics import kendall_tau
+from marginwatch.calibration.progress import Advance, ignore, phase
 from marginwatch.calibration.scores import PseudoMarginHead
 
 PATH_STEPS = (0.5, 0.75, 0.9, 1.0)
@@ -52,8 +53,10 @@ def train_head(
     epochs: int,
     learning_rate: float,
     weight_decay: float,
+    advance: Advance = ignore,
 ) -> list[float]:
-    """Full-batch Adam on MSE; the data is small (hundreds to thousands of points)."""
+    """Full-batch Adam on MSE; the data is small (hundreds to thousands of points). `advance`
+    hears of each epoch done."""
     head.input_mean.copy_(inputs.mean(0))
     head.input_std.copy_(inputs.std(0).clamp_min(1e-6))
     optimizer = torch.optim.Adam(head.parameters(), lr=learning_rate, weight_decay=weight_decay)
@@ -65,6 +68,7 @@ def train_head(
         loss.backward()
         optimizer.step()
         losses.append(float(loss.detach()))
+        advance(1)
     head.eval()
     head.fold_standardization()
     return losses
@@ -73,7 +77,8 @@ def train_head(
 @dataclass(kw_only=True, eq=False)
 class PseudoMarginRegressor:
     """scikit-learn-shaped: `fit(features, radius)`, `predict(features)`, `score(...)` (τ); the
-    fields are the hyperparameters, `fit` sets `head_` and `losses_`."""
+    fields are the hyperparameters (and `verbose`: a progress bar of the epochs, on stderr),
+    `fit` sets `head_` and `losses_`."""
 
     hidden: int = 64
     layers: int = 2
@@ -81,18 +86,22 @@ class PseudoMarginRegressor:
     learning_rate: float = 1e-3
     weight_decay: float = 1e-4
     seed: int = 0
+    verbose: bool = False
 
     def fit(self, features: np.ndarray, radius: np.ndarray) -> PseudoMarginRegressor:
         torch.manual_seed(self.seed)
         head = PseudoMarginHead(features.shape[1], self.hidden, self.layers)
-        self.losses_ = train_head(
-            head,
-            torch.as_tensor(features, dtype=torch.float32),
-            torch.from_numpy(regression_targets(radius)),
-            epochs=self.epochs,
-            learning_rate=self.learning_rate,
-            weight_decay=self.weight_decay,
-        )
+        bar = phase("pseudo-margin training", self.epochs, enabled=self.verbose, unit="epoch")
+        with bar as advance:
+            self.losses_ = train_head(
+                head,
+                torch.as_tensor(features, dtype=torch.float32),
+                torch.from_numpy(regression_targets(radius)),
+                epochs=self.epochs,
+                learning_rate=self.learning_rate,
+                weight_decay=self.weight_decay,
+                advance=advance,
+            )
         self.head_ = head
         return self
 

@@ -11,6 +11,7 @@ from marginwatch.artifact.schema import (
     AttackBudget,
     CalibrationRecord,
     DataSource,
+    ModelSource,
     PseudoMarginFacts,
     RobustAccuracyEstimate,
     ThreatModel,
@@ -20,6 +21,7 @@ from marginwatch.calibration.config import CalibrationConfig
 from marginwatch.calibration.estimators import estimate_robust_accuracy, fit_live_curve
 from marginwatch.calibration.margins import MarginResult
 from marginwatch.calibration.metrics import detection_metrics, kendall_tau, nonrobust_mask
+from marginwatch.calibration.progress import phase
 from marginwatch.calibration.report import ReportData
 from marginwatch.calibration.threshold import ThresholdRule, make_threshold_rule
 
@@ -30,6 +32,26 @@ def threshold_rule_spec(config: CalibrationConfig) -> ThresholdRuleSpec:
     target_tpr = config.target_tpr if config.threshold_rule == "target-tpr" else None
     return ThresholdRuleSpec.model_validate(
         {"name": config.threshold_rule, "target_tpr": target_tpr}
+    )
+
+
+def data_source(config: CalibrationConfig, size: int, seed: int | None = None) -> DataSource:
+    """The configured data (the subset's, with its seed, or the big set's): what `--refit`
+    reuses."""
+    data_dir = None if config.data_dir is None else str(config.data_dir)
+    return DataSource(
+        dataset=config.dataset, split=config.split, size=size, seed=seed, data_dir=data_dir
+    )
+
+
+def model_source(config: CalibrationConfig) -> ModelSource:
+    """The model and its normalisation as configured: what `--traffic` and `--refit` reuse."""
+    return ModelSource(
+        model=config.model,
+        weights=None if config.weights is None else str(config.weights),
+        input_range=config.input_range,
+        mean=config.mean,
+        std=config.std,
     )
 
 
@@ -87,20 +109,24 @@ def build_record(
         extra_nonrobust = nonrobust_mask(extra_margins.radius, extra_margins.success, eps)
         rule = fitted_with_points(rule, extra_scores, extra_nonrobust)
     threshold = rule(subset_scores, nonrobust)
-    estimates = [
-        estimate_robust_accuracy(
-            subset_scores,
-            subset_correct,
-            robust,
-            big_scores,
-            big_correct,
-            threshold_rule=rule,
-            method=method,
-            bootstrap=config.bootstrap,
-            seed=config.seed,
-        )
-        for method in ("count", "regression")
-    ]
+    # one bar over both estimators' resamples
+    bar = phase("bootstrap", 2 * config.bootstrap, enabled=config.progress, unit="resample")
+    with bar as advance:
+        estimates = [
+            estimate_robust_accuracy(
+                subset_scores,
+                subset_correct,
+                robust,
+                big_scores,
+                big_correct,
+                threshold_rule=rule,
+                method=method,
+                bootstrap=config.bootstrap,
+                seed=config.seed,
+                advance=advance,
+            )
+            for method in ("count", "regression")
+        ]
     not_brittle = subset_scores >= threshold
     precision = (subset_correct & robust)[not_brittle].mean() if not_brittle.any() else 0.0
     return CalibrationRecord(
@@ -130,6 +156,7 @@ def build_record(
         precision_not_brittle=float(precision),
         live_curve=fit_live_curve(subset_scores, subset_correct, robust),
         pseudo_margin=pseudo_facts,
+        model_source=model_source(config),
         created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         duration_s=duration_s,
         software=software,
@@ -156,15 +183,6 @@ def report_data(
         "score": record.score_kind,
         f"robust accuracy ({estimate.method})": _estimate_text(estimate, digits=3),
     }
-    summary = {
-        key: (value if isinstance(value, str | int | float) else str(value))
-        for key, value in record.model_dump(
-            mode="json", exclude={"live_curve", "robust_accuracy", "software"}
-        ).items()
-    }
-    summary["threshold_rule"] = str(record.threshold_rule)  # its display form, not a dict
-    for item in record.robust_accuracy_estimates:
-        summary[f"robust accuracy, {item.method}"] = _estimate_text(item, digits=4)
     return ReportData(
         margins=margins.radius,
         success=margins.success,
@@ -173,8 +191,8 @@ def report_data(
         eps=record.threat_model.eps,
         threshold=record.threshold,
         title=f"marginwatch calibration: {record.model_name} {record.version}",
-        summary=summary,
         headline=headline,
+        record=record,  # the report renders its fields for people, not as dict text
     )
 
 

@@ -1,5 +1,9 @@
 """The calibration report: one self-contained HTML page a reviewer can read at a glance.
 
+It opens with a plain-language verdict (`verdict.judge`), then the headline figures, the plots,
+the robust-accuracy estimators and the score choice explained, and every recorded field rendered
+for people (`report_record`, `report_fields`): rounded numbers, UTC dates, small tables.
+
 Plots are inline base64 PNGs and the CSS is inline, so the page can be mailed or served from the
 artifact store as one file with no external fetch. matplotlib is imported inside the plotting
 helpers (the service imports this package without it) and drawn through the object-oriented
@@ -12,19 +16,27 @@ import base64
 import dataclasses
 import html
 import io
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from marginwatch.artifact.schema import CalibrationRecord
 from marginwatch.artifact.traffic import Ratio, TrafficCheck
 from marginwatch.calibration.metrics import (
     detection_metrics,
     kendall_tau,
     nonrobust_mask,
     roc_curve,
+)
+from marginwatch.calibration.report_fields import field_rows, utc_text, value_html
+from marginwatch.calibration.report_record import (
+    details_section,
+    estimators_section,
+    score_section,
+    subtitle,
+    verdict_section,
 )
 from marginwatch.calibration.threshold import flag_rates
 
@@ -38,16 +50,34 @@ Value = str | float | int
 
 _CORRECT, _WRONG = "#1f77b4", "#d62728"
 _CSS = """
-body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
+body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222;line-height:1.4}
 h1{font-size:1.5em;margin-bottom:.2em}
+h2{font-size:1.2em;margin:1.4em 0 .4em}
+.sub{color:#555;margin-top:0}
 .cards{display:flex;flex-wrap:wrap;gap:.6em;margin:1em 0}
 .card{border:1px solid #ccc;border-radius:6px;padding:.5em .9em;background:#f7f7f7}
 .card b{display:block;font-size:1.25em}
 .card span{font-size:.8em;color:#555}
+.verdict{border-left:6px solid;padding:.2em 1em;margin:1em 0;border-radius:4px}
+.verdict h2{margin-top:.4em}
+.verdict ul{padding-left:1.2em;margin:.3em 0}
+.good{border-color:#2e7d32;background:#eef7ee}
+.care{border-color:#e0a000;background:#fff8e1}
+.bad{border-color:#c62828;background:#fdecea}
 .plots{display:flex;flex-wrap:wrap;gap:1em}
-.plots img{width:100%;max-width:540px;border:1px solid #eee}
-table{border-collapse:collapse;margin-top:1em}
-td,th{border:1px solid #ccc;padding:.3em .7em;text-align:left}
+figure{margin:0;max-width:540px}
+figure img{width:100%;border:1px solid #eee}
+figcaption,.note{font-size:.85em;color:#555}
+table{border-collapse:collapse;margin:.6em 0}
+td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left;vertical-align:top}
+th{background:#f4f4f4;font-weight:600}
+table.inner{margin:0;font-size:.92em}
+table.inner th{background:#fafafa;font-weight:500;white-space:nowrap}
+tr.group th{background:#e6ecf3;font-size:1.02em}
+code{font-size:.85em;word-break:break-all}
+table.fields{width:100%}
+table.fields>tbody>tr>th:first-child{width:12em}
+table.fields td.note{width:32%}
 """
 
 
@@ -59,8 +89,10 @@ class ReportData:
     points are non-robust at ``eps`` is decided as everywhere, by ``metrics.nonrobust_mask``);
     ``scores``: detector score (larger = more robust); ``correct``: prediction matches label.
     ``headline``: caller's key facts shown as cards before the computed τ, AUROC, λ and ε
-    (model, version, threat model, estimated robust accuracy with CI, ...); ``summary``: the
-    full table of figures, rendered in insertion order.
+    (model, version, threat model, estimated robust accuracy with CI, ...); ``record``: the
+    calibration record, whose estimators, score choice and fields the report explains (and
+    whose served estimate's interval the verdict weighs); ``summary``: facts the record has no
+    field for, shown after its fields.
     """
 
     margins: np.ndarray
@@ -72,6 +104,7 @@ class ReportData:
     title: str
     summary: Mapping[str, Value] = field(default_factory=dict)
     headline: Mapping[str, Value] = field(default_factory=dict)
+    record: CalibrationRecord | None = None
 
 
 def _fmt(value: Value) -> str:
@@ -187,28 +220,67 @@ def _table(items: Mapping[str, Value]) -> str:
     return f"<table>{rows}</table>"
 
 
+CAPTIONS = (
+    "Each attacked point: its input margin d(x), the distance to the nearest input with another "
+    "label, against its score. A consistent score rises with the margin. Points left of ε are "
+    "non-robust; points below λ are flagged brittle.",
+    "How well a low score finds the non-robust points, over every threshold; the dot is λ.",
+    "Scores of robust and non-robust points: where they overlap around λ, the flag errs.",
+)
+
+
+TRAFFIC_CAPTIONS = (
+    "Each checked traffic point: its input margin against the served score, coloured by the "
+    "flag the service returned. Points left of ε are non-robust against the served label.",
+    CAPTIONS[1],
+    CAPTIONS[2],
+)
+
+
+def _figures(images: tuple[str, str, str], captions: tuple[str, ...] = CAPTIONS) -> str:
+    return "".join(
+        f"<figure>{image}<figcaption>{html.escape(caption)}</figcaption></figure>"
+        for image, caption in zip(images, captions, strict=True)
+    )
+
+
 def render_report(data: ReportData) -> str:
-    """The whole report as one HTML string (title, headline cards, three plots, table)."""
+    """The whole report as one HTML string: title, verdict, headline cards, three plots, and,
+    with a record, the estimators, the score choice and every recorded field."""
     scores = np.asarray(data.scores, dtype=np.float64)
     data = dataclasses.replace(data, scores=scores)
     nonrobust = nonrobust_mask(data.margins, data.success, data.eps)
     det = detection_metrics(nonrobust, scores)
+    tau = kendall_tau(np.asarray(data.margins, dtype=np.float64), scores)
     computed: dict[str, Value] = {
-        "Kendall τ": kendall_tau(np.asarray(data.margins, dtype=np.float64), scores),
+        "Kendall τ": tau,
         "AUROC": det.auroc,
         "λ": float(data.threshold),
         "ε": float(data.eps),
         "attacked points": int(scores.size),
     }
-    plots = (
-        _scatter_plot(data) + _roc_plot(data, nonrobust, det.auroc) + _hist_plot(data, nonrobust)
+    plots = _figures(
+        (
+            _scatter_plot(data),
+            _roc_plot(data, nonrobust, det.auroc),
+            _hist_plot(data, nonrobust),
+        )
     )
+    record = data.record
+    sections = _table(data.summary) if data.summary else ""
+    if record is not None:
+        sections = (
+            estimators_section(record)
+            + score_section(record)
+            + details_section(record, data.summary)
+        )
     title = html.escape(data.title)
     return (
         f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
-        f"<style>{_CSS}</style></head><body><h1>{title}</h1>"
+        f"<style>{_CSS}</style></head><body><h1>{title}</h1>{subtitle(record)}"
+        f"{verdict_section(tau, det.auroc, np.asarray(data.success, dtype=bool), record)}"
         f'<div class="cards">{_cards(data.headline)}{_cards(computed)}</div>'
-        f'<div class="plots">{plots}</div>{_table(data.summary)}</body></html>\n'
+        f'<div class="plots">{plots}</div>{sections}</body></html>\n'
     )
 
 
@@ -266,33 +338,28 @@ def render_traffic_section(data: TrafficReport) -> str:
     )
     nonrobust = nonrobust_mask(plot_data.margins, plot_data.success, plot_data.eps)
     auroc = check.auroc if check.auroc is not None else float("nan")
-    plots = (
-        _scatter_plot(plot_data, ("not flagged", "flagged"))
-        + _roc_plot(plot_data, nonrobust, auroc)
-        + _hist_plot(plot_data, nonrobust)
+    plots = _figures(
+        (
+            _scatter_plot(plot_data, ("not flagged", "flagged")),
+            _roc_plot(plot_data, nonrobust, auroc),
+            _hist_plot(plot_data, nonrobust),
+        ),
+        TRAFFIC_CAPTIONS,
     )
-    table: dict[str, Value] = {
-        key: (value if isinstance(value, str | int | float) else str(value))
-        for key, value in check.model_dump(mode="json", exclude={"nonrobust", "flagged"}).items()
-    }
-    table["traffic_since"] = f"{check.traffic_since:.0f} ({_utc_text(check.traffic_since)})"
-    table["traffic_until"] = f"{check.traffic_until:.0f} ({_utc_text(check.traffic_until)})"
     return (
         f'{SECTION_START}<section id="traffic-check"><h2>Traffic check</h2>'
         f"<p>Served version {html.escape(check.version)}, checked on "
-        f"{check.nonrobust.total} points drawn at random (seed {check.seed}) from the "
-        f"{check.available_points} it served since {_utc_text(check.traffic_since)}, attacked "
+        f"{check.nonrobust.total} points drawn at random (seed {value_html('seed', check.seed)}) "
+        f"from the "
+        f"{check.available_points} it served since {utc_text(check.traffic_since)}, attacked "
         "against the served labels: non-robust is measured without labels, flagged is what "
         "the service returned. The live gauge is the mean of the calibration curve g over "
         "these points; the measured robust fraction (1 − non-robust) bounds the correct and "
         "robust fraction from above.</p>"
         f'<div class="cards">{_cards(cards)}</div><div class="plots">{plots}</div>'
-        f"{_table(table)}</section>{SECTION_END}"
+        f'<h3>Everything recorded</h3><table class="fields">{field_rows(check, notes=True)}'
+        f"</table></section>{SECTION_END}"
     )
-
-
-def _utc_text(seconds: float) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(seconds))
 
 
 def with_section(page: str, section: str) -> str:

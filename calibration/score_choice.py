@@ -17,6 +17,10 @@ estimate's bootstrap interval, and the recall of first-flip points (a fixed-step
 subset's correctly classified points, `boundary_points.first_flip`) at the λ the job fits. The
 learned score costs the MLP on every request and is served only when it buys more than noise:
 see `decide`. Every figure and the reason go into the record (`PseudoMarginFacts.choice`).
+
+With fewer than `MIN_PSEUDO_TRAIN_POINTS` training points (small data: the subset took the split)
+no pseudo-margin is learned: the logit margin is served, and `without_pseudo_margin` records why
+(`--pseudo-margin always` is refused in preflight instead).
 """
 
 from __future__ import annotations
@@ -28,11 +32,12 @@ import torch
 
 from marginwatch.artifact.schema import PseudoMarginFacts, ScoreChoice, ScoreFigures
 from marginwatch.calibration.boundary_points import first_flip
-from marginwatch.calibration.config import CalibrationConfig
+from marginwatch.calibration.config import MIN_PSEUDO_TRAIN_POINTS, CalibrationConfig
 from marginwatch.calibration.estimators import estimate_robust_accuracy
-from marginwatch.calibration.inputs import Outputs, forward_all
+from marginwatch.calibration.inputs import Inputs, Outputs, forward_all
 from marginwatch.calibration.margins import MarginResult
 from marginwatch.calibration.metrics import detection_metrics, kendall_tau, nonrobust_mask
+from marginwatch.calibration.progress import Advance, ignore, phase
 from marginwatch.calibration.pseudo_margin import PseudoMarginRegressor
 from marginwatch.calibration.record import threshold_rule_spec
 from marginwatch.calibration.scores import PseudoMarginHead, ServingGraph
@@ -55,6 +60,8 @@ __all__ = [
     "guard_scale",
     "measure",
     "multiply_adds",
+    "pseudo_train_points",
+    "without_pseudo_margin",
 ]
 
 GUARD_SHARE = 0.25
@@ -121,10 +128,11 @@ def measure(
     rule: ThresholdRule,
     bootstrap: int,
     seed: int,
+    advance: Advance = ignore,
 ) -> ScoreFigures:
     """τ, AUROC and λ on the subset; the regression estimate of the big set's robust accuracy
     with the width of its bootstrap interval (the spread a subset of this size leaves); the
-    boundary recall at λ."""
+    boundary recall at λ. `advance` hears of each bootstrap resample done."""
     threshold = rule(sample.subset, nonrobust)
     estimate = estimate_robust_accuracy(
         sample.subset,
@@ -136,6 +144,7 @@ def measure(
         method="regression",
         bootstrap=bootstrap,
         seed=seed,
+        advance=advance,
     )
     spread = float("nan")
     if estimate.ci_low is not None and estimate.ci_high is not None:
@@ -279,6 +288,7 @@ def choose(
         layers=config.pseudo_layers,
         epochs=config.pseudo_epochs,
         seed=config.seed,
+        verbose=config.progress,
     ).fit(training.features, training.targets)
     share = GUARD_SHARE if training.path_points else GUARD_SHARE_WITHOUT_PATHS
     if everything is None:
@@ -305,19 +315,25 @@ def choose(
         boundary=boundary,
         kappa=kappa,
     )
-    logit, learned = (
-        measure(
-            sample,
-            radius=margins.radius,
-            nonrobust=nonrobust,
-            correct=correct[subset],
-            big_correct=correct,
-            rule=rule,
-            bootstrap=min(config.bootstrap, 300),
-            seed=config.seed,
-        )
-        for sample in samples
+    draws = min(config.bootstrap, 300)
+    bar = phase(
+        "score-choice bootstrap", draws * len(samples), enabled=config.progress, unit="resample"
     )
+    with bar as advance:
+        logit, learned = (
+            measure(
+                sample,
+                radius=margins.radius,
+                nonrobust=nonrobust,
+                correct=correct[subset],
+                big_correct=correct,
+                rule=rule,
+                bootstrap=draws,
+                seed=config.seed,
+                advance=advance,
+            )
+            for sample in samples
+        )
     choice = decide(logit, learned, forced=config.pseudo_margin == "always")
     served = choice.chosen == learned.name
     facts = PseudoMarginFacts(
@@ -340,3 +356,60 @@ def choose(
         return ServingGraph(model), facts
     head = regressor.head_.to(config.torch_device)
     return ServingGraph(model, head, config.pseudo_input, guard_scale=kappa), facts
+
+
+def pseudo_train_points(config: CalibrationConfig, inputs: Inputs) -> int:
+    """The training points the pseudo-margin would be fitted on (`--refit`'s traffic aside)."""
+    return min(config.pseudo_train_size, inputs.pseudo_pool)
+
+
+def without_pseudo_margin(
+    config: CalibrationConfig,
+    *,
+    train_points: int,
+    labels: np.ndarray,
+    subset: np.ndarray,
+    margins: MarginResult,
+    everything: Outputs,
+) -> PseudoMarginFacts:
+    """The facts of a run with too few training points (`train_points`, below
+    MIN_PSEUDO_TRAIN_POINTS) to learn a pseudo-margin: the logit margin measured as `choose`
+    measures it, and the reason it is served."""
+    correct = everything.labels == labels
+    nonrobust = nonrobust_mask(margins.radius, margins.success, config.resolved_eps)
+    sample = ScoreSample("logit-margin", everything.scores[subset], everything.scores, None, 0)
+    logit = measure(
+        sample,
+        radius=margins.radius,
+        nonrobust=nonrobust,
+        correct=correct[subset],
+        big_correct=correct,
+        rule=make_threshold_rule(threshold_rule_spec(config)),
+        bootstrap=min(config.bootstrap, 300),
+        seed=config.seed,
+    )
+    reason = (
+        f"no pseudo-margin learned: {train_points} training points, fewer than the "
+        f"{MIN_PSEUDO_TRAIN_POINTS} it needs (the train split's, else the split's points "
+        "outside the subset); the free logit margin is served"
+    )
+    choice = ScoreChoice(
+        candidates=[logit],
+        chosen=logit.name,
+        reason=reason,
+        min_auroc_gain=MIN_AUROC_GAIN,
+        min_tau_gain=MIN_TAU_GAIN,
+        min_spread_gain=MIN_SPREAD_GAIN,
+    )
+    return PseudoMarginFacts(
+        score_input=config.pseudo_input,
+        hidden=config.pseudo_hidden,
+        layers=config.pseudo_layers,
+        train_points=train_points,
+        path_points=0,
+        held_out_points=len(subset),
+        logit_margin_tau=logit.kendall_tau,
+        logit_margin_auroc=logit.auroc,
+        chosen=False,
+        choice=choice,
+    )

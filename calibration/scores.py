@@ -125,8 +125,9 @@ def export_serving_graph(
     graph: ServingGraph, input_shape: tuple[int, ...], inputs: np.ndarray, folder: Path | None
 ) -> tuple[np.ndarray, np.ndarray, float]:
     """Export into `folder` (None: into memory, the preflight's trial), check ONNX Runtime
-    against torch (≤ 1e-4 on logits and score, equal labels, no label flip between batch 1 and
-    64), and measure the guard band: the largest score change between batch 1 and batch 64.
+    against torch (≤ 1e-4 × max(1, largest |value|) on logits and score, equal labels, no
+    label flip between batch 1 and 64), and measure the guard band: the largest score change
+    between batch 1 and batch 64.
     Returns ONNX Runtime's labels and scores, and the band."""
     target: Path | io.BytesIO = io.BytesIO() if folder is None else folder / ONNX_FILE
     graph = graph.cpu().eval()

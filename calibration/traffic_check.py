@@ -10,8 +10,9 @@ service returned are then scored against it (recall, precision, FPR), with Wilso
 Nothing served changes: the check is published beside the served version, `traffic-check.json`
 and a section of `report.html`, each replaced atomically; `model.onnx` and `calibration.json`
 are not touched and CURRENT does not move. The attacks need the served model in torch: `--model`
-must be it, which the sample itself verifies (the model must give every sampled input its
-served label), and the threat model is the served version's.
+(by default the served version's, `served_setup`) must be it, which the sample itself verifies
+(the model must give every sampled input its served label), and the threat model is the served
+version's.
 """
 
 from __future__ import annotations
@@ -25,13 +26,15 @@ from pathlib import Path
 import numpy as np
 
 from marginwatch.artifact import store
-from marginwatch.artifact.schema import REPORT_FILE, CalibrationRecord, ThreatModel
+from marginwatch.artifact.schema import REPORT_FILE, CalibrationRecord
 from marginwatch.artifact.traffic import (
     Ratio,
     TrafficCheck,
     TrafficError,
     iter_samples,
     list_shards,
+    newest_sample,
+    traffic_models,
     write_atomically,
     write_traffic_check,
 )
@@ -49,6 +52,7 @@ from marginwatch.calibration.metrics import detection_metrics, kendall_tau, nonr
 from marginwatch.calibration.preflight import PreflightReport
 from marginwatch.calibration.record import attack_budgets
 from marginwatch.calibration.report import TrafficReport, render_traffic_section, with_section
+from marginwatch.calibration.served_setup import names_text, served_version, with_served_setup
 
 Z_95 = 1.959963984540054  # the standard normal's 0.975 quantile
 # Logit margins this small are ties that ONNX Runtime and torch may break differently (the
@@ -89,32 +93,6 @@ def wilson_ratio(count: int, total: int) -> Ratio:
     return Ratio(value=p, ci_low=low, ci_high=high, count=count, total=total)
 
 
-def served_version(config: CalibrationConfig) -> tuple[Path, CalibrationRecord]:
-    """The folder and verified record of the version CURRENT names; `ConfigError` if none."""
-    name = config.resolved_model_name
-    if store.current_version(config.store, name) is None:
-        raise ConfigError(f"no served version of {name!r} in {config.store} to check")
-    folder = store.current_dir(config.store, name)
-    return folder, store.read_record(folder)
-
-
-def with_served_threat_model(config: CalibrationConfig, threat: ThreatModel) -> CalibrationConfig:
-    """`config` measuring in the served version's norm and ε, which `--norm`/`--eps`, when given,
-    must match: a check in another threat model would check nothing the flag claims."""
-    given = config.model_fields_set
-    if ("norm" in given and config.norm != threat.norm) or (
-        "eps" in given and config.resolved_eps != threat.eps
-    ):
-        raise ConfigError(
-            f"the served version flags for {threat.norm} ε = {threat.eps:g}; the check measures "
-            f"in the same threat model: drop --norm and --eps, or give those"
-        )
-    # validated again: the configured attacks must support the served norm
-    return CalibrationConfig.model_validate(
-        {**config.model_dump(), "norm": threat.norm, "eps": threat.eps}
-    )
-
-
 def _iso(seconds: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
 
@@ -128,15 +106,19 @@ def draw_sample(
     if not root.is_dir():
         raise ConfigError(f"traffic folder {root} does not exist")
     if not list_shards(root, model):
+        found = traffic_models(root)
         raise ConfigError(
-            f"no traffic of {model!r} in {root}: is sampling on in the service "
-            "(it writes MARGINWATCH_TRAFFIC_DIR)?"
+            f"no traffic of {model!r} in {root}; found traffic of: {', '.join(found)}"
+            if found
+            else f"no traffic of {model!r} in {root}, nor of any model: is sampling on in the "
+            "service (it writes MARGINWATCH_TRAFFIC_DIR)?"
         )
     rng = np.random.default_rng(seed)
     broken: list[str] = []
     kept: dict[str, np.ndarray] = {}
     keys = np.zeros(0)
-    available = other = 0
+    available = 0
+    others: dict[str, int] = {}  # samples since then by the versions not checked
     until = -math.inf
 
     def skip(_: Path, error: TrafficError) -> None:
@@ -144,7 +126,7 @@ def draw_sample(
 
     for _, shard in iter_samples(root, model, since, on_broken=skip):
         if shard.version != version:
-            other += len(shard)
+            others[shard.version] = others.get(shard.version, 0) + len(shard)
             continue
         available += len(shard)
         until = max(until, float(shard.times.max()))
@@ -159,27 +141,37 @@ def draw_sample(
         kept = {k: np.concatenate([kept[k], a]) if kept else a for k, a in arrays.items()}
         best = np.argsort(keys, kind="stable")[:size]
         keys, kept = keys[best], {k: a[best] for k, a in kept.items()}
-    when = f"since {_iso(since)}"
     if not kept:
-        if broken and not other:
-            raise ConfigError(
-                f"every traffic shard of {model!r} {when} is unreadable ({len(broken)}); "
-                f"the first: {broken[0]}"
-            )
-        if other:
-            raise ConfigError(
-                f"none of the {other} samples of {model!r} {when} was served by version "
-                f"{version} (the one CURRENT names): nothing to check"
-            )
-        raise ConfigError(f"no traffic of {model!r} {when} in {root}: widen --since")
+        raise _nothing_to_check(root, model, version, since=since, broken=broken, others=others)
     order = np.argsort(kept["times"], kind="stable")
     return TrafficSample(
         **{k: a[order] for k, a in kept.items()},
         available=available,
         until=until,
-        other_versions=other,
+        other_versions=sum(others.values()),
         broken=tuple(broken),
     )
+
+
+def _nothing_to_check(
+    root: Path, model: str, version: str, *, since: float, broken: list[str], others: dict[str, int]
+) -> ConfigError:
+    """Why no sample of `model` is left to check, naming what was found instead."""
+    when = f"since {_iso(since)}"
+    if broken and not others:
+        return ConfigError(
+            f"every traffic shard of {model!r} {when} is unreadable ({len(broken)}); "
+            f"the first: {broken[0]}"
+        )
+    if others:
+        found = ", ".join(f"{name} ({count})" for name, count in sorted(others.items()))
+        return ConfigError(
+            f"none of the {sum(others.values())} samples of {model!r} {when} was served by "
+            f"version {version} (the one CURRENT names): nothing to check; found versions: {found}"
+        )
+    newest = newest_sample(root, model)
+    found = "no readable sample" if newest is None else f"the newest sample is from {_iso(newest)}"
+    return ConfigError(f"no traffic of {model!r} {when} in {root}; {found}: widen --since")
 
 
 def check_same_model(config: CalibrationConfig, outputs: Outputs, served: np.ndarray) -> None:
@@ -256,23 +248,18 @@ def publish_check(version_dir: Path, check: TrafficCheck, section: str) -> Path:
     return path
 
 
-def run_traffic(
+def sampled(
     config: CalibrationConfig,
+    record: CalibrationRecord,
+    since: float,
     notify: Callable[[str], None],
-    on_preflight: Callable[[PreflightReport], None] | None = None,
-) -> TrafficResult:
-    """The check (and, with `--refit`, the new version). Raises as `job.run` does; every setup
-    problem raises `ConfigError` before any attack; `notify` hears about skipped shards."""
-    started = time.monotonic()
-    version_dir, record = served_version(config)
-    config = with_served_threat_model(config, record.threat_model)
-    name = config.resolved_model_name
-    since = since_timestamp(config.since, time.time())
+) -> TrafficSample:
+    """The sample of the served version's traffic, in the served input shape."""
     if config.traffic is None:
         raise ConfigError("a traffic check needs --traffic DIR")
     sample = draw_sample(
         config.traffic,
-        name,
+        config.resolved_model_name,
         record.version,
         since=since,
         size=config.traffic_size,
@@ -286,12 +273,54 @@ def run_traffic(
         raise ConfigError(
             f"traffic inputs have shape {sample.inputs.shape[1:]}; the served version takes {shape}"
         )
+    return sample
+
+
+def refit_version(
+    config: CalibrationConfig,
+    record: CalibrationRecord,
+    points: TrafficPoints,
+    on_preflight: Callable[[PreflightReport], None] | None,
+    notify: Callable[[str], None],
+) -> RunResult:
+    """The `--refit` version; `notify` hears when it names the classes otherwise than the served
+    one does (which only a flag can make it do: `--class-names`, or `--dataset` with its own)."""
+    result = run(config, on_preflight, traffic=points)
+    if result.record is not None and result.record.class_names != record.class_names:
+        notify(
+            f"the new version {result.record.version} of {record.model_name!r} names the classes "
+            f"{names_text(result.record.class_names)}; the served version {record.version} "
+            f"named them {names_text(record.class_names)}"
+        )
+    return result
+
+
+def run_traffic(
+    config: CalibrationConfig,
+    notify: Callable[[str], None],
+    on_preflight: Callable[[PreflightReport], None] | None = None,
+    inform: Callable[[str], None] | None = None,
+) -> TrafficResult:
+    """The check (and, with `--refit`, the new version), in the served version's setup where no
+    flag gives another (`inform` hears what was reused). Raises as `job.run` does; every setup
+    problem raises `ConfigError` before any attack; `notify` hears about skipped shards."""
+    started = time.monotonic()
+    version_dir, record = served_version(config)
+    config, reused = with_served_setup(config, record)
+    if inform is not None:
+        inform(reused)
+    name = config.resolved_model_name
+    since = since_timestamp(config.since, time.time())
+    sample = sampled(config, record, since, notify)
+    shape = sample.inputs.shape[1:]
     model = load_model_shaped(
         config,
         (shape[0], shape[1], shape[2]),
         len(record.class_names),
         what="the served version takes",
-    ).to(config.torch_device)
+    )
+    # eval: a normalisation wrapper is built in training mode (the job's export sets it)
+    model = model.to(config.torch_device).eval()
     outputs = forward_all(model, sample.inputs, config.torch_device)
     check_same_model(config, outputs, sample.labels)
     with store.model_lock(config.store, name):
@@ -326,5 +355,5 @@ def run_traffic(
     refit = None
     if config.refit:
         points = TrafficPoints(images=sample.inputs, outputs=outputs, margins=margins)
-        refit = run(config, on_preflight, traffic=points)
+        refit = refit_version(config, record, points, on_preflight, notify)
     return TrafficResult(check, path, refit)

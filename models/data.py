@@ -13,6 +13,7 @@ from __future__ import annotations
 import gzip
 import os
 import pickle
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Literal
@@ -216,7 +217,18 @@ def load_cifar10(split: Split, data_dir: Path) -> Dataset:
 
 
 def load_npz(path: Path, class_names: tuple[str, ...] | None = None) -> Dataset:
-    """An `.npz` with `images` (uint8 N×C×H×W, or N×H×W) and `labels`; `class_names` optional."""
+    """An `.npz` with `images` (uint8 N×C×H×W, or N×H×W) and `labels`; `class_names` optional
+    (`class_names` given here replace the archive's; without either, the labels' digits)."""
+    images, labels, stored = _read_npz(path)
+    return Dataset(images, labels, class_names or stored or _digit_names(labels))
+
+
+def _digit_names(labels: np.ndarray) -> tuple[str, ...]:
+    return tuple(str(i) for i in range(int(labels.max()) + 1 if labels.size else 0))
+
+
+def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray, tuple[str, ...] | None]:
+    """Images (N×C×H×W), labels and, when the archive has them, its class names."""
     try:
         with np.load(path, allow_pickle=False) as archive:
             arrays = {key: archive[key] for key in archive.files}
@@ -232,11 +244,10 @@ def load_npz(path: Path, class_names: tuple[str, ...] | None = None) -> Dataset:
         raise DataError(f"{path}: images must be uint8 in [0, 255], got {images.dtype}")
     if images.ndim == 3:
         images = images[:, None]
-    if class_names is None and "class_names" in arrays:
-        class_names = tuple(str(name) for name in arrays["class_names"])
-    if class_names is None:
-        class_names = tuple(str(i) for i in range(int(arrays["labels"].max()) + 1))
-    return Dataset(images, arrays["labels"].astype(np.int64), class_names)
+    names = None
+    if "class_names" in arrays:
+        names = tuple(str(name) for name in arrays["class_names"])
+    return images, arrays["labels"].astype(np.int64), names
 
 
 def save_npz(dataset: Dataset, path: Path) -> None:
@@ -467,9 +478,31 @@ def load_image_folder(
 DATASETS = ("fashion-mnist", "fashion-mnist-subset", "cifar10")
 
 
-def load_dataset(name: str, split: Split, data_dir: Path | None = None) -> Dataset:
+def load_dataset(
+    name: str,
+    split: Split,
+    data_dir: Path | None = None,
+    *,
+    class_names: Sequence[str] | None = None,
+) -> Dataset:
     """A dataset by name (see `DATASETS`), by the path of an `.npz` file, or by the path of an
-    image folder (`load_image_folder`). Names win: write `./cifar10` for a folder of that name."""
+    image folder (`load_image_folder`). Names win: write `./cifar10` for a folder of that name.
+
+    `class_names` is the model's label order: label i is the class named i-th. Where the data
+    names its classes (the named datasets, an image folder's class folders, an `.npz` with
+    `class_names`), it must name each of them once, and the labels are renumbered to it; an
+    `.npz` without names takes them as its names."""
+    if name.endswith(".npz") and not Path(name).is_dir():
+        images, labels, stored = _read_npz(Path(name))
+        if stored is None and class_names is not None:
+            return _named(images, labels, tuple(class_names), name)
+        data = Dataset(images, labels, stored or _digit_names(labels))
+    else:
+        data = _load_named_classes(name, split, data_dir)
+    return data if class_names is None else in_class_order(data, tuple(class_names), name)
+
+
+def _load_named_classes(name: str, split: Split, data_dir: Path | None) -> Dataset:
     if name == "fashion-mnist":
         return load_fashion_mnist(split, data_dir)
     if name == "fashion-mnist-subset":
@@ -482,9 +515,48 @@ def load_dataset(name: str, split: Split, data_dir: Path | None = None) -> Datas
         return load_cifar10(split, data_dir)
     if Path(name).is_dir():
         return load_image_folder(Path(name), split)
-    if name.endswith(".npz"):
-        return load_npz(Path(name))
     raise DataError(
         f"unknown dataset {name!r}: use one of {', '.join(DATASETS)}, an .npz path, or an "
         "existing image folder (one sub-folder per class)"
     )
+
+
+def has_train_split(name: str) -> bool:
+    """Whether `name` holds a training split apart from its test split. An `.npz` is one file,
+    which `load_dataset` answers for either split (so `marginwatch-train` can train on it); the
+    shipped subset and an image folder without `train/` refuse `train` themselves."""
+    return not (name.endswith(".npz") and not Path(name).is_dir())
+
+
+def _named(images: np.ndarray, labels: np.ndarray, names: tuple[str, ...], source: str) -> Dataset:
+    """Unnamed labels given names: enough of them for the largest label."""
+    needed = int(labels.max()) + 1 if labels.size else 0
+    if len(names) < needed:
+        raise DataError(
+            f"--class-names gives {len(names)} names, but the labels of {source} run to "
+            f"{needed - 1}: give at least {needed}, in label order"
+        )
+    return Dataset(images, labels, names)
+
+
+def in_class_order(data: Dataset, order: tuple[str, ...], source: str) -> Dataset:
+    """`data` with its labels renumbered so that label i is the class named `order[i]`; `order`
+    must name each of its classes once (an image folder's: each class folder)."""
+    names = data.class_names
+    listed = f"{len(names)} classes of {source} ({', '.join(names)})"
+    if len(order) != len(names):
+        raise DataError(
+            f"--class-names gives {len(order)} names, but there are {len(names)}: name each "
+            f"of the {listed} once, in the model's label order"
+        )
+    missing = [name for name in names if name not in order]
+    unknown = [name for name in order if name not in names]
+    if missing or unknown or len(set(order)) != len(order):
+        problems = [f"not named: {', '.join(missing)}"] if missing else []
+        problems += [f"unknown: {', '.join(unknown)}"] if unknown else []
+        raise DataError(
+            f"--class-names must name each of the {listed} once, in the model's label order"
+            + (f" ({'; '.join(problems)})" if problems else " (a name repeats)")
+        )
+    renumber = np.array([order.index(name) for name in names], dtype=np.int64)
+    return Dataset(data.images, renumber[data.labels], order)

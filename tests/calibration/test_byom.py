@@ -147,7 +147,7 @@ def test_features_without_head_reach_the_pseudo_margin(
     inputs = fashion_subset.float_images[1000:1032]
     record, prediction = calibrate_and_serve(
         tmp_path, str(model_files["features.pt"]), data_npz, inputs,
-        "--pseudo-margin", "always", "--pseudo-input", "features", "--pseudo-train-size", "20",
+        "--pseudo-margin", "always", "--pseudo-input", "features", "--pseudo-train-size", "50",
         "--pseudo-epochs", "10", "--pseudo-hidden", "16",
     )  # fmt: skip
     _check_served(record, prediction, inputs, shipped)  # the logits are its forward's

@@ -3,7 +3,9 @@ lives under another key, so it is recomputed rather than misread."""
 
 from __future__ import annotations
 
+import functools
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -42,3 +44,26 @@ def test_the_cache_format_is_part_of_the_key(monkeypatch: pytest.MonkeyPatch) ->
     current = cache_key("model", "data", indices, plan)
     monkeypatch.setattr(margin_cache, "CACHE_FORMAT", margin_cache.CACHE_FORMAT - 1)
     assert cache_key("model", "data", indices, plan) != current
+
+
+def test_one_bar_counts_the_points_of_every_chunk(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3)).eval()
+    inputs = torch.rand(2 * margin_cache.CHUNK_SIZE + 7, 1, 4, 4)
+    labels = model(inputs).argmax(1)
+    plan = AttackPlan(("fmn", "fab"), (5, 3), math.inf)
+    chunks = list(range(margin_cache.chunk_count(len(inputs))))
+    attack = functools.partial(
+        compute_chunks, tmp_path, model, inputs, labels,
+        plan=plan, batch_size=32, progress=True, phase="subset margins",
+    )  # fmt: skip
+    attack(chunks=chunks[:1])
+    capsys.readouterr()
+    attack(chunks=chunks)
+    err = capsys.readouterr().err
+    # one bar over all chunks and attacks, in points; the cached first chunk counts as done
+    states = re.findall(r"subset margins: +\d+%\|[^|]*\| (\d+)/(\d+)", err)
+    total = str(len(inputs))
+    assert states and {t for _, t in states} == {total}, err
+    assert states[0][0] == str(margin_cache.CHUNK_SIZE) and states[-1][0] == total, err

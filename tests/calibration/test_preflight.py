@@ -19,7 +19,7 @@ from torch import nn
 from marginwatch.artifact import store
 from marginwatch.calibration.__main__ import main
 from marginwatch.models.architectures import FashionMnistCNN
-from marginwatch.models.data import Dataset, save_npz
+from marginwatch.models.data import FASHION_MNIST_CLASSES, Dataset, save_npz
 
 PROJECT = Path(__file__).resolve().parents[2]
 
@@ -120,6 +120,7 @@ def _refused(args: list[str], root: Path, capsys: pytest.CaptureFixture[str]) ->
     return err
 
 
+SHIFTED = ",".join([*FASHION_MNIST_CLASSES[1:], FASHION_MNIST_CLASSES[0]])
 CASES = {
     "version-escapes": (["--version", "../x"], "version '../x' is not a valid name"),
     "version-hidden": (["--version", ".x"], "version '.x' is not a valid name"),
@@ -141,6 +142,21 @@ CASES = {
     ),
     "std-zero": (["--std", "0"], "std must be positive"),
     "missing-model-file": (["--model", "nowhere.pt2"], "model file nowhere.pt2 does not exist"),
+    # the data's names shifted by one: the shipped model's labels look permuted, and preflight
+    # names their order (T-shirt/top, absent from the data, takes the one place left; all 200
+    # points, so that each class has enough to be placed)
+    "class-order": (
+        ["--class-names", SHIFTED, "--subset-size", "200"],
+        f"--class-names '{','.join(FASHION_MNIST_CLASSES)}'",
+    ),
+    "subset-too-large": (
+        ["--subset-size", "500"],
+        "--subset-size 500 asked for, but {data}:test has only 200 images",
+    ),
+    "pseudo-margin-without-points": (
+        ["--subset-size", "180", "--pseudo-margin", "always"],
+        "--pseudo-margin always needs 50 attacked training points, and {data} gives 20",
+    ),
 }
 
 
@@ -154,7 +170,8 @@ def test_broken_setup_exits_2_before_any_attack(
 ) -> None:
     args, message = CASES[case]
     args = [arg.format(**broken) for arg in args]
-    assert message in _refused(["--dataset", str(data), *args], tmp_path, capsys)
+    expected = message.format(data=data)
+    assert expected in _refused(["--dataset", str(data), *args], tmp_path, capsys)
 
 
 def test_store_that_cannot_be_written(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import html
 import re
 import subprocess
 import sys
@@ -11,12 +12,30 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from marginwatch.artifact.schema import RobustAccuracyEstimate, ThresholdRuleSpec
+from marginwatch.artifact import store
+from marginwatch.artifact.schema import CalibrationRecord, RobustAccuracyEstimate, ThresholdRuleSpec
 from marginwatch.artifact.store import read_record
+from marginwatch.artifact.traffic import Ratio, TrafficCheck
 from marginwatch.calibration.margins import MarginResult
 from marginwatch.calibration.record import report_data
-from marginwatch.calibration.report import ReportData, render_report
+from marginwatch.calibration.report import (
+    ReportData,
+    TrafficReport,
+    render_report,
+    render_traffic_section,
+)
+from marginwatch.calibration.report_fields import iso_utc_text, label
+from marginwatch.calibration.verdict import (
+    AUROC_FLOOR,
+    AUROC_TARGET,
+    TAU_FLOOR,
+    TAU_TARGET,
+    WIDTH_TARGET,
+    Figures,
+    judge,
+)
 
+PROJECT = Path(__file__).resolve().parents[2]
 TITLE = 'cnn <script>alert("x")</script> & co'
 
 
@@ -93,9 +112,142 @@ def test_report_decides_nonrobustness_as_the_job_does() -> None:
         render_report(data)
 
 
+def _shipped() -> CalibrationRecord:
+    """The shipped CURRENT version's record (a real one, every field filled in)."""
+    return read_record(store.current_dir(PROJECT / "artifacts", "fmnist-cnn-pgd"))
+
+
+def _record_data(record: CalibrationRecord, *, consistent: bool = True) -> ReportData:
+    """The record with per-point arrays of its subset's size: scores that follow the margins
+    (consistent) or do not."""
+    rng = np.random.default_rng(0)
+    n = record.subset.size
+    radius = rng.uniform(0.0, 3 * record.threat_model.eps, size=n)
+    margins = MarginResult(
+        radius=radius,
+        success=np.ones(n, bool),
+        per_attack={"fmn": radius},
+        censored_at=np.ones(n),
+        norm=np.inf,
+    )
+    scores = 2 * radius if consistent else rng.permutation(2 * radius)
+    return report_data(record, margins, scores, rng.random(n) < 0.85)
+
+
+def _text(page: str) -> str:
+    """What a person reads: the page without its style, images and tags."""
+    page = re.sub(r"<style>.*?</style>|<img [^>]*>", "", page, flags=re.DOTALL)
+    return html.unescape(re.sub(r"<[^>]+>", " ", page))
+
+
+def _significant_digits(number: str) -> int:
+    mantissa = number.split("e", maxsplit=1)[0].replace(".", "").lstrip("0")
+    return len(mantissa)
+
+
+def _assert_for_people(text: str) -> None:
+    assert "{'" not in text and '{"' not in text and "': " not in text  # no dict text
+    floats = re.findall(r"\d+\.\d+(?:e[+-]?\d+)?", text)
+    assert floats and all(_significant_digits(f) <= 6 for f in floats), [
+        f for f in floats if _significant_digits(f) > 6
+    ]
+    assert not re.findall(r"\b\d{10}(?:\.\d+)?\b", text)  # no raw Unix seconds
+
+
+def test_the_record_reads_for_people() -> None:
+    record = _shipped()
+    text = _text(render_report(_record_data(record)))
+    _assert_for_people(text)
+    assert (
+        iso_utc_text(record.created_at).endswith(" UTC") and iso_utc_text(record.created_at) in text
+    )
+    # the verdict first, then the figures; count and regression explained; the score choice
+    assert text.index("Verdict:") < text.index("attacked points") < text.index("Robust accuracy")
+    assert "The paper's estimator" in text and "isotonic" in text
+    assert "Score choice" in text and "Recorded reason" in text
+    assert record.pseudo_margin is not None and record.pseudo_margin.choice is not None
+    assert record.pseudo_margin.choice.reason in text
+    for key in CalibrationRecord.model_fields:  # every field, under a readable label
+        assert label(key) in text, key
+
+
+def test_the_traffic_check_reads_for_people() -> None:
+    record = _shipped()
+    ratio = Ratio(value=0.2, ci_low=0.11934567890123, ci_high=0.3, count=4, total=20)
+    check = TrafficCheck(
+        model_name=record.model_name,
+        version=record.version,
+        created_at="2026-12-02T10:00:00Z",
+        traffic_since=1796624021.25,
+        traffic_until=1796710421.5,
+        available_points=12345,
+        seed=3141592653,
+        threat_model=record.threat_model,
+        attacks=record.attacks,
+        censored=0,
+        nonrobust=ratio,
+        flagged=ratio,
+        recall=0.75,
+        precision=0.59949000000000001,
+        false_positive_rate=None,
+        kendall_tau=0.6123456789,
+        auroc=None,
+        live_gauge=0.7,
+        ratios_agree=True,
+        duration_s=83.25,
+    )
+    rng = np.random.default_rng(1)
+    radius = rng.uniform(0.0, 0.3, size=20)
+    section = render_traffic_section(
+        TrafficReport(
+            check=check,
+            margins=radius,
+            success=np.ones(20, bool),
+            scores=radius,
+            flagged=radius < 0.1,
+            threshold=0.1,
+        )
+    )
+    text = _text(section)
+    _assert_for_people(text)
+    assert "2026-12-07 06:13:41 UTC" in text and "1 min 23 s" in text
+
+
+def test_the_verdict_follows_the_figures() -> None:
+    record = _shipped()
+    consistent = _text(render_report(_record_data(record)))
+    inconsistent = _text(render_report(_record_data(record, consistent=False)))
+    wide = record.model_copy(
+        update={"robust_accuracy": record.robust_accuracy.model_copy(update={"ci_low": 0.5})}
+    )
+    imprecise = _text(render_report(_record_data(wide)))
+    assert "Verdict: trustworthy" in consistent
+    assert "Verdict: not trustworthy" in inconsistent
+    assert "Verdict: usable with care" in imprecise and "interval is 22.4 points wide" in imprecise
+
+
+@pytest.mark.parametrize(
+    ("figures", "level"),
+    [
+        (Figures(TAU_TARGET, AUROC_TARGET, WIDTH_TARGET, 0, 100), "trustworthy"),
+        (Figures(TAU_TARGET, AUROC_TARGET, None, 0, 100), "usable with care"),
+        (Figures(TAU_FLOOR, AUROC_TARGET, 0.01, 0, 100), "usable with care"),
+        (Figures(0.9, AUROC_FLOOR - 0.01, 0.01, 0, 100), "not trustworthy"),
+        (Figures(0.9, 0.99, 0.01, 3, 100), "usable with care"),
+        (Figures(0.9, 0.99, 0.01, 11, 100), "not trustworthy"),
+        (Figures(float("nan"), 0.99, 0.01, 0, 100), "not trustworthy"),
+    ],
+    ids=["at-targets", "no-interval", "tau-at-floor", "auroc-below-floor", "some-censored",
+         "many-censored", "nan-tau"],
+)  # fmt: skip
+def test_the_verdict_rule(figures: Figures, level: str) -> None:
+    verdict = judge(figures)
+    assert verdict.level == level
+    assert len(verdict.reasons) == 4 and f"{figures.kendall_tau:.3f}" in verdict.reasons[0]
+
+
 def test_report_shows_the_record_as_the_cli_does() -> None:
-    shipped = Path(__file__).parents[2] / "artifacts" / "fmnist-cnn-pgd" / "20261125T192841Z"
-    record = read_record(shipped)
+    record = _shipped()
     rule = ThresholdRuleSpec(name="target-tpr", target_tpr=0.9)
     point_only = RobustAccuracyEstimate(
         method="count", estimate=0.5, ci_low=None, ci_high=None, bootstrap=0
@@ -103,15 +255,8 @@ def test_report_shows_the_record_as_the_cli_does() -> None:
     record = record.model_copy(
         update={"threshold_rule": rule, "robust_accuracy_estimates": [point_only]}
     )
-    radius = np.array([0.05, np.inf])
-    margins = MarginResult(
-        radius=radius,
-        success=np.isfinite(radius),
-        per_attack={"fmn": radius},
-        censored_at=np.ones(2),
-        norm=np.inf,
-    )
-    data = report_data(record, margins, np.array([0.1, 0.9]), np.array([True, True]))
-    assert data.summary["threshold_rule"] == "target-tpr@0.9"  # not the spec's dict
-    assert data.summary["robust accuracy, count"] == "0.5000"  # no interval to show
-    assert data.headline["robust accuracy (regression)"] == "0.703 [0.684, 0.724]"
+    data = _record_data(record)
+    assert data.headline["robust accuracy (regression)"] == "0.705 [0.682, 0.724]"
+    text = _text(render_report(data))
+    assert "target-tpr@0.9" in text  # the rule's display form, not the spec's fields
+    assert "0.5 none (no bootstrap)" in " ".join(text.split())  # no interval to show

@@ -5,12 +5,14 @@ faults a traffic folder can hold, and fresh subsets without --seed."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from marginwatch.artifact import store
 from marginwatch.artifact.schema import ONNX_FILE, RECORD_FILE, REPORT_FILE
@@ -18,6 +20,8 @@ from marginwatch.artifact.traffic import (
     TRAFFIC_CHECK_FILE,
     TrafficCheck,
     TrafficShard,
+    list_shards,
+    read_shard,
     write_shard,
 )
 from marginwatch.calibration.__main__ import main
@@ -55,19 +59,30 @@ def serve(store_dir: Path, images: np.ndarray) -> tuple[str, np.ndarray, np.ndar
 
 
 def write_traffic(
-    root: Path, store_dir: Path, images: np.ndarray, *, per_shard: int, ago_s: float = 600.0
+    root: Path,
+    store_dir: Path,
+    images: np.ndarray,
+    *,
+    per_shard: int,
+    ago_s: float = 600.0,
+    model: str = MODEL,
 ) -> int:
-    """Serve `images` in shards of `per_shard`, the newest `ago_s` seconds ago; the shard count."""
+    """Serve `images` in shards of `per_shard`, the newest `ago_s` seconds ago, as traffic of
+    `model` (served by the shipped model and version); the shard count."""
     version, labels, scores, brittle = serve(store_dir, images)
     starts = range(0, len(images), per_shard)
     for seq, start in enumerate(starts):
         part = slice(start, start + per_shard)
         n = len(images[part])
         times = NOW - ago_s - 60.0 * (len(starts) - seq) + np.arange(n) * 0.01
-        shard = TrafficShard(MODEL, version, images[part], labels[part], scores[part],
+        shard = TrafficShard(model, version, images[part], labels[part], scores[part],
                              brittle[part], times)  # fmt: skip
         write_shard(root, shard, seq=seq)
     return len(starts)
+
+
+def utc(seconds: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
 
 
 def check_args(store_dir: Path, traffic: Path, *extra: str) -> list[str]:
@@ -210,6 +225,66 @@ def test_refit_publishes_a_version_that_serves(
     assert np.isfinite(scores).all()
 
 
+def write_image_folder(root: Path, data: Dataset, per_class: int) -> Path:
+    """PNGs of `per_class` images of each class, in class folders whose names sort in label
+    order but are not the dataset's names ("0-T-shirt-top", ...)."""
+    for label, name in enumerate(data.class_names):
+        folder = root / f"{label}-{name.replace('/', '-')}"
+        folder.mkdir(parents=True)
+        for index in np.flatnonzero(data.labels == label)[:per_class]:
+            Image.fromarray(data.images[index, 0]).save(folder / f"{index}.png")
+    return root
+
+
+@pytest.mark.slow
+def test_refit_reuses_the_served_setup(
+    tmp_path: Path, fashion_subset: Dataset, capsys: pytest.CaptureFixture[str]
+) -> None:
+    images = write_image_folder(tmp_path / "images", fashion_subset, per_class=8)
+    store_dir, traffic = tmp_path / "store", tmp_path / "traffic"
+    tiny = ["--store", str(store_dir), "--attack", "fmn:5", "--attack", "fab:3", "--bootstrap",
+            "20", "--subset-size", "20", "--pseudo-margin", "never"]  # fmt: skip
+    # served: the image folder, and a normalisation the check must repeat to get its labels
+    assert main([*tiny, "--dataset", str(images), "--mean", "0.05", "--std", "0.9",
+                 "--version", "v1", "--quiet"]) == 0  # fmt: skip
+    served = store.read_record(store_dir / MODEL / "v1")
+    assert served.class_names[:2] == ["0-T-shirt-top", "1-Trouser"]
+    write_traffic(traffic, store_dir, fashion_subset.float_images[200:220], per_shard=10)
+    capsys.readouterr()
+
+    refit = [*tiny, "--traffic", str(traffic), "--refit"]
+    assert main([*refit, "--version", "refit"]) == 0  # no --dataset: the served one
+    record = store.read_record(store_dir / MODEL / "refit")
+    assert record.class_names == served.class_names
+    assert record.subset.dataset == served.subset.dataset == str(images)
+    assert record.model_source == served.model_source
+    assert record.model_source is not None and record.model_source.mean == (0.05,)
+    err = capsys.readouterr().err
+    (line,) = [line for line in err.splitlines() if "reusing served version" in line]
+    prefix = f"marginwatch-calibrate: note: {MODEL}: reusing served version v1's dataset"
+    assert line.startswith(prefix)
+    for part in (f"dataset {images}", "split test", "class names 0-T-shirt-top, 1-Trouser, "
+                 "2-Pullover, …, 9-Ankle boot (10)", f"model {MODEL}", "mean 0.05", "std 0.9",
+                 "threat model linf ε = 0.1"):  # fmt: skip
+        assert part in line
+    assert "warning" not in err
+
+    # an explicit --dataset wins, with its own class names, which the run reports; --quiet
+    # prints no note. The refit serves now: the check is of its traffic, in its (reused) setup
+    write_traffic(traffic, store_dir, fashion_subset.float_images[220:240], per_shard=10, ago_s=300)
+    data = tmp_path / "data.npz"
+    save_npz(fashion_subset.subset(np.arange(100)), data)
+    assert main([*refit, "--quiet", "--dataset", str(data), "--version", "other"]) == 0
+    other = store.read_record(store_dir / MODEL / "other")
+    assert other.subset.dataset == str(data) and other.class_names[0] == "T-shirt/top"
+    assert other.model_source == served.model_source  # not given: still reused
+    err = capsys.readouterr().err
+    assert "reusing" not in err
+    (warning,) = [line for line in err.splitlines() if "warning" in line]
+    assert warning.startswith("marginwatch-calibrate: warning: the new version other of ")
+    assert "served version refit named them 0-T-shirt-top, 1-Trouser" in warning
+
+
 def run_fault(
     store_dir: Path, traffic: Path, capsys: pytest.CaptureFixture[str], *extra: str
 ) -> str:
@@ -225,12 +300,18 @@ def test_missing_and_empty_traffic_folders(
     traffic = tmp_path / "traffic"
     assert "does not exist" in run_fault(store_copy, traffic, capsys)
     traffic.mkdir()
-    assert "no traffic of 'fmnist-cnn-pgd'" in run_fault(store_copy, traffic, capsys)
+    assert f"no models in {traffic}: no folder there holds a traffic shard (folders: none)" in (
+        run_fault(store_copy, traffic, capsys)
+    )
+    line = run_fault(store_copy, traffic, capsys, "--model", MODEL)
+    assert f"no traffic of {MODEL!r} in {traffic}, nor of any model" in line
     # a half-written shard is hidden until it is renamed into place: never read
     day = traffic / MODEL / time.strftime("%Y-%m-%d", time.gmtime())
     day.mkdir(parents=True)
     (day / ".120000-x-1-00000000.npz.tmp").write_bytes(b"PK\x03\x04 half")
-    assert "no traffic of 'fmnist-cnn-pgd'" in run_fault(store_copy, traffic, capsys)
+    line = run_fault(store_copy, traffic, capsys)
+    assert f"no models in {traffic}" in line and f"(folders: {MODEL})" in line
+    assert f"no traffic of {MODEL!r}" in run_fault(store_copy, traffic, capsys, "--name", MODEL)
     assert not list((store_copy / MODEL).glob(f"*/{TRAFFIC_CHECK_FILE}"))
 
 
@@ -240,7 +321,10 @@ def test_traffic_that_cannot_be_checked(
     traffic = tmp_path / "traffic"
     images = fashion_subset.float_images[:20]
     write_traffic(traffic, store_copy, images, per_shard=10, ago_s=3 * 86400)
-    assert "no traffic of 'fmnist-cnn-pgd' since" in run_fault(store_copy, traffic, capsys)
+    newest = max(read_shard(path).times.max() for path in list_shards(traffic, MODEL))
+    line = run_fault(store_copy, traffic, capsys)
+    assert "no traffic of 'fmnist-cnn-pgd' since" in line
+    assert f"; the newest sample is from {utc(newest)}: widen --since" in line
     # the model given is not the served one: refused before any attack
     line = run_fault(store_copy, traffic, capsys, "--since", "7d", "--model",
                      "fmnist-cnn-standard", "--name", MODEL)  # fmt: skip
@@ -254,6 +338,55 @@ def test_traffic_that_cannot_be_checked(
     assert not (store_copy / MODEL / ".margins").exists()  # nothing attacked
 
 
+def add_twin(store_dir: Path, *, recorded: bool) -> Path:
+    """A second served model, "twin": the shipped version under another name; its record names
+    its model (`model_source`) only when `recorded`, as records before that field did not."""
+    source = store.current_dir(store_dir, MODEL)
+    twin = store_dir / "twin" / source.name
+    if not twin.exists():
+        shutil.copytree(source, twin)
+        (twin.parent / store.CURRENT_FILE).write_text(source.name + "\n")
+    record = json.loads((twin / RECORD_FILE).read_text())
+    record["model_name"] = "twin"
+    record["model_source"] = {"model": MODEL} if recorded else None
+    (twin / RECORD_FILE).write_text(json.dumps(record))
+    return twin
+
+
+def test_without_model_every_served_model_in_the_folder_is_checked(
+    tmp_path: Path, store_copy: Path, fashion_subset: Dataset, capsys: pytest.CaptureFixture[str]
+) -> None:
+    traffic = tmp_path / "traffic"
+    images = fashion_subset.float_images[:8]
+    write_traffic(traffic, store_copy, images, per_shard=8, model="ghost")  # served nowhere
+    line = run_fault(store_copy, traffic, capsys)
+    assert f"no traffic in {traffic} of a model served from {store_copy}" in line
+    assert line.endswith(f"found traffic of: ghost; the store serves: {MODEL} (give --store)")
+    twin = add_twin(store_copy, recorded=False)
+    write_traffic(traffic, store_copy, images, per_shard=8, model="twin")
+    line = run_fault(store_copy, traffic, capsys, "--model", MODEL)
+    assert line.endswith(f"no traffic of {MODEL!r} in {traffic}; found traffic of: ghost, twin")
+    write_traffic(traffic, store_copy, images, per_shard=8)
+    assert "give --name to pick one" in run_fault(store_copy, traffic, capsys, "--json")
+
+    # each in turn; the exit code is the worst: twin's record does not say which model it is
+    assert main(check_args(store_copy, traffic)) == 2
+    out, err = capsys.readouterr()
+    assert f"traffic check    {MODEL}" in out and "traffic check    twin" not in out
+    assert err.splitlines() == [
+        "marginwatch-calibrate: warning: traffic of 'ghost' is not checked: no served version "
+        f"in {store_copy}",
+        f"marginwatch-calibrate: twin: the served version {twin.name} of 'twin' does not record "
+        "its model (it predates that field): give --model (and --weights)",
+    ]
+    add_twin(store_copy, recorded=True)
+    assert main(check_args(store_copy, traffic)) == 0
+    for model in (MODEL, "twin"):
+        path = store.current_dir(store_copy, model) / TRAFFIC_CHECK_FILE
+        check = TrafficCheck.model_validate_json(path.read_text())
+        assert (check.model_name, check.nonrobust.total) == (model, 8)
+
+
 def test_traffic_of_another_version_is_not_checked(
     tmp_path: Path, store_copy: Path, fashion_subset: Dataset, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -262,7 +395,8 @@ def test_traffic_of_another_version_is_not_checked(
     shard = TrafficShard(MODEL, "older", fashion_subset.float_images[:10], labels, scores,
                          brittle, np.full(10, NOW - 60.0))  # fmt: skip
     write_shard(traffic, shard, seq=0)
-    assert "none of the 10 samples" in run_fault(store_copy, traffic, capsys)
+    line = run_fault(store_copy, traffic, capsys)
+    assert "none of the 10 samples" in line and line.endswith("found versions: older (10)")
 
 
 def test_the_sample_is_uniform_and_pinned_by_its_seed(

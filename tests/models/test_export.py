@@ -10,6 +10,7 @@ import torch
 from marginwatch.models.architectures import FashionMnistCNN
 from marginwatch.models.data import Dataset, stratified_indices
 from marginwatch.models.export import (
+    ExportCheck,
     LogitsAndFeatures,
     export_onnx,
     main,
@@ -74,3 +75,26 @@ def test_export_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert "verification failed" in capsys.readouterr().err and not out.exists()
     assert main(["fmnist-cnn", "--out", str(out)]) == 2
     assert "needs a weights file" in capsys.readouterr().err
+
+
+def _check(diff: float, scale: float) -> ExportCheck:
+    empty = np.zeros((0, 2), dtype=np.float32)
+    return ExportCheck(
+        output="logits",
+        samples=8,
+        max_abs_diff_vs_torch=diff,
+        label_mismatches_vs_torch=0,
+        max_abs_diff_batch1_vs_64=0.0,
+        label_flips_batch1_vs_64=0,
+        reference_scale=scale,
+        values=empty,
+        labels=np.zeros(0, dtype=np.int64),
+    )
+
+
+def test_the_parity_tolerance_scales_with_the_logits() -> None:
+    """float32 rounding grows with magnitude: logits near ±40 differ by ~1e-4 on rounding alone."""
+    assert _check(1.4e-4, 40.0).problems(1e-4) == []
+    assert _check(5e-3, 40.0).problems(1e-4)  # 40 × 1e-4 = 4e-3: beyond rounding
+    assert _check(2e-4, 0.5).problems(1e-4)  # small logits: the absolute floor of 1e-4 holds
+    assert _check(9e-5, 0.5).problems(1e-4) == []

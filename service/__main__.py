@@ -15,7 +15,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
@@ -47,8 +49,36 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
-def log_config(log_format: str, level: str) -> dict[str, Any]:
-    """A logging configuration for uvicorn's loggers and ours, in text or JSON."""
+REDACTED = "[redacted]"
+# A query parameter that carries a credential by its name, whatever its value: a key that is not
+# (or no longer) configured is a secret too
+_CREDENTIAL_PARAMETER = re.compile(
+    r"(?i)([?&](?:api[_-]?key|x-api-key|key|token|access[_-]?token|auth(?:orization)?)=)[^&\s\"']*"
+)
+
+
+class RedactKeys(logging.Filter):
+    """Removes API keys from every log line: the configured keys wherever they appear, and the
+    value of any credential-named query parameter (uvicorn's access log writes the path with
+    its query string, where a client may have put its key)."""
+
+    def __init__(self, keys: Sequence[str] = ()) -> None:
+        super().__init__()
+        self._keys = [key for key in keys if key]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        redacted = _CREDENTIAL_PARAMETER.sub(rf"\g<1>{REDACTED}", message)
+        for key in self._keys:
+            redacted = redacted.replace(key, REDACTED)
+        if redacted != message:
+            record.msg, record.args = redacted, None
+        return True
+
+
+def log_config(log_format: str, level: str, keys: Sequence[str] = ()) -> dict[str, Any]:
+    """A logging configuration for uvicorn's loggers and ours, in text or JSON, with `keys`
+    (and any credential in a query string) redacted from every line."""
     formatter: dict[str, Any] = (
         {"()": JsonFormatter}
         if log_format == "json"
@@ -59,10 +89,12 @@ def log_config(log_format: str, level: str) -> dict[str, Any]:
         "version": 1,
         "disable_existing_loggers": False,
         "formatters": {"default": formatter},
+        "filters": {"redact": {"()": RedactKeys, "keys": list(keys)}},
         "handlers": {
             "default": {
                 "class": "logging.StreamHandler",
                 "formatter": "default",
+                "filters": ["redact"],
                 "stream": "ext://sys.stderr",
             }
         },
@@ -153,7 +185,11 @@ def main(argv: list[str] | None = None) -> int:
         port=settings.port,
         workers=1,
         http=protocol,
-        log_config=log_config(settings.log_format, settings.log_level),
+        log_config=log_config(
+            settings.log_format,
+            settings.log_level,
+            [key.get_secret_value() for key in settings.api_keys],
+        ),
         access_log=settings.access_log,
         timeout_graceful_shutdown=int(settings.shutdown_timeout_s),
         server_header=False,

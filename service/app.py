@@ -13,15 +13,18 @@ ends; gRPC calls go on being taken until then.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import TYPE_CHECKING
 
 import orjson
 from fastapi import APIRouter, FastAPI, Request, Response, params
 from fastapi.exceptions import RequestValidationError
-from prometheus_client import start_http_server
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse
 
 from marginwatch.service.admission import Admission
 from marginwatch.service.errors import (
@@ -30,13 +33,15 @@ from marginwatch.service.errors import (
     ModelNotReady,
     Overloaded,
     PayloadTooLarge,
+    RequestTimeout,
     ServiceError,
     Unauthorized,
     UnsupportedMediaType,
 )
-from marginwatch.service.fastpath import auth_dependencies, splice_routes
+from marginwatch.service.fastpath import auth_dependencies, collect_garbage, splice_routes
 from marginwatch.service.images import ImageLimits
 from marginwatch.service.metrics import CONTENT_TYPE, ServiceMetrics
+from marginwatch.service.metrics_port import MetricsPort
 from marginwatch.service.middleware import SHED, RequestMetricsMiddleware, guard_routes
 from marginwatch.service.payload import JSON, RequestReader
 from marginwatch.service.registry import ModelRegistry
@@ -44,7 +49,7 @@ from marginwatch.service.routes_v1 import build_v1_router
 from marginwatch.service.routes_v2 import SERVER_VERSION, build_health_router, build_v2_router
 from marginwatch.service.schemas import error_responses
 from marginwatch.service.settings import Settings
-from marginwatch.service.traffic_sampler import TrafficSampler
+from marginwatch.service.traffic_sampler import TrafficSampler, warn_if_sampling_off
 
 if TYPE_CHECKING:
     from marginwatch.service.routes_grpc import GrpcServer
@@ -56,6 +61,7 @@ STATUS_OF: dict[type[Exception], int] = {
     RequestValidationError: 400,  # FastAPI's check of a declared path parameter
     Unauthorized: 401,
     ModelNotFound: 404,
+    RequestTimeout: 408,
     PayloadTooLarge: 413,
     UnsupportedMediaType: 415,
     ModelNotReady: 503,
@@ -69,6 +75,7 @@ GRPC_STATUS_OF: dict[type[Exception], str] = {
     InvalidInput: "INVALID_ARGUMENT",
     Unauthorized: "UNAUTHENTICATED",
     ModelNotFound: "NOT_FOUND",
+    RequestTimeout: "DEADLINE_EXCEEDED",  # HTTP's only (a gRPC message arrives whole)
     PayloadTooLarge: "RESOURCE_EXHAUSTED",  # what gRPC itself says of a message too large
     UnsupportedMediaType: "INVALID_ARGUMENT",  # HTTP's only: kept so that every error has a code
     ModelNotReady: "UNAVAILABLE",
@@ -78,8 +85,12 @@ GRPC_STATUS_OF: dict[type[Exception], str] = {
 EXTRA_HEADERS: dict[type[Exception], dict[str, str]] = {
     Unauthorized: {"WWW-Authenticate": "Bearer"},
     Overloaded: {"Retry-After": "1"},
+    # the rest of the body is still on its way: the connection cannot carry another request
+    RequestTimeout: {"Connection": "close"},
 }
 
+OPENAPI_URL = "/openapi.json"
+GRPC_DEFAULT_MESSAGE_BYTES = 4 * 1024 * 1024  # grpc's own max_receive_message_length
 # The routes whose requests go through admission control (`admission.py`)
 INFERENCE_ENDPOINTS = ("v1_predict", "v2_infer")
 
@@ -120,6 +131,28 @@ def _metrics_router(metrics: ServiceMetrics, dependencies: Sequence[params.Depen
     return router
 
 
+def _docs_router(app: FastAPI, dependencies: Sequence[params.Depends]) -> APIRouter:
+    """/openapi.json, /docs and /redoc behind the API key (FastAPI's own, which it leaves open,
+    are turned off): the schema names every route and limit, which is no business of a client
+    without a key. `public_docs` opens them again."""
+    router = APIRouter(dependencies=dependencies, include_in_schema=False)
+    title = f"{app.title} - documentation"
+
+    @router.get(OPENAPI_URL)
+    async def openapi_schema() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    @router.get("/docs")
+    async def swagger_ui() -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url=OPENAPI_URL, title=title)
+
+    @router.get("/redoc")
+    async def redoc() -> HTMLResponse:
+        return get_redoc_html(openapi_url=OPENAPI_URL, title=title)
+
+    return router
+
+
 def _grpc_server(
     settings: Settings,
     registry: ModelRegistry,
@@ -129,23 +162,42 @@ def _grpc_server(
 ) -> GrpcServer:
     # imported only here: its generated stubs and tritonclient's register the same protobuf
     # names, and a process that imports both fails (see routes_grpc.py)
-    from marginwatch.service.routes_grpc import GrpcServer, InferenceServicer
+    from marginwatch.service.routes_grpc import GrpcServer, InferenceServicer, KeyInterceptor
 
     servicer = InferenceServicer(
         registry=registry,
         reader=reader,
         admission=admission,
         metrics=metrics,
-        api_keys=settings.api_keys,
-        protect_health=settings.protect_health,
         http_status=STATUS_OF,
         grpc_status=GRPC_STATUS_OF,
     )
-    # a message larger than the process's body budget could never be admitted
-    largest = settings.max_body_bytes or settings.max_inflight_body_bytes
-    return GrpcServer(
-        servicer, host=settings.host, port=settings.grpc_port, max_message_bytes=largest
+    interceptor = KeyInterceptor(
+        settings.api_keys,
+        protect_health=settings.protect_health,
+        metrics=metrics,
+        http_status=STATUS_OF,
     )
+    return GrpcServer(
+        servicer,
+        interceptor,
+        host=settings.host,
+        port=settings.grpc_port,
+        max_message_bytes=lambda: grpc_message_limit(settings, registry, reader),
+    )
+
+
+def grpc_message_limit(settings: Settings, registry: ModelRegistry, reader: RequestReader) -> int:
+    """The largest gRPC message taken: the largest binary request (`max_inputs_per_request`
+    samples, 4 bytes a value) of the models loaded at start, but at least gRPC's own default
+    (4 MiB), so that a model published later with larger inputs is not cut off by the
+    transport; never more than `max_body_bytes`, if set, or the body budget. Raw and typed
+    contents both take 4 bytes a value."""
+    largest = GRPC_DEFAULT_MESSAGE_BYTES
+    for name in registry.names():
+        with contextlib.suppress(ServiceError):  # not loaded (yet): it cannot set the limit
+            largest = max(largest, reader.admit(registry.get(name), None, binary=True, ticket=None))
+    return min(largest, settings.max_body_bytes or largest, settings.max_inflight_body_bytes)
 
 
 def _traffic_sampler(settings: Settings, metrics: ServiceMetrics) -> TrafficSampler | None:
@@ -161,6 +213,45 @@ def _traffic_sampler(settings: Settings, metrics: ServiceMetrics) -> TrafficSamp
         shard_samples=settings.traffic_shard_samples,
         flush_s=settings.traffic_flush_s,
     )
+
+
+def _lifespan(
+    settings: Settings,
+    registry: ModelRegistry,
+    sampler: TrafficSampler | None,
+    grpc_server: GrpcServer | None,
+    metrics_port: MetricsPort | None,
+) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
+    """Start in order (the sampler's writer, the periodic garbage collection, the models, gRPC,
+    the metrics port); stop in reverse, the batchers draining what is queued."""
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        warn_if_sampling_off(settings.traffic_dir, settings.traffic_sample_rate)
+        if sampler is not None:
+            sampler.start()
+        collector = asyncio.create_task(collect_garbage(), name="collect-garbage")
+        await registry.start()
+        if grpc_server is not None:
+            await grpc_server.start()
+        if metrics_port is not None:
+            metrics_port.start()
+        logger.info("started: models %s from %s (ready: %s)", registry.names(), settings.store,
+                    registry.ready())  # fmt: skip
+        try:
+            yield
+        finally:
+            logger.info("shutting down: finishing queued requests")
+            if grpc_server is not None:  # its calls in flight finish before the batchers stop
+                await grpc_server.stop(settings.shutdown_timeout_s)
+            await registry.stop()
+            if sampler is not None:
+                sampler.stop(settings.shutdown_timeout_s)
+            if metrics_port is not None:  # scraped until the end: the drain shows on it
+                metrics_port.stop()
+            collector.cancel()
+
+    return lifespan
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -182,46 +273,36 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         settings.max_image_bytes, settings.max_image_request_bytes, settings.max_image_pixels
     )
     reader = RequestReader(
-        registry, settings.max_body_bytes, settings.max_inputs_per_request, images=images
+        registry,
+        settings.max_body_bytes,
+        settings.max_inputs_per_request,
+        images=images,
+        body_timeout_s=settings.body_total_timeout_s,
     )
     grpc_server = (
         _grpc_server(settings, registry, reader, admission, metrics) if settings.grpc_port else None
     )
 
-    @asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        if sampler is not None:
-            sampler.start()
-        await registry.start()
-        if grpc_server is not None:
-            await grpc_server.start()
-        metrics_server = (
-            start_http_server(settings.metrics_port, settings.host, metrics.registry)[0]
-            if settings.metrics_port
-            else None
-        )
-        logger.info("started: models %s from %s (ready: %s)", registry.names(), settings.store,
-                    registry.ready())  # fmt: skip
-        try:
-            yield
-        finally:
-            logger.info("shutting down: finishing queued requests")
-            if grpc_server is not None:  # its calls in flight finish before the batchers stop
-                await grpc_server.stop(settings.shutdown_timeout_s)
-            await registry.stop()
-            if sampler is not None:
-                sampler.stop(settings.shutdown_timeout_s)
-            if metrics_server is not None:  # scraped until the end: the drain shows on it
-                metrics_server.shutdown()
-                metrics_server.server_close()
+    metrics_port = (
+        MetricsPort(metrics.registry, settings.host, settings.metrics_port,
+                    read_timeout_s=settings.read_timeout_s)
+        if settings.metrics_port
+        else None
+    )  # fmt: skip
+    lifespan = _lifespan(settings, registry, sampler, grpc_server, metrics_port)
 
+    guarded = auth_dependencies(settings.api_keys)
+    docs_guarded = bool(guarded) and not settings.public_docs
     app = FastAPI(
         title="marginwatch",
         version=SERVER_VERSION,
         description="Classifier serving with a per-request brittleness flag.",
         lifespan=lifespan,
+        # FastAPI's own documentation routes take no dependencies: behind the key, ours stand in
+        openapi_url=None if docs_guarded else OPENAPI_URL,
+        docs_url=None if docs_guarded else "/docs",
+        redoc_url=None if docs_guarded else "/redoc",
     )
-    guarded = auth_dependencies(settings.api_keys)
     errors = error_responses(STATUS_OF.values())
     routers = [
         build_v1_router(reader, dependencies=guarded, errors=errors),
@@ -232,6 +313,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     ]
     if not settings.metrics_port:
         routers.append(_metrics_router(metrics, guarded if settings.protect_metrics else []))
+    if docs_guarded:
+        routers.append(_docs_router(app, guarded))
     splice_routes(app, routers)
     guard_routes(app.router.routes, INFERENCE_ENDPOINTS, admission)
     for error_type, status in STATUS_OF.items():

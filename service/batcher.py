@@ -23,6 +23,9 @@ so a rise in traffic turns batching back on. Each request gets back exactly its 
 is deterministic per sample, so a sample's result does not depend on which batch it lands in (the
 batch-invariance test holds the engine to that).
 
+A request whose deadline has already passed when it is submitted (its body took that long to
+arrive or to decode) is refused at once, before either path: the lone path never queues it.
+
 `submit` enqueues before its first suspension point: a caller that looked the batcher up and
 submits without awaiting in between is sure to be served even if `close()` is called right after.
 """
@@ -125,11 +128,18 @@ class MicroBatcher:
         if self._closing or self._loop is None:
             raise ModelNotReady(f"model {self._name!r} is not taking requests")
         self.check_room(size)
+        now = time.monotonic()
+        due = math.inf if deadline is None else deadline
+        if due <= now:  # on every path, the lone request's too: its batch could not start in time
+            raise Overloaded(
+                f"model {self._name!r}: the request's deadline passed {now - due:.3f} s before "
+                "it reached the queue; retry later",
+                "deadline",
+            )
         if self._may_run_alone(size):
             return self._run(x)
         future: asyncio.Future[Prediction] = self._loop.create_future()
-        due = math.inf if deadline is None else deadline
-        self._pending.append(_Pending(x, future, time.monotonic(), due))
+        self._pending.append(_Pending(x, future, now, due))
         self._queued_samples += size
         self._idle.clear()
         if self._executing:

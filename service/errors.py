@@ -29,6 +29,10 @@ class PayloadTooLarge(ServiceError):
     """The request body is larger than `max_body_bytes`."""
 
 
+class RequestTimeout(ServiceError):
+    """The client took longer than the service allows to send its request's body."""
+
+
 class Unauthorized(ServiceError):
     """No API key, or one that is not accepted."""
 

@@ -5,16 +5,19 @@ hands them over, not yet decoded, as `EncodedImages`; the request reader (`paylo
 them for the model that will serve the request (`decode_images`), always in its parse thread: a
 1 KiB PNG can claim millions of pixels, so no body is small enough to decode on the event loop.
 
-Every limit is checked before a pixel is decoded: how many files (`max_inputs`), the bytes of each
-file and of all of them (`ImageLimits`; base64 is measured before it is decoded), the format (by
-its first bytes: PNG, JPEG or WebP, nothing else), then, from each file's header, its pixels
-(`max_image_pixels`: a decompression bomb is refused on what it claims) and its size. The files
-are opened with Pillow's PNG, JPEG and WebP readers themselves rather than `Image.open`, whose
+Every limit is checked before a pixel is decoded: first for the request, how many files
+(`max_inputs`) and the bytes of each file and of all of them (`ImageLimits`; base64 is measured
+before it is decoded); then for each file, just before it is decoded (one at a time, so that at most
+one file is open), its format (by its first bytes: PNG, JPEG or WebP, nothing else), a JPEG's scan
+count (`MAX_JPEG_SCANS`: a scan bomb costs seconds of CPU), and from its header its pixels
+(`max_image_pixels`: a decompression bomb is refused on what it claims) and its size. A PNG's text
+chunks are capped (`PNG_TEXT_BYTES`), since Pillow keeps them with the open file. The files are
+opened with Pillow's PNG, JPEG and WebP readers themselves rather than `Image.open`, whose
 decompression-bomb check would warn to the log or raise for sizes that only `max_image_pixels`
 should decide; a WebP file's size is read from its header here, before Pillow's reader, which
-allocates the whole canvas as it opens a file. The pixels are then read exactly as the
-image-folder loader reads them (`models/data.py`: `image_pixels`, `to_channels`, `unit_floats`),
-so an image sent here and the same file in a calibration folder are the same input to the model.
+allocates the whole canvas as it opens a file. The pixels are then read exactly as the image-folder
+loader reads them (`models/data.py`: `image_pixels`, `to_channels`, `unit_floats`), so an image sent
+here and the same file in a calibration folder are the same input to the model.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import ImageFile
+from PIL import ImageFile, PngImagePlugin
 from PIL.JpegImagePlugin import JpegImageFile
 from PIL.PngImagePlugin import PngImageFile
 from PIL.WebPImagePlugin import WebPImageFile
@@ -45,6 +48,13 @@ from marginwatch.service.errors import InvalidInput, PayloadTooLarge, Unsupporte
 MAX_IMAGE_BYTES = 512 * 1024
 MAX_IMAGE_REQUEST_BYTES = 768 * 1024
 MAX_IMAGE_PIXELS = 2048 * 2048
+# A PNG's text chunks (tEXt, zTXt, iTXt), which Pillow keeps in memory with the open file: at
+# most this many bytes decompressed per chunk and per file (`_cap_png_text`)
+PNG_TEXT_CHUNK_BYTES = 64 * 1024
+PNG_TEXT_BYTES = 256 * 1024
+# Scans of one JPEG file: encoders write 1 (baseline) to about 10 (progressive, libjpeg's
+# default script); each one costs a pass over the whole image (`_check_scans`)
+MAX_JPEG_SCANS = 100
 ACCEPTED = "PNG, JPEG and WebP"
 RESIZE = "resize"  # the option's name in JSON, in a form and in the query string
 FORM_FILE = "file"  # the form field of every image file (repeated for several)
@@ -266,6 +276,8 @@ def _open(name: str, raw: bytes, max_pixels: int) -> tuple[ImageFile.ImageFile, 
         raise UnsupportedMediaType(
             f"{name} {sent}: only {ACCEPTED} files are accepted, no other formats"
         )
+    if kind == "JPEG":
+        _check_scans(name, raw)
     if kind == "WEBP":  # its reader allocates the whole canvas as it opens the file
         size = _webp_size(raw)
         if size is None:
@@ -281,6 +293,21 @@ def _open(name: str, raw: bytes, max_pixels: int) -> tuple[ImageFile.ImageFile, 
         image.close()
         raise
     return image, kind
+
+
+def _check_scans(name: str, raw: bytes) -> None:
+    """Refuse a JPEG of more than `MAX_JPEG_SCANS` scans, counted by their SOS markers before
+    a byte is decoded (one C-level search, about 50 µs for 512 KB). libjpeg decodes every scan
+    over the whole image: a 512 KB progressive 2048×2048 file of about 31,000 scans took 10 s
+    of CPU, with the parse thread held all along. In entropy-coded data an 0xFF byte is always
+    followed by 0x00 or a restart marker, so the count is exact but for markers inside
+    metadata (an embedded EXIF thumbnail adds its own one)."""
+    scans = raw.count(b"\xff\xda")
+    if scans > MAX_JPEG_SCANS:
+        raise InvalidInput(
+            f"{name} is a JPEG of {scans} scans; the limit is {MAX_JPEG_SCANS} (a progressive "
+            "JPEG has about 10): send it as a baseline or ordinary progressive JPEG"
+        )
 
 
 def _check_pixels(name: str, size: tuple[int, int], max_pixels: int) -> None:
@@ -330,28 +357,36 @@ def decode_images(
     `input_range`: 8-bit grayscale or RGB, alpha dropped, gray repeated into RGB or colour to
     luma as the model's channels need (`models.data.to_channels`), resized to H×W (bilinear) if
     `resize`, else refused unless of that size; pixel values / 255, then mapped linearly onto
-    `input_range` (the identity for [0, 1]). Limits and headers of every file are checked
-    before the first is decoded."""
+    `input_range` (the identity for [0, 1]). The request's limits (count, bytes) are checked
+    before the first file is opened; each file's header (format, pixels, size) before it is
+    decoded, one file at a time."""
     channels, height, width = _target_shape(input_shape)
     _check_sizes(encoded, limits, max_inputs)
-    opened = []
-    try:
-        for name, data in encoded.files:
-            image, kind = _open(name, _raw(name, data, encoded.base64), limits.max_image_pixels)
-            opened.append((name, image, kind))
+    _cap_png_text()
+    batch = np.empty((len(encoded.files), channels, height, width), dtype=np.uint8)
+    for index, (name, data) in enumerate(encoded.files):
+        # one file at a time, opened, decoded and closed before the next is opened: an open
+        # file holds what its reader has read so far (a PNG's text chunks, a JPEG's tables)
+        image, kind = _open(name, _raw(name, data, encoded.base64), limits.max_image_pixels)
+        with image:
             if not resize and (image.height, image.width) != (height, width):
                 raise InvalidInput(
                     f"{name} is {image.height}×{image.width} (height×width) but the model takes "
                     f"{height}×{width}: send images of that size, or set {RESIZE}=true to "
                     "resize them (bilinear, aspect ratio not kept)"
                 )
-        batch = np.empty((len(opened), channels, height, width), dtype=np.uint8)
-        for index, (name, image, kind) in enumerate(opened):
             batch[index] = to_channels(_pixels(name, image, kind, (height, width)), channels)
-    finally:
-        for _, image, _ in opened:
-            image.close()
     return _in_range(unit_floats(batch), input_range)
+
+
+def _cap_png_text() -> None:
+    """Pillow's limits on a PNG's text chunks, lowered from 1 MB a chunk and 64 MB a file (which
+    11 files of 63 compressed 1 MB chunks turned into 818 MB) to `PNG_TEXT_CHUNK_BYTES` and
+    `PNG_TEXT_BYTES`: the model never reads the text, and a file with more is refused (400).
+    Pillow reads them as module attributes when it meets a text chunk; set here, where the
+    service decodes images, rather than at import."""
+    PngImagePlugin.MAX_TEXT_CHUNK = PNG_TEXT_CHUNK_BYTES
+    PngImagePlugin.MAX_TEXT_MEMORY = PNG_TEXT_BYTES
 
 
 def _pixels(name: str, image: ImageFile.ImageFile, kind: str, size: tuple[int, int]) -> np.ndarray:

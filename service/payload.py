@@ -2,11 +2,12 @@
 
 `RequestReader.read` takes an inference request from the path to one validated float32 batch:
 the model's deployment, the Content-Type, the body's size limit (from Content-Length, and again
-while streaming), admission (`admission.py`: body bytes reserved before the body is read, a place
-taken before it is parsed), the protocol's own decoding (a `BodyFormat`: orjson plus the pydantic
-model, the binary tensor extension, or image files: `images.py`) and the batch checks (shape,
-size, NaN/Inf, range). Every problem raises a domain error whose message names it; nothing here
-computes a prediction.
+while streaming) and total time limit, admission (`admission.py`: body bytes charged as they
+arrive, a place taken before it is parsed; a request whose client leaves, or whose deadline
+passes, while it waits for its place or its decoding gives them back at once), the protocol's
+own decoding (a `BodyFormat`: orjson plus the pydantic model, the binary tensor extension, or
+image files: `images.py`) and the batch checks (shape, size, NaN/Inf, range). Every problem
+raises a domain error whose message names it; nothing here computes a prediction.
 
 A model's body limit is its largest legal request in the body's encoding: `max_inputs` samples
 of its input shape, at `JSON_BYTES_PER_VALUE` or, for the binary tensor extension, 4 bytes a
@@ -23,7 +24,9 @@ import asyncio
 import itertools
 import math
 import re
-from collections.abc import Callable, Sequence
+import time
+from asyncio import FIRST_COMPLETED
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Generic, Literal, TypeVar
@@ -32,10 +35,16 @@ import numpy as np
 import orjson
 from pydantic import BaseModel, ValidationError
 from starlette.datastructures import Headers
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 from marginwatch.service.admission import Ticket, ticket_of
-from marginwatch.service.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
+from marginwatch.service.errors import (
+    InvalidInput,
+    Overloaded,
+    PayloadTooLarge,
+    RequestTimeout,
+    UnsupportedMediaType,
+)
 from marginwatch.service.fastpath import model_name
 from marginwatch.service.images import (
     RESIZE,
@@ -47,6 +56,7 @@ from marginwatch.service.images import (
 from marginwatch.service.registry import Deployment, ModelRegistry
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
+T = TypeVar("T")
 OptionsT = TypeVar("OptionsT")
 JSON = "application/json"
 OCTET_STREAM = "application/octet-stream"
@@ -119,6 +129,7 @@ class RequestReader:
     max_inputs: int
     parser: ThreadPoolExecutor = field(default_factory=_one_parser)
     images: ImageLimits = field(default_factory=ImageLimits)
+    body_timeout_s: float = 10.0  # the whole body must arrive within this (a setting)
 
     async def read(
         self, request: Request, body_format: BodyFormat[OptionsT]
@@ -132,34 +143,51 @@ class RequestReader:
         check_content_type(request, body_format.media_types)
         ticket = ticket_of(request.scope)
         limit = self._admit_body(request, deployment, body_format, ticket)
-        chunks: list[bytes] = []
-        received = 0
-        async for chunk in request.stream():
-            received += len(chunk)
-            if received > limit:  # a chunked body declares no length
-                raise PayloadTooLarge(f"the body exceeds the limit of {limit} bytes")
-            chunks.append(chunk)
-        if not received:
-            raise InvalidInput("the request body is empty")
-        body = b"".join(chunks)
+        body = await self._body(request, limit, ticket)
         if ticket is not None and not ticket.take_free_place():
-            await ticket.take_place()
+            await abandonable(request, ticket, ticket.take_place())
         # looked up again: a reload may have swapped the version while the body streamed in, and
         # the batch must fit the version that will serve it
         deployment = self.registry.get(name)
+        loop = asyncio.get_running_loop()
         if len(body) <= PARSE_OFF_LOOP_BYTES:
             x, options = self._decode(deployment, body_format, body, request.headers)
         else:
-            x, options = await asyncio.get_running_loop().run_in_executor(
+            decoded = loop.run_in_executor(
                 self.parser, self._decode, deployment, body_format, body, request.headers
             )
+            x, options = await abandonable(request, ticket, decoded)
         if isinstance(x, EncodedImages):
             del body  # the files are in `x`
             resize = resize_option(x.resize, request.query_params.get(RESIZE))
-            x = await asyncio.get_running_loop().run_in_executor(
-                self.parser, self._decode_images, deployment, x, resize
-            )
+            pixels = loop.run_in_executor(self.parser, self._decode_images, deployment, x, resize)
+            x = await abandonable(request, ticket, pixels)
         return deployment, x, options
+
+    async def _body(self, request: Request, limit: int, ticket: Ticket | None) -> bytes:
+        """The whole body, its bytes charged to the body budget as they arrive (a client that
+        declares a large body and trickles it holds only what it sent), within `body_timeout_s`
+        in all (a client that sends a byte just before each read time-out holds no request
+        forever)."""
+        chunks: list[bytes] = []
+        received = 0
+        try:
+            async with asyncio.timeout(self.body_timeout_s):
+                async for chunk in request.stream():
+                    received += len(chunk)
+                    if received > limit:  # a chunked body declares no length
+                        raise PayloadTooLarge(f"the body exceeds the limit of {limit} bytes")
+                    if ticket is not None:
+                        ticket.reserve_bytes(len(chunk))
+                    chunks.append(chunk)
+        except TimeoutError:
+            raise RequestTimeout(
+                f"the body took longer than {self.body_timeout_s:g} s to arrive "
+                f"(body_total_timeout_s); {received} bytes arrived"
+            ) from None
+        if not received:
+            raise InvalidInput("the request body is empty")
+        return b"".join(chunks)
 
     def _admit_body(
         self,
@@ -168,8 +196,8 @@ class RequestReader:
         body_format: BodyFormat[Any],
         ticket: Ticket | None,
     ) -> int:
-        """The body's size limit, once the body is known to fit it and admission has taken it
-        (room in the model's queue, its bytes reserved): all before a byte of it is read."""
+        """The body's size limit, once the declared length is known to fit it and the model's
+        queue to have room: before a byte of the body is read."""
         marker = body_format.binary_header
         binary = marker is not None and marker in request.headers
         images: ImageBody = None
@@ -189,8 +217,10 @@ class RequestReader:
         images: ImageBody = None,
     ) -> int:
         """The size limit of a request to `deployment`, once its `size` (None: not declared) is
-        known to fit it and admission has taken it. Both transports call it: HTTP with the
-        Content-Length before reading the body, gRPC with the size of the message it got."""
+        known to fit it, its model's queue has room and the body budget could ever hold it. Both
+        transports call it: HTTP with the Content-Length before reading the body (whose bytes
+        are charged as they arrive), gRPC with the size of the message it got (which it then
+        charges whole)."""
         limit = self._limit(deployment, binary, images)
         if self.max_body_bytes is not None:
             limit = min(limit, self.max_body_bytes)
@@ -201,7 +231,8 @@ class RequestReader:
             )
         if ticket is not None:
             deployment.batcher.check_room()
-            ticket.reserve_bytes(limit if size is None else size)
+            if size is not None:
+                ticket.check_size(size)
         return limit
 
     def _limit(self, deployment: Deployment, binary: bool, images: ImageBody) -> int:
@@ -268,6 +299,40 @@ class RequestReader:
             max_inputs=self.max_inputs,
             what=what,
         )
+
+
+async def abandonable(request: Request, ticket: Ticket | None, work: Awaitable[T]) -> T:
+    """`await work`, unless the client leaves (`ClientDisconnect`) or the request's deadline
+    passes (`Overloaded`) first. `work` is then cancelled, so a decoding still queued for the
+    parse thread never starts, and the route's guard closes the ticket at once, giving its place
+    and body bytes to requests that can still be served: a request waiting behind a slow decode
+    no longer holds them until its turn comes (issue 19)."""
+    if ticket is None:
+        return await work
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_client_gone(request))
+    try:
+        left = max(0.0, ticket.deadline - time.monotonic())
+        done, _ = await asyncio.wait((task, gone), timeout=left, return_when=FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        task.cancel()  # a no-op once it is done
+    if task in done:
+        return task.result()
+    if gone in done:
+        raise ClientDisconnect()
+    raise Overloaded(
+        "the request's deadline passed while it waited for its place or its decoding; retry later",
+        "deadline",
+    )
+
+
+async def _client_gone(request: Request) -> None:
+    """Returns once the client disconnects. Called after the whole body was read: the next
+    ASGI message can only be the disconnect (or nothing, until the response is sent)."""
+    message = await request.receive()
+    if message["type"] != "http.disconnect":
+        await asyncio.Event().wait()  # never set: nothing to watch for any more
 
 
 def check_content_type(request: Request, allowed: Sequence[str]) -> None:

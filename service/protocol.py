@@ -60,6 +60,7 @@ class ReadTimeoutProtocol(HttpToolsProtocol):
         self._fresh = True  # no request begun yet
         self._in_request = False  # between a request's first byte and its last
         self._in_headers = False
+        self._draining = False  # the server is shutting down (`shutdown`)
         self._arm(self.read_timeout_s)
         if self.listener is not None:
             self._accept_waiting(self.listener)
@@ -109,6 +110,20 @@ class ReadTimeoutProtocol(HttpToolsProtocol):
         # the new request's task waits its turn in the event loop (admission.py)
         self.scope[ARRIVED] = time.monotonic()  # type: ignore[literal-required]
         super().on_headers_complete()
+        if self._draining:  # answered, then the connection closes (`shutdown`)
+            self.cycle.keep_alive = False
+
+    def shutdown(self) -> None:
+        """uvicorn's graceful shutdown, without closing an idle keep-alive connection at once:
+        a client that sent a request on it just then (before it could see the close) got a
+        connection reset. Now the connection stays open until its keep-alive (or, fresh, its
+        read) time-out closes it, as when the server is not stopping; a request that arrives
+        meanwhile is served, its response saying `Connection: close`. A request in flight is
+        answered with `Connection: close`, as before. Shutdown waits for these connections (at
+        most the time-out, within `shutdown_timeout_s`)."""
+        self._draining = True
+        if self.cycle is not None and not self.cycle.response_complete:
+            self.cycle.keep_alive = False
 
     def on_message_complete(self) -> None:
         self._in_request = False

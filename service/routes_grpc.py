@@ -6,10 +6,13 @@ A thin adapter over the v2 route's read → infer → serialise path: only the w
 `raw_input_contents` playing the binary tensor extension's part, so the protocol's checks
 (`routes_v2.input_array`, `requested_outputs`), the request reader's limits and batch checks
 (`RequestReader.admit`, `RequestReader.check`), admission (`admission.py`), the deployment's
-batcher, the output table (`engine.SERVED_OUTPUTS`), the API keys (`auth.py`) and the request
-metrics are the HTTP path's own. Errors take their gRPC code from `app.GRPC_STATUS_OF`, beside
-the HTTP table; the request metrics count a call under the endpoint `grpc_<method>` with the
-status class of the HTTP status its outcome has, so an error ratio reads the same on both.
+batcher, the output table (`engine.SERVED_OUTPUTS`), the API keys (`auth.py`, checked by a server
+interceptor before the message is deserialized) and the request metrics are the HTTP path's
+own. Errors take their gRPC code from `app.GRPC_STATUS_OF`, beside the HTTP table; the request
+metrics count a call under the endpoint `grpc_<method>` with the status class of the HTTP status
+its outcome has, so an error ratio reads the same on both. Memory: a failed call keeps nothing
+alive once aborted (`rpc`), and a message larger than any legal request is refused by gRPC as it
+arrives (`GrpcServer`).
 
 Outputs come back in the form the inputs came in: `raw_output_contents` for a request with
 `raw_input_contents` (what tritonclient sends), typed `contents` for one with typed contents.
@@ -28,9 +31,11 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 import time
 import weakref
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, NoReturn, Protocol, TypeVar
 
 import grpc
@@ -54,6 +59,7 @@ from marginwatch.service.errors import (
     Overloaded,
     ServiceError,
     ShedReason,
+    Unauthorized,
 )
 from marginwatch.service.metrics import ServiceMetrics
 from marginwatch.service.middleware import CLIENT_CLOSED_REQUEST, UNKNOWN_MODEL
@@ -90,6 +96,7 @@ CONTENTS_FIELD = {
     "FP32": "fp32_contents",
     "FP64": "fp64_contents",
 }
+HEALTH_METHODS = frozenset({"ServerLive", "ServerReady"})  # keyed only with protect_health
 WHAT = f"input {INPUT_NAME!r}"  # how error messages name the input, as in the v2 route
 
 
@@ -97,7 +104,6 @@ class Context(Protocol):
     """What the handlers use of `grpc.aio.ServicerContext` (grpcio ships no type hints)."""
 
     async def abort(self, code: grpc.StatusCode, details: str) -> NoReturn: ...
-    def invocation_metadata(self) -> Sequence[tuple[str, str | bytes]] | None: ...
     def time_remaining(self) -> float | None: ...
 
 
@@ -232,26 +238,39 @@ def tensor_metadata(specs: Sequence[TensorSpec]) -> list[pb.ModelMetadataRespons
 Handler = Callable[["InferenceServicer", Any, Context], Awaitable[Any]]
 
 
-def rpc(
-    endpoint: str, *, model: str | None = None, health: bool = False
-) -> Callable[[Handler], Handler]:
-    """An RPC's handler, run through `InferenceServicer._answer` (API key, request metrics under
-    `endpoint`, error tables). `model` names the request field that holds the model's name;
-    `health` calls need a key only with `protect_health`, as /v2/health/* do, and the rest
-    whenever keys are set, as /v2 and /v2/models/* do."""
+def rpc(endpoint: str, *, model: str | None = None) -> Callable[[Handler], Handler]:
+    """An RPC's handler, run through `InferenceServicer._answer` (request metrics under
+    `endpoint`, error tables); the API key was checked before the message was read
+    (`KeyInterceptor`). `model` names the request field that holds the model's name.
+
+    A failed call is aborted here, once `_answer` has returned and the handler's arguments are
+    gone: `context.abort` raises, and the exception's traceback holds every frame it passes
+    through. Aborted inside `except`, the handled error (whose traceback holds the handler's
+    frame, and so the request) was kept alive with it, in reference cycles that only the
+    cyclic collector frees; a 90 MB message stayed in memory per failed call."""
 
     def wrap(handler: Handler) -> Handler:
         @functools.wraps(handler)
         async def method(self: InferenceServicer, request: Any, context: Context) -> Any:
             name = None if model is None else getattr(request, model)
-            protected = self._protect_health if health else True
-            return await self._answer(
-                context, endpoint, name, protected, lambda: handler(self, request, context)
-            )
+            work = functools.partial(handler, self, request, context)
+            del request  # from here on only `work` holds it, and `_answer` lets it go
+            outcome = await self._answer(endpoint, name, work)
+            if isinstance(outcome, Failure):
+                await context.abort(outcome.code, outcome.details)
+            return outcome
 
         return method
 
     return wrap
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """How a call failed: its gRPC code and the message the client is told."""
+
+    code: grpc.StatusCode
+    details: str
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
@@ -264,8 +283,6 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         reader: RequestReader,
         admission: Admission,
         metrics: ServiceMetrics,
-        api_keys: Sequence[SecretStr],
-        protect_health: bool,
         http_status: Mapping[type[Exception], int],
         grpc_status: Mapping[type[Exception], str],
     ) -> None:
@@ -273,21 +290,19 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self._reader = reader
         self._admission = admission
         self._metrics = metrics
-        self._keys = accepted_keys(api_keys)
-        self._protect_health = protect_health
         self._http_status = http_status
         self._grpc_status = {error: grpc.StatusCode[name] for error, name in grpc_status.items()}
         self._headers: weakref.WeakKeyDictionary[ServedModel, pb.ModelInferResponse] = (
             weakref.WeakKeyDictionary()
         )
 
-    @rpc("grpc_server_live", health=True)
+    @rpc("grpc_server_live")
     async def ServerLive(
         self, request: pb.ServerLiveRequest, context: Context
     ) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=True)
 
-    @rpc("grpc_server_ready", health=True)
+    @rpc("grpc_server_ready")
     async def ServerReady(
         self, request: pb.ServerReadyRequest, context: Context
     ) -> pb.ServerReadyResponse:
@@ -338,7 +353,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             name, version = request.model_name, request.model_version
             deployment = self._deployment(name, version)
             # the message has arrived whole: its size is checked and reserved, as a body's is
-            self._reader.admit(deployment, request.ByteSize(), binary=True, ticket=ticket)
+            size = request.ByteSize()
+            self._reader.admit(deployment, size, binary=True, ticket=ticket)
+            ticket.reserve_bytes(size)
             if not ticket.take_free_place():
                 await ticket.take_place()
             deployment = self._deployment(name, version)  # a reload may have come meanwhile
@@ -354,33 +371,26 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             ticket.close()
 
     async def _answer(
-        self,
-        context: Context,
-        endpoint: str,
-        model: str | None,
-        protected: bool,
-        work: Callable[[], Awaitable[ResponseT]],
-    ) -> ResponseT:
-        """`work()`'s response, or the call aborted with the error's code and message; either
-        way counted in the request metrics."""
+        self, endpoint: str, model: str | None, work: Callable[[], Awaitable[ResponseT]]
+    ) -> ResponseT | Failure:
+        """`work()`'s response, or the `Failure` to abort the call with (the caller aborts, see
+        `rpc`); either way counted in the request metrics."""
         started = time.perf_counter()
         status = CLIENT_CLOSED_REQUEST  # what a call counts as if the client cancels it
         shed: ShedReason | None = None
         try:
-            if protected and self._keys:
-                verify_key(self._keys, presented_key(_call_headers(context)))
-            response = await work()
-        except Exception as error:
+            response: ResponseT | Failure = await work()
+            status = HTTP_OK
+        except Exception as error:  # only plain values leave this clause: no traceback
             status = lookup(self._http_status, error)
             shed = error.reason if isinstance(error, Overloaded) else None
-            await context.abort(lookup(self._grpc_status, error), _client_message(error, endpoint))
-        else:
-            status = HTTP_OK
-            return response
+            response = Failure(lookup(self._grpc_status, error), _client_message(error, endpoint))
         finally:
+            del work
             label = "" if model is None else model if self._registry.known(model) else UNKNOWN_MODEL
             seconds = time.perf_counter() - started
             self._metrics.observe_request(label, endpoint, status, seconds, shed)
+        return response
 
     def _header(self, deployment: Deployment) -> pb.ModelInferResponse:
         """`response_header`, built once per loaded version: setting its eight parameters cost
@@ -401,11 +411,58 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return deployment
 
 
-def _call_headers(context: Context) -> dict[str, str]:
-    """The call's text metadata as headers (keys are lower-case in gRPC); the first of a
+class KeyInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc is untyped
+    """Checks a call's API key from its metadata alone, before its message is deserialized:
+    a keyless call costs no parsing (its bytes, bounded by the message limit, are dropped
+    unread). Health calls need a key only with `protect_health`, as /v2/health/* do; the rest
+    whenever keys are set, as /v2 and /v2/models/* do. A refused call is counted under its
+    endpoint; its model is `_unknown`, since the model's name is inside the unread message."""
+
+    def __init__(
+        self,
+        api_keys: Sequence[SecretStr],
+        *,
+        protect_health: bool,
+        metrics: ServiceMetrics,
+        http_status: Mapping[type[Exception], int],
+    ) -> None:
+        self._keys = accepted_keys(api_keys)
+        self._protect_health = protect_health
+        self._metrics = metrics
+        self._status = lookup(http_status, Unauthorized(""))
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[Any], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        method = str(details.method).rsplit("/", 1)[-1]
+        if self._keys and (self._protect_health or method not in HEALTH_METHODS):
+            headers = _call_headers(details.invocation_metadata)
+            try:
+                verify_key(self._keys, presented_key(headers))
+            except Unauthorized as error:
+                return self._refusal(method, str(error))
+        return await continuation(details)
+
+    def _refusal(self, method: str, message: str) -> grpc.RpcMethodHandler:
+        endpoint = "grpc_" + re.sub(r"(?<!^)(?=[A-Z])", "_", method).lower()
+        model = UNKNOWN_MODEL if method.startswith("Model") else ""
+
+        async def refuse(request: bytes, context: Context) -> NoReturn:
+            del request  # the undecoded message: not kept alive by the abort's traceback
+            self._metrics.observe_request(model, endpoint, self._status, 0.0, None)
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+        # no request_deserializer: the message reaches `refuse` as bytes, never parsed
+        return grpc.unary_unary_rpc_method_handler(refuse)
+
+
+def _call_headers(metadata: Sequence[tuple[str, str | bytes]] | None) -> dict[str, str]:
+    """A call's text metadata as headers (keys are lower-case in gRPC); the first of a
     repeated key wins, as Starlette's `headers.get` does."""
     headers: dict[str, str] = {}
-    for key, value in context.invocation_metadata() or ():
+    for key, value in metadata or ():
         if isinstance(value, str):
             headers.setdefault(key, value)
     return headers
@@ -429,30 +486,46 @@ def _client_message(error: Exception, endpoint: str) -> str:
 
 
 class GrpcServer:
-    """The `grpc.aio` server on the running event loop; `start()` binds, `stop()` drains."""
+    """The `grpc.aio` server on the running event loop; `start()` binds, `stop()` drains.
+
+    `max_message_bytes()` is asked once, at `start()` (after the models loaded, since a
+    model's largest request depends on its input shape): gRPC refuses a larger message as it
+    arrives, before it is held whole or parsed."""
 
     def __init__(
-        self, servicer: InferenceServicer, *, host: str, port: int, max_message_bytes: int
+        self,
+        servicer: InferenceServicer,
+        interceptor: KeyInterceptor,
+        *,
+        host: str,
+        port: int,
+        max_message_bytes: Callable[[], int],
     ) -> None:
         self._servicer = servicer
+        self._interceptor = interceptor
         self._address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         self._max_message_bytes = max_message_bytes
         self._server: grpc.aio.Server | None = None
 
     async def start(self) -> None:
+        limit = self._max_message_bytes()
         server = grpc.aio.server(
+            interceptors=[self._interceptor],
             options=[
                 # gRPC shares a taken port by default (SO_REUSEPORT): fail as uvicorn does
                 ("grpc.so_reuseport", 0),
-                # a larger message could never be admitted; refused before it is parsed
-                ("grpc.max_receive_message_length", self._max_message_bytes),
-            ]
+                ("grpc.max_receive_message_length", limit),
+            ],
         )
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(self._servicer, server)
         server.add_insecure_port(self._address)  # raises if it cannot bind: start-up fails
         await server.start()
         self._server = server
-        logger.info("serving the Open Inference Protocol over gRPC on %s", self._address)
+        logger.info(
+            "serving the Open Inference Protocol over gRPC on %s (messages up to %d bytes)",
+            self._address,
+            limit,
+        )
 
     async def stop(self, grace_s: float) -> None:
         """Refuse new calls, give those in flight `grace_s` to finish, then cancel them."""

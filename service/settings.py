@@ -9,7 +9,7 @@ start-up with pydantic's message naming the field and never quoting the value: A
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Final, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -20,6 +20,10 @@ from marginwatch.service.images import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, MAX_IM
 LogFormat = Literal["text", "json"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 Device = Literal["auto", "cpu", "cuda"]
+# The rate that setting traffic_dir alone samples at: about 1 in 100 inputs, which a day of
+# modest traffic turns into the few hundred points a check attacks, at 1 % of the request rate
+# in disk writes.
+DEFAULT_TRAFFIC_SAMPLE_RATE: Final = 0.01
 
 
 def _split_commas(value: object) -> object:
@@ -139,9 +143,10 @@ class Settings(BaseSettings):
     max_inflight_body_bytes: int = Field(
         default=96 * 1024 * 1024,
         ge=1024 * 1024,
-        description="request body bytes the process holds at once: a request reserves its "
-        "Content-Length before its body is read, and is refused (503) if it does not fit; peak "
-        "memory grows by about 1.5 times this (docs/benchmarks.md sizes it for a container)",
+        description="request body bytes the process holds at once: a request's bytes are "
+        "charged as they arrive, and it is refused (503) when they do not fit (413 at once if "
+        "its Content-Length never could); peak memory grows by about 1.5 times this "
+        "(docs/benchmarks.md sizes it for a container)",
     )
     max_inflight_requests: int = Field(
         default=128,
@@ -169,6 +174,14 @@ class Settings(BaseSettings):
         le=3600,
         description="a client has this long to send a request's headers (from its first byte, or "
         "from connecting), and may not pause longer while sending a body; else it is disconnected",
+    )
+    body_total_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        le=3600,
+        description="a request's whole body must arrive within this many seconds of its "
+        "headers, however steadily it trickles in; else it is answered 408 and the connection "
+        "closed",
     )
     reload_interval_s: float = Field(
         default=5.0, ge=0, description="how often CURRENT pointers are polled; 0 turns reload off"
@@ -201,12 +214,13 @@ class Settings(BaseSettings):
         le=1,
         description="fraction of served inputs written, with their label, score, flag and "
         "calibration version, to traffic_dir for the calibration job's check of the flag; the "
-        "inputs are user data; 0: off",
+        f"inputs are user data. Unset: {DEFAULT_TRAFFIC_SAMPLE_RATE:g} when traffic_dir is set, "
+        "else 0 (off); 0 with traffic_dir set samples nothing and warns at start-up",
     )
     traffic_dir: Path | None = Field(
         default=None,
         description="writable folder for sampled traffic (`<dir>/<model>/<UTC day>/*.npz`), "
-        "never the store; required when traffic_sample_rate is above 0",
+        "never the store; setting it turns sampling on (see traffic_sample_rate)",
     )
     traffic_max_bytes_per_day: int = Field(
         default=256 * 1024 * 1024,
@@ -241,12 +255,30 @@ class Settings(BaseSettings):
     )
     protect_health: bool = Field(default=False, description="require an API key for /v2/health/*")
     protect_metrics: bool = Field(default=False, description="require an API key for /metrics")
+    public_docs: bool = Field(
+        default=False,
+        description="with api_keys set, leave /docs, /redoc and /openapi.json open to clients "
+        "without a key (they describe the API, not its data); without keys they are always open",
+    )
     shutdown_timeout_s: float = Field(
         default=30.0, gt=0, description="how long shutdown waits for requests in flight"
     )
     log_format: LogFormat = Field(default="text", description="text for people, json for machines")
     log_level: LogLevel = Field(default="info", description="lowest level logged")
     access_log: bool = Field(default=False, description="log one line per request (uvicorn's)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _folder_turns_sampling_on(cls, data: Any) -> Any:
+        """A traffic folder without a rate samples at the default rate: setting the folder is
+        how a user asks for sampling. An explicit rate, 0 included, is kept."""
+        if (
+            isinstance(data, dict)
+            and data.get("traffic_dir") not in (None, "")
+            and data.get("traffic_sample_rate") is None
+        ):
+            return {**data, "traffic_sample_rate": DEFAULT_TRAFFIC_SAMPLE_RATE}
+        return data
 
     @field_validator("models", "api_keys", mode="before")
     @classmethod

@@ -31,6 +31,7 @@ import numpy as np
 from marginwatch.artifact.traffic import TrafficShard, day_bytes, day_folder, prune, write_shard
 from marginwatch.service.engine import Prediction
 from marginwatch.service.metrics import ServiceMetrics, TrafficDropReason
+from marginwatch.service.settings import DEFAULT_TRAFFIC_SAMPLE_RATE
 
 logger = logging.getLogger("marginwatch.service")
 
@@ -92,6 +93,21 @@ class RateLimitedWarning:
         held, self._held, self._last = self._held, 0, now
         suffix = f" ({held} similar warnings held back)" if held else ""
         logger.warning(message + suffix, *args, exc_info=exc_info)
+
+
+def warn_if_sampling_off(traffic_dir: Path | None, rate: float) -> bool:
+    """Log, at start-up, a traffic folder set with the rate 0: the folder alone turns sampling
+    on, so a 0 beside it is likely a leftover, and the check would later find no traffic."""
+    if traffic_dir is None or rate > 0:
+        return False
+    logger.warning(
+        "traffic sampling is off: MARGINWATCH_TRAFFIC_DIR is set (%s) but "
+        "MARGINWATCH_TRAFFIC_SAMPLE_RATE is 0 (unset the rate to sample %g of the inputs, or "
+        "unset the folder to silence this)",
+        traffic_dir,
+        DEFAULT_TRAFFIC_SAMPLE_RATE,
+    )
+    return True
 
 
 def gap(rate: float, uniform: Callable[[], float] = random.random) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -188,3 +189,29 @@ def test_small_batches_leave_the_loops_thread_only_when_work_waits_behind_them(
     assert [size for size, _ in threads] == [4, 4, 4, 4]
     on_loop = [thread == loop_thread for _, thread in threads]
     assert on_loop == [True, False, False, True]
+
+
+@pytest.mark.parametrize("lone", [False, True], ids=["queued", "lone"])
+def test_a_request_past_its_deadline_is_never_run(toy_model: RunBatch, lone: bool) -> None:
+    """Issue 19, item 11: the lone-request path ran a request whose deadline had passed while
+    its body decoded (200 after 15 s with a 1 s deadline). Every path refuses it now."""
+    sizes: list[int] = []
+
+    async def scenario() -> None:
+        batcher = MicroBatcher(
+            counting(toy_model, sizes), max_batch_size=4, max_wait_s=0, max_queue_samples=8,
+            inline_max_samples=4,
+        )  # fmt: skip
+        batcher.start()
+        x = np.ones((1, 2), dtype=np.float32)
+        for _ in range(MicroBatcher.ALONE_STREAK if lone else 0):
+            await batcher.submit(x)  # one at a time: the next lone request would run at once
+        ran = len(sizes)
+        with pytest.raises(Overloaded, match="deadline passed") as refused:
+            await batcher.submit(x, deadline=time.monotonic() - 0.5)
+        assert refused.value.reason == "deadline"
+        assert len(sizes) == ran  # the model never saw it
+        assert len(await batcher.submit(x, deadline=time.monotonic() + 60)) == 1
+        await batcher.close()
+
+    asyncio.run(scenario())

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from conftest import Server, ServerFactory
 
 MODEL = "fmnist"
+API_KEY = "test-key-0123456789"  # conftest's
 V2 = f"/v2/models/{MODEL}/infer"
 
 
@@ -128,7 +129,9 @@ DOCUMENTS: list[tuple[str, dict[str, object], bool]] = [
 
 @pytest.fixture(scope="module")
 def openapi(server: Server) -> dict[str, Any]:
-    document: dict[str, Any] = httpx.get(f"{server.url}/openapi.json").json()
+    # behind the key, as the server has API keys (`public_docs` is off)
+    headers = {"X-API-Key": API_KEY}
+    document: dict[str, Any] = httpx.get(f"{server.url}/openapi.json", headers=headers).json()
     return document
 
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from marginwatch.service.settings import Settings
+from marginwatch.service.__main__ import settings_from
+from marginwatch.service.settings import DEFAULT_TRAFFIC_SAMPLE_RATE, Settings
 
 
 @pytest.mark.parametrize(
@@ -46,3 +47,31 @@ def test_every_setting_is_documented() -> None:
     assert len(Settings.model_fields) >= 20
     for name, field in Settings.model_fields.items():
         assert field.description, name
+
+
+@pytest.mark.parametrize(
+    ("env", "rate"),
+    [
+        ({}, 0.0),  # off by default
+        ({"MARGINWATCH_TRAFFIC_DIR": "t"}, 0.01),  # the folder alone turns it on
+        ({"MARGINWATCH_TRAFFIC_DIR": "t", "MARGINWATCH_TRAFFIC_SAMPLE_RATE": "0.5"}, 0.5),
+        ({"MARGINWATCH_TRAFFIC_DIR": "t", "MARGINWATCH_TRAFFIC_SAMPLE_RATE": "0"}, 0.0),
+    ],
+)
+def test_the_traffic_folder_alone_samples_at_the_default_rate(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], rate: float
+) -> None:
+    for key in ("MARGINWATCH_TRAFFIC_DIR", "MARGINWATCH_TRAFFIC_SAMPLE_RATE"):
+        monkeypatch.delenv(key, raising=False)
+    for key, setting in env.items():
+        monkeypatch.setenv(key, setting)
+    assert Settings().traffic_sample_rate == rate
+    assert settings_from([]).traffic_sample_rate == rate  # the command line's defaults agree
+
+
+def test_a_traffic_folder_flag_alone_samples_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MARGINWATCH_TRAFFIC_DIR", raising=False)
+    monkeypatch.delenv("MARGINWATCH_TRAFFIC_SAMPLE_RATE", raising=False)
+    assert settings_from(["--traffic-dir", "t"]).traffic_sample_rate == DEFAULT_TRAFFIC_SAMPLE_RATE
+    explicit = ["--traffic-dir", "t", "--traffic-sample-rate", "0"]
+    assert settings_from(explicit).traffic_sample_rate == 0.0

@@ -1,6 +1,7 @@
-"""Traffic sampling through a real server: what it serves is what the shards hold, rate 0 writes
-nothing, and a folder that cannot be written or whose day is full never costs a request (the
-drops are counted on /metrics). The sampler in process: retention, the queue bound, shutdown."""
+"""Traffic sampling through a real server: what it serves is what the shards hold, the folder
+alone samples at the default rate, rate 0 writes nothing (and says so at start-up), and a folder
+that cannot be written or whose day is full never costs a request (the drops are counted on
+/metrics). The sampler in process: retention, the queue bound, shutdown."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from marginwatch.artifact.traffic import (
 )
 from marginwatch.service.engine import Prediction
 from marginwatch.service.metrics import ServiceMetrics
-from marginwatch.service.settings import Settings
+from marginwatch.service.settings import DEFAULT_TRAFFIC_SAMPLE_RATE, Settings
 from marginwatch.service.traffic_sampler import TrafficSampler, gap
 from metrics_text import Samples, parse, scrape, value
 
@@ -122,6 +123,29 @@ def test_rate_zero_writes_nothing(
     assert value(samples, "marginwatch_traffic_sample_ratio") == 0.0
     assert value(samples, "marginwatch_traffic_samples_written_total", model=MODEL) is None
     assert not traffic.exists()
+    # the folder is set, so an explicit 0 is said at start-up: the check would find nothing
+    (warning,) = [line for line in server.log_text().splitlines() if "WARNING" in line]
+    assert "traffic sampling is off" in warning and str(traffic) in warning
+
+
+def test_the_folder_alone_turns_sampling_on(
+    store: Path, tmp_path: Path, spawn_server: ServerFactory, images: np.ndarray
+) -> None:
+    """MARGINWATCH_TRAFFIC_DIR alone samples at the default rate, 0.01: of 1,280 inputs some are
+    written (none with probability 0.99 ** 1280 < 3e-6), and far from all."""
+    traffic = tmp_path / "traffic"
+    with spawn_server(store, tmp_path / "logs", models=MODEL, traffic_dir=str(traffic)) as server:
+        for _ in range(5):
+            for start in range(0, 256, 64):
+                predict(server.url, images[start : start + 64])
+        ratio = value(scrape(server.url), "marginwatch_traffic_sample_ratio")
+        assert server.stop() in (0, -signal.SIGTERM)  # the shutdown writes what is queued
+    assert ratio == DEFAULT_TRAFFIC_SAMPLE_RATE == 0.01
+    shards = read_all(traffic)
+    written = sum(map(len, shards))
+    assert 0 < written < 200
+    assert {(shard.model, shard.version) for shard in shards} == {(MODEL, "v1")}
+    assert "traffic sampling is off" not in server.log_text()
 
 
 def fill_day(traffic: Path, nbytes: int) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import datetime as dt
 import io
 import os
+import re
 import shutil
 import socket
 import zipfile
@@ -79,10 +80,31 @@ def day_folder(root: Path, model: str, seconds: float) -> Path:
     return root / model / _utc(seconds).strftime("%Y-%m-%d")
 
 
-def write_shard(root: Path, shard: TrafficShard, *, seq: int) -> Path:
-    """Write `shard` atomically (`write_atomically`) and return its path."""
+# Shards hold user inputs: readable by their writer alone unless the operator widens it (the
+# service and the calibration job run as one user in the shipped manifests).
+DEFAULT_FILE_MODE: Final = 0o600
+_DAY_NAME: Final = re.compile(r"\d{4}-\d{2}-\d{2}")
+
+
+def folder_mode(file_mode: int) -> int:
+    """The mode of the folders that hold files of `file_mode`: search where read is allowed."""
+    return file_mode | ((file_mode & 0o444) >> 2)
+
+
+def _private_folder(folder: Path, mode: int) -> None:
+    folder.mkdir(exist_ok=True)
+    os.chmod(folder, mode)  # mkdir's mode is cut by the umask; this one is exact
+
+
+def write_shard(
+    root: Path, shard: TrafficShard, *, seq: int, file_mode: int = DEFAULT_FILE_MODE
+) -> Path:
+    """Write `shard` atomically (`write_atomically`) with `file_mode`, in model and day folders
+    of `folder_mode(file_mode)`, and return its path. `root` is the operator's, left as it is."""
     folder = day_folder(root, shard.model, float(shard.times[0]))
-    folder.mkdir(parents=True, exist_ok=True)
+    root.mkdir(parents=True, exist_ok=True)
+    for level in (folder.parent, folder):
+        _private_folder(level, folder_mode(file_mode))
     # the host name as well as the pid: replicas share the folder, and in containers every
     # replica's server is often the same pid (1)
     writer = f"{socket.gethostname()}-{os.getpid()}"
@@ -99,7 +121,7 @@ def write_shard(root: Path, shard: TrafficShard, *, seq: int) -> Path:
         times=np.asarray(shard.times, dtype=np.float64),
     )
     final = folder / name
-    write_atomically(final, buffer.getvalue())
+    write_atomically(final, buffer.getvalue(), mode=file_mode)
     return final
 
 
@@ -183,14 +205,15 @@ def day_bytes(root: Path, model: str, seconds: float) -> int:
 
 
 def prune(root: Path, model: str, *, keep_days: int, now: float) -> list[Path]:
-    """Remove day folders of `model` older than `keep_days` full days before `now`."""
+    """Remove day folders of `model` older than `keep_days` full days before `now`: folders
+    named as `day_folder` names them (`YYYY-MM-DD`), nothing else an operator put there."""
     oldest_kept = (_utc(now) - dt.timedelta(days=keep_days)).strftime("%Y-%m-%d")
     base = root / model
     removed: list[Path] = []
     if not base.is_dir():
         return removed
     for day in base.iterdir():
-        if day.is_dir() and not day.name.startswith(".") and day.name < oldest_kept:
+        if _DAY_NAME.fullmatch(day.name) and day.is_dir() and day.name < oldest_kept:
             shutil.rmtree(day, ignore_errors=True)
             removed.append(day)
     return removed
@@ -293,12 +316,15 @@ class TrafficCheck(_Frozen):
     broken_shards: int = Field(default=0, ge=0, description="unreadable shards, skipped")
 
 
-def write_atomically(path: Path, data: bytes) -> None:
+def write_atomically(path: Path, data: bytes, *, mode: int | None = None) -> None:
     """Replace `path` by `data` so that a reader sees the old file or the new one, never a part:
-    a hidden temporary beside it, fsynced, renamed over it, and the folder fsynced."""
+    a hidden temporary beside it, fsynced, renamed over it, and the folder fsynced. `mode`: the
+    file's exact permissions, set before any byte is written (None: the umask's default)."""
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with temporary.open("wb") as handle:
+            if mode is not None:
+                os.fchmod(handle.fileno(), mode)
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())

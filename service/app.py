@@ -212,6 +212,7 @@ def _traffic_sampler(settings: Settings, metrics: ServiceMetrics) -> TrafficSamp
         queue_samples=settings.traffic_queue_samples,
         shard_samples=settings.traffic_shard_samples,
         flush_s=settings.traffic_flush_s,
+        file_mode=settings.traffic_file_mode_bits,
     )
 
 

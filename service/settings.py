@@ -234,6 +234,13 @@ class Settings(BaseSettings):
         le=366,
         description="day folders of sampled traffic older than this many days are deleted",
     )
+    traffic_file_mode: str = Field(
+        default="0600",
+        pattern=r"^0?[0-7]{3}$",
+        description="permissions of sampled traffic files, in octal: they hold user inputs, so "
+        "only their owner may read them by default (e.g. 0640 for a job of another user in the "
+        "same group); their model and day folders get search rights where reading is allowed",
+    )
     traffic_queue_samples: int = Field(
         default=4096,
         gt=0,
@@ -284,6 +291,21 @@ class Settings(BaseSettings):
     @classmethod
     def _comma_separated(cls, value: object) -> object:
         return _split_commas(value)
+
+    @field_validator("traffic_file_mode")
+    @classmethod
+    def _file_mode_lets_the_owner_write(cls, mode: str) -> str:
+        bits = int(mode, 8)
+        if bits & 0o600 != 0o600 or bits & 0o111:
+            raise ValueError(
+                f"traffic_file_mode {mode}: the owner must read and write (6 first) and no one "
+                "may execute (no odd digit)"
+            )
+        return mode
+
+    @property
+    def traffic_file_mode_bits(self) -> int:
+        return int(self.traffic_file_mode, 8)
 
     @field_validator("api_keys")
     @classmethod

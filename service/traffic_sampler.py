@@ -28,7 +28,14 @@ from typing import Final
 
 import numpy as np
 
-from marginwatch.artifact.traffic import TrafficShard, day_bytes, day_folder, prune, write_shard
+from marginwatch.artifact.traffic import (
+    DEFAULT_FILE_MODE,
+    TrafficShard,
+    day_bytes,
+    day_folder,
+    prune,
+    write_shard,
+)
 from marginwatch.service.engine import Prediction
 from marginwatch.service.metrics import ServiceMetrics, TrafficDropReason
 from marginwatch.service.settings import DEFAULT_TRAFFIC_SAMPLE_RATE
@@ -133,6 +140,7 @@ class TrafficSampler:
         queue_samples: int,
         shard_samples: int,
         flush_s: float,
+        file_mode: int = DEFAULT_FILE_MODE,
     ) -> None:
         if not 0 < rate <= 1:
             raise ValueError(f"rate must be in (0, 1], not {rate}")
@@ -144,6 +152,7 @@ class TrafficSampler:
         self._queue_samples = queue_samples
         self._shard_samples = shard_samples
         self._flush_s = flush_s
+        self._file_mode = file_mode
         self._countdown = gap(rate)  # inputs until the next kept one, that one included
         self._lock = threading.Lock()  # batches of several models finish on different threads
         self._queue: list[_Rows] = []
@@ -273,7 +282,7 @@ class TrafficSampler:
                     "until the next UTC day", model, self._max_bytes_per_day, self._root,
                 )  # fmt: skip
                 return
-            path = write_shard(self._root, shard, seq=self._seq)
+            path = write_shard(self._root, shard, seq=self._seq, file_mode=self._file_mode)
             self._seq += 1
             usage.used_bytes += path.stat().st_size
         except OSError as error:

@@ -5,7 +5,9 @@ that cannot be written or whose day is full never costs a request (the drops are
 
 from __future__ import annotations
 
+import os
 import signal
+import stat
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -107,6 +109,10 @@ def test_served_traffic_is_sampled_as_served(
     np.testing.assert_array_equal(np.concatenate([s.brittle for s in shards]), brittle)
     times = np.concatenate([s.times for s in shards])
     assert np.all(np.diff(times) >= 0) and abs(times[-1] - time.time()) < 600
+    # user inputs: readable by the server's user alone (the default traffic_file_mode)
+    paths = list_shards(traffic, MODEL)
+    assert {stat.S_IMODE(path.stat().st_mode) for path in paths} == {0o600}
+    assert stat.S_IMODE(paths[0].parent.stat().st_mode) == 0o700
 
 
 def test_rate_zero_writes_nothing(
@@ -225,7 +231,9 @@ def test_shutdown_writes_what_is_queued_and_retention_prunes_old_days(tmp_path: 
     now = time.time()
     old = [day_folder(traffic, MODEL, now - days * 86400) for days in (4, 10)]
     kept = day_folder(traffic, MODEL, now - 2 * 86400)
-    for folder in (*old, kept):
+    # folders of the operator's that sort below the cut-off, as an old day's would
+    operators = [traffic / MODEL / name for name in ("1999-notes", "0-backup", "2000-01-01x")]
+    for folder in (*old, kept, *operators):
         folder.mkdir(parents=True)
     metrics = ServiceMetrics(10, traffic_sample_rate=1.0)
     writer = sampler(traffic, metrics)
@@ -243,6 +251,7 @@ def test_shutdown_writes_what_is_queued_and_retention_prunes_old_days(tmp_path: 
     np.testing.assert_array_equal(v7.labels, np.arange(5))
     assert not any(folder.exists() for folder in old)
     assert kept.exists()
+    assert all(folder.exists() for folder in operators)  # not day folders: not retention's
     written = exposition(metrics)
     assert value(written, "marginwatch_traffic_samples_written_total", model=MODEL) == 7
 
@@ -312,6 +321,9 @@ def test_shutdown_writes_the_samples_still_waiting(
         ({"MARGINWATCH_TRAFFIC_SAMPLE_RATE": "1.5", "MARGINWATCH_TRAFFIC_DIR": "t"}, "less than"),
         ({"MARGINWATCH_TRAFFIC_DIR": "s", "MARGINWATCH_STORE": "s"}, "must not be the store"),
         ({"MARGINWATCH_LIVE_WINDOW_S": "0"}, "live_window_s"),
+        ({"MARGINWATCH_TRAFFIC_FILE_MODE": "0644x"}, "traffic_file_mode"),
+        ({"MARGINWATCH_TRAFFIC_FILE_MODE": "0400"}, "owner must read and write"),
+        ({"MARGINWATCH_TRAFFIC_FILE_MODE": "0755"}, "no one may execute"),
     ],
 )
 def test_bad_sampling_settings_fail_with_a_message(
@@ -321,3 +333,22 @@ def test_bad_sampling_settings_fail_with_a_message(
         monkeypatch.setenv(key, setting)
     with pytest.raises(ValidationError, match=words):
         Settings()
+
+
+@pytest.mark.parametrize(("mode", "folders"), [(None, 0o700), (0o640, 0o750), (0o666, 0o777)])
+def test_shards_are_private_unless_widened(tmp_path: Path, mode: int | None, folders: int) -> None:
+    """Shards hold user inputs: 0600 in 0700 folders by default, whatever the umask."""
+    traffic = tmp_path / "traffic"
+    x = np.zeros((2, 1, 2, 2), dtype=np.float32)
+    shard = TrafficShard(MODEL, "v1", x, np.zeros(2, dtype=np.int64), np.zeros(2, np.float32),
+                         np.zeros(2, dtype=bool), np.full(2, time.time()))  # fmt: skip
+    options = {} if mode is None else {"file_mode": mode}
+    previous = os.umask(0o000)  # the most permissive umask: the modes must not come from it
+    try:
+        path = write_shard(traffic, shard, seq=0, **options)
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(path.stat().st_mode) == (0o600 if mode is None else mode)
+    assert stat.S_IMODE(path.parent.stat().st_mode) == folders
+    assert stat.S_IMODE(path.parent.parent.stat().st_mode) == folders
+    assert read_shard(path).version == "v1"

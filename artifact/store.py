@@ -34,6 +34,19 @@ class ArtifactError(Exception):
     """A version that is missing, incomplete, or fails its hash or schema check."""
 
 
+class PublishIncomplete(ArtifactError):
+    """The version folder is in the store but CURRENT could not be moved to it: the store
+    changed (one more version), the served version did not."""
+
+
+def reserved_version_problem(version: str) -> str | None:
+    """Why `version` cannot name a version folder, or None: the store's own names
+    (`CURRENT`, in any case, for case-insensitive file systems) would be shadowed by it."""
+    if version.upper() == CURRENT_FILE:
+        return f"version {version!r} is the store's pointer file's name ({CURRENT_FILE})"
+    return None
+
+
 class StoreBusy(Exception):
     """Another calibration of the same model holds the store's lock."""
 
@@ -150,18 +163,43 @@ def publish(store: Path, model: str, staging: Path) -> Path:
     record = read_record(staging)
     if record.model_name != model:
         raise ArtifactError(f"staged record names model {record.model_name!r}, not {model!r}")
+    problem = reserved_version_problem(record.version)
+    if problem is not None:
+        raise ArtifactError(problem)
     _fsync_tree(staging)
     final = store / model / record.version
     if final.exists():
         raise ArtifactError(f"version {record.version} of {model!r} already exists")
+    _unwedge_pointer(store / model)
     staging.rename(final)
     fsync_dir(final.parent)
-    read_record(final)
-    pointer_tmp = store / model / f".{CURRENT_FILE}.tmp"
+    try:
+        read_record(final)
+        _write_pointer(store / model, record.version)
+    except (OSError, ArtifactError) as error:
+        raise PublishIncomplete(
+            f"version {record.version} was added to {store / model} but {CURRENT_FILE} could "
+            f"not be moved to it ({error}); the served version is unchanged"
+        ) from error
+    return final
+
+
+def _write_pointer(folder: Path, version: str) -> None:
+    pointer_tmp = folder / f".{CURRENT_FILE}.tmp"
     with pointer_tmp.open("w") as handle:
-        handle.write(record.version + "\n")
+        handle.write(version + "\n")
         handle.flush()
         os.fsync(handle.fileno())
-    pointer_tmp.replace(store / model / CURRENT_FILE)
-    fsync_dir(final.parent)
-    return final
+    pointer_tmp.replace(folder / CURRENT_FILE)
+    fsync_dir(folder)
+
+
+def _unwedge_pointer(folder: Path) -> None:
+    """A folder named CURRENT (a version published under that name by an older release) makes
+    the pointer unwritable and the model unservable: move it aside, hidden, kept for a person
+    to look at, so that this publish repairs the store."""
+    pointer = folder / CURRENT_FILE
+    if pointer.is_dir() and not pointer.is_symlink():
+        aside = folder / f".{CURRENT_FILE}-folder-{new_version_id(folder.parent, folder.name)}"
+        pointer.rename(aside)
+        fsync_dir(folder)

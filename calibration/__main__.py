@@ -285,6 +285,9 @@ def _run(config: CalibrationConfig, as_json: bool, model: str = "") -> int:
     except store.StoreBusy as error:
         print(f"{prefix}{error}; try again later", file=sys.stderr)
         return EXIT_BUSY
+    except store.PublishIncomplete as error:  # the one failure after the store changed
+        print(f"{prefix}failed: {error}", file=sys.stderr)
+        return EXIT_FAILED
     except (CalibrationError, store.ArtifactError, OSError) as error:
         print(f"{prefix}failed, store unchanged: {error}", file=sys.stderr)
         return EXIT_FAILED

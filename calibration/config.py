@@ -23,7 +23,7 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from marginwatch.artifact.schema import NAME_PATTERN, Norm
-from marginwatch.artifact.store import default_store
+from marginwatch.artifact.store import default_store, reserved_version_problem
 from marginwatch.calibration.threshold import THRESHOLD_RULES
 from marginwatch.models.data import DATASETS
 
@@ -392,6 +392,9 @@ class CalibrationConfig(BaseSettings):
                 f"version {version!r} is not a valid name: letters, digits, '.', '_' and '-', "
                 "starting with a letter or digit"
             )
+        reserved = None if version is None else reserved_version_problem(version)
+        if reserved is not None:
+            raise ConfigError(f"{reserved}: choose another --version")
         return version
 
     @field_validator("std")

@@ -208,6 +208,46 @@ def test_disk_full_leaves_the_store_untouched(tmp_path: Path, data_npz: Path) ->
     assert record.version == "good"
 
 
+@pytest.mark.parametrize("name", ["CURRENT", "current", "Current"])
+def test_the_pointer_name_is_no_version(
+    tmp_path: Path, data_npz: Path, name: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A version named CURRENT took the pointer's place and wedged the model for good."""
+    assert calibrate(tmp_path, data_npz, "--version", name) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert "pointer file's name (CURRENT): choose another --version" in line
+    assert not (tmp_path / "fmnist-cnn-pgd").exists()
+
+
+@pytest.mark.slow
+def test_a_store_wedged_by_a_version_named_current_recovers(tmp_path: Path, data_npz: Path) -> None:
+    """An older release let `--version CURRENT` publish a folder named CURRENT, after which
+    every publish failed; the next publish now moves it aside, hidden, and serves again."""
+    wedged = tmp_path / "fmnist-cnn-pgd" / "CURRENT"
+    wedged.mkdir(parents=True)
+    (wedged / "calibration.json").write_text("{}")
+    assert calibrate(tmp_path, data_npz, "--version", "v2") == 0
+    assert store.current_version(tmp_path, "fmnist-cnn-pgd") == "v2"
+    (aside,) = (tmp_path / "fmnist-cnn-pgd").glob(".CURRENT-folder-*")
+    assert (aside / "calibration.json").read_text() == "{}"
+    assert store.list_models(tmp_path) == ["fmnist-cnn-pgd"]
+
+
+@pytest.mark.slow
+def test_a_pointer_that_cannot_move_is_reported_as_a_changed_store(
+    tmp_path: Path, data_npz: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert calibrate(tmp_path, data_npz, "--version", "good") == 0
+    (tmp_path / "fmnist-cnn-pgd" / ".CURRENT.tmp").mkdir()  # the pointer's temp cannot be made
+    capsys.readouterr()
+    assert calibrate(tmp_path, data_npz, "--version", "stuck") == 1
+    line = capsys.readouterr().err.splitlines()[-1]  # after the preflight's line
+    assert "store unchanged" not in line
+    assert "version stuck was added" in line and "the served version is unchanged" in line
+    assert store.current_version(tmp_path, "fmnist-cnn-pgd") == "good"
+    assert (tmp_path / "fmnist-cnn-pgd" / "stuck").is_dir()
+
+
 @pytest.mark.slow
 def test_json_output_is_the_record(
     tmp_path: Path, data_npz: Path, capsys: pytest.CaptureFixture[str]

@@ -461,6 +461,13 @@ class ServiceMetrics:
             "Fraction of served inputs sampled to the traffic folder for the calibration job's "
             "check of the flag (MARGINWATCH_TRAFFIC_SAMPLE_RATE; 0: off)", registry=r,
         ).set(traffic_sample_rate)  # fmt: skip
+        self.store_available = Gauge(
+            "marginwatch_store_available",
+            "1 while the last poll listed the artifact store; 0 while it was missing, unreadable "
+            "or empty although models are served (an unmounted or remounted volume): loaded "
+            "versions keep serving, but no new version can be picked up", registry=r,
+        )  # fmt: skip
+        self.store_available.set(1)
         self.traffic_samples_written = Counter(
             "marginwatch_traffic_samples_written", "Sampled inputs written to the traffic folder",
             ["model"], registry=r,

@@ -138,6 +138,7 @@ class ModelRegistry:
         self._checks_seen: dict[str, tuple[str, Stamp]] = {}  # version and traffic-check stamp
         self._watcher: asyncio.Task[None] | None = None
         self._retiring: set[asyncio.Task[None]] = set()
+        self._store_problem: str | None = None  # why the last poll could not list the store
         for name in self._known:
             metrics.track(name)
         metrics.models.watch(self.states)
@@ -192,6 +193,10 @@ class ModelRegistry:
         its CURRENT names, unless that version was refused and is not due for another try."""
         if not self._settings.models:
             self._discover()
+        elif self._settings.store.is_dir():
+            self._store_available()
+        else:  # models named in the settings are looked up one by one; the store itself is gone
+            self._store_unavailable(f"the artifact store {self._settings.store} is missing")
         for name in sorted(self._known):
             try:
                 await self._refresh_one(name)
@@ -214,16 +219,35 @@ class ModelRegistry:
         try:
             listed = set(list_models(store)) if store.is_dir() else None
         except OSError as error:
-            logger.warning("cannot list the artifact store %s: %s", store, error)
-            listed = None
-        if listed is None:  # an unmounted volume is not every model deleted: forget nothing
+            listed, problem = None, f"cannot be listed ({error})"
+        else:
+            problem = "is missing" if listed is None else "lists no model"
+        # An unmounted (or freshly remounted, still empty) volume is not every model deleted:
+        # forget nothing, keep serving what is loaded, and say so.
+        if listed is None or (not listed and self._serving):
+            self._store_unavailable(f"the artifact store {store} {problem}")
             return
+        self._store_available()
         names = listed | {name for name in self._serving if (store / name).is_dir()}
         for name in self._known - names:
             self._forget(name)
         for name in names - self._known:
             self._metrics.track(name)
         self._known = names
+
+    def _store_unavailable(self, problem: str) -> None:
+        if self._store_problem != problem:  # logged once per change, not on every poll
+            logger.warning(
+                "%s; still serving %s", problem, ", ".join(sorted(self._serving)) or "nothing"
+            )
+        self._store_problem = problem
+        self._metrics.store_available.set(0)
+
+    def _store_available(self) -> None:
+        if self._store_problem is not None:
+            logger.info("the artifact store %s lists models again", self._settings.store)
+        self._store_problem = None
+        self._metrics.store_available.set(1)
 
     async def _refresh_one(self, name: str) -> None:
         folder = self._settings.store / name

@@ -119,6 +119,37 @@ def test_a_bad_new_folder_leaves_the_replica_ready_and_is_forgotten_once_removed
         assert ready_gauge(server) == {MODEL: 1.0}
 
 
+@pytest.mark.parametrize("how", ["emptied", "removed"])
+def test_a_store_that_comes_back_empty_keeps_what_is_served(
+    fresh_store: Path, serve: Serve, how: str
+) -> None:
+    """A volume remounted empty (or gone) is not every model deleted: what is loaded keeps
+    serving, and the store's state is on /metrics (and in the log) until it lists models."""
+    with serve() as server:
+        assert value(scrape(server.url), "marginwatch_store_available") == 1
+        aside = fresh_store.parent / "aside"
+        if how == "emptied":
+            aside.mkdir()
+            (fresh_store / MODEL).rename(aside / MODEL)  # the store folder stays, empty
+        else:
+            fresh_store.rename(aside)
+        eventually(lambda: value(scrape(server.url), "marginwatch_store_available") == 0)
+        time.sleep(0.3)  # several polls: none of them may drop the model
+        assert served(server, MODEL) == "v1"
+        assert status(server, f"/v2/models/{MODEL}/ready") == 200
+        assert status(server, "/v2/health/ready") == 200
+        if how == "emptied":
+            (aside / MODEL).rename(fresh_store / MODEL)
+        else:
+            aside.rename(fresh_store)
+        eventually(lambda: value(scrape(server.url), "marginwatch_store_available") == 1)
+        assert served(server, MODEL) == "v1"
+        log = server.log_text()
+    problem = "lists no model" if how == "emptied" else "is missing"
+    assert log.count(problem) == 1  # once per change, not once per poll
+    assert "lists models again" in log
+
+
 def test_configured_models_decide_readiness_and_a_missing_version_is_loaded_once_it_appears(
     fresh_store: Path, publish: Publish, serve: Serve
 ) -> None:

@@ -77,7 +77,10 @@ class Walk:
 
     @property
     def env(self) -> dict[str, str]:
-        inherited = {k: v for k, v in os.environ.items() if not k.startswith("MARGINWATCH_")}
+        # a new user's shell: none of our settings, and not inside the `make test` that may be
+        # running this (its MAKEFLAGS/MAKELEVEL make a nested make print "Entering directory")
+        outside = ("MARGINWATCH_", "MAKE", "MFLAGS")
+        inherited = {k: v for k, v in os.environ.items() if not k.startswith(outside)}
         venv_bin = self.root / ".venv" / "bin"
         return {
             **inherited,

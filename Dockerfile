@@ -20,6 +20,19 @@ ARG PYTHON_IMAGE=python:3.11-slim-trixie@sha256:9534e5a8e315485d4061ed659af0fd78
 ARG CUDA_IMAGE=nvidia/cuda:13.0.2-cudnn-runtime-ubuntu24.04@sha256:14d94b039cb94bbd5da559f303b46bc4b0d5d6c24ab1a9d7b186e566ed3400dc
 
 # ---------------------------------------------------------------------------------------------
+# The project's source, from the build context, as the repository lays it out: `marginwatch/`
+# holds links to the four top-level folders (COPY keeps them as links), and setup.py refuses to
+# build where they arrived as text files. Each stage below takes it with one COPY --from.
+FROM ${PYTHON_IMAGE} AS source
+WORKDIR /src
+COPY pyproject.toml setup.py README.md ./
+COPY marginwatch ./marginwatch
+COPY artifact ./artifact
+COPY service ./service
+COPY calibration ./calibration
+COPY models ./models
+
+# ---------------------------------------------------------------------------------------------
 # The project in a virtual environment with the CPU runtime; copied whole into `serve`.
 FROM ${PYTHON_IMAGE} AS build-cpu
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
@@ -28,12 +41,7 @@ WORKDIR /src
 # The locked packages before the sources: this layer stays cached while only the code changes.
 COPY deploy/images/serve.lock.txt ./
 RUN /opt/venv/bin/pip install --require-hashes --no-deps -r serve.lock.txt
-COPY pyproject.toml README.md ./
-COPY marginwatch ./marginwatch
-COPY artifact ./artifact
-COPY service ./service
-COPY calibration ./calibration
-COPY models ./models
+COPY --from=source /src ./
 # The build backend is the lock's (build.in), not one fetched for an isolated build; `pip check`
 # fails the build when the lock misses a dependency of the project.
 RUN /opt/venv/bin/pip install --no-deps --no-build-isolation . \
@@ -66,12 +74,7 @@ WORKDIR /src
 COPY ${CALIBRATE_LOCK} ./calibrate.lock.txt
 RUN pip install --require-hashes --no-deps \
     ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} -r calibrate.lock.txt
-COPY pyproject.toml README.md ./
-COPY marginwatch ./marginwatch
-COPY artifact ./artifact
-COPY service ./service
-COPY calibration ./calibration
-COPY models ./models
+COPY --from=source /src ./
 RUN pip install --no-deps --no-build-isolation . && pip check && rm -rf /src
 RUN useradd --uid 10001 --create-home --shell /usr/sbin/nologin marginwatch \
     && mkdir -p /store && chown marginwatch:marginwatch /store
@@ -100,12 +103,7 @@ RUN apt-get update \
 WORKDIR /src
 COPY deploy/images/serve-gpu.lock.txt ./
 RUN pip install --require-hashes --no-deps -r serve-gpu.lock.txt
-COPY pyproject.toml README.md ./
-COPY marginwatch ./marginwatch
-COPY artifact ./artifact
-COPY service ./service
-COPY calibration ./calibration
-COPY models ./models
+COPY --from=source /src ./
 RUN pip install --no-deps --no-build-isolation . && pip check && rm -rf /src
 RUN useradd --uid 10001 --no-create-home --shell /usr/sbin/nologin marginwatch
 COPY --chown=root:root artifacts /opt/marginwatch/artifacts

@@ -34,6 +34,7 @@ test: $(INSTALLED) tools
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/python -m pytest
 
 # For the edit-test loop: skips the tests marked slow (whole calibration runs, training, exports).
@@ -49,6 +50,7 @@ lint: $(INSTALLED)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/hadolint Dockerfile
 
 # The images' lock files (deploy/images/*.lock.txt) from pyproject.toml, with hashes; the

@@ -25,6 +25,9 @@ ScoreKind = Literal["logit-margin", "pseudo-margin"]
 ThresholdRuleName = Literal["match-fraction", "target-tpr"]
 EstimateMethod = Literal["count", "regression"]
 Probability = Annotated[float, Field(ge=0, le=1)]
+# The target-tpr rule's fraction of non-robust points to flag, in (0, 1], for the artifact and
+# the job's --target-tpr alike: 0 would flag nothing, 1 every non-robust point
+TargetTpr = Annotated[float, Field(gt=0, le=1)]
 
 
 class _Frozen(BaseModel):
@@ -51,8 +54,8 @@ class ThresholdRuleSpec(_Frozen):
     """
 
     name: ThresholdRuleName
-    target_tpr: float | None = Field(
-        default=None, gt=0, le=1, description="fraction of non-robust points to flag (target-tpr)"
+    target_tpr: TargetTpr | None = Field(
+        default=None, description="fraction of non-robust points to flag (target-tpr)"
     )
 
     @model_validator(mode="after")

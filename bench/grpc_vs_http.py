@@ -45,7 +45,11 @@ import grpc
 import numpy as np
 import orjson
 from prometheus_client.parser import text_string_to_metric_families
-from serve_load import free_port, running  # a sibling: Python puts a script's folder on the path
+from serve_load import (  # a sibling: Python puts a script's folder on the path
+    free_port,
+    median_ratio,
+    running,
+)
 from tritonclient.grpc import service_pb2
 
 from marginwatch.artifact.store import default_store, list_models
@@ -298,11 +302,9 @@ def report(points: list[Point]) -> None:
                 if (http := by_round.get((images, concurrency, "http", p.round)))
             ]
             rates = [p.requests_per_s / http.requests_per_s for p, http in pairs]
-            ratios[0] = f"**{statistics.median(rates):.2f}×**"
-            if len(rates) > 1:
-                ratios[0] += f" ({', '.join(f'{value:.2f}' for value in rates)})"
+            ratios[0] = median_ratio(rates, bold=True)
             cpus = [p.server_cpu_us / http.server_cpu_us for p, http in pairs]
-            ratios[1] = f"{statistics.median(cpus):.2f}×"
+            ratios[1] = median_ratio(cpus, each_round=False)
         print(f"| {images} | {concurrency} | {transport} | {rate:.0f} | {p50:.2f} | {p99:.2f} | "
               f"{cpu:.0f} | {per_batch:.1f} | {ratios[0]} | {ratios[1]} |")  # fmt: skip
 

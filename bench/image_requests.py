@@ -45,6 +45,7 @@ from serve_load import (  # a sibling: Python puts a script's folder on the path
     encode_request,
     free_port,
     load,
+    median_ratio,
     running,
     server_command,
     summarise,
@@ -114,9 +115,7 @@ def report(points: list[Point], sizes: dict[tuple[int, str], int]) -> None:
                 for p in group
                 if (floats := by_round.get((images, concurrency, "floats", p.round)))
             ]
-            ratio = f"**{statistics.median(per_round):.2f}×**"
-            if len(per_round) > 1:
-                ratio += f" ({', '.join(f'{value:.2f}' for value in per_round)})"
+            ratio = median_ratio(per_round, bold=True)
         size = sizes[(images, encoding)]
         errors = sum(p.errors for p in group)  # over every round: 503s past the deadline
         print(f"| {images} | {concurrency} | {encoding} | {size} | {rate:.0f} | {p50:.2f} | "

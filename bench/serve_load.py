@@ -30,7 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -63,6 +63,19 @@ class Point:
             f"{self.requests_per_s:8.0f} req/s  p50 {self.p50_ms:7.2f} ms  "
             f"p99 {self.p99_ms:7.2f} ms  errors {self.errors}"
         )
+
+
+def median_ratio(ratios: Sequence[float], *, bold: bool = False, each_round: bool = True) -> str:
+    """Per-round ratios as the benchmarks' tables show them: the median as `1.23×` (in bold for a
+    headline column), then each round's when there are several, `1.23× (1.20, 1.25, 1.23)`;
+    empty when no round has one. The one ratio formatter of bench/."""
+    if not ratios:
+        return ""
+    median = f"{statistics.median(ratios):.2f}×"
+    shown = f"**{median}**" if bold else median
+    if each_round and len(ratios) > 1:
+        shown += f" ({', '.join(f'{ratio:.2f}' for ratio in ratios)})"
+    return shown
 
 
 def summarise(
@@ -278,10 +291,7 @@ def report(points: list[Point], memory: dict[str, float]) -> None:
                 if (other := by_round.get((baseline, images, concurrency, p.round)))
                 and other.requests_per_s
             ]
-            shown = f"{statistics.median(per_round):.2f}×" if per_round else ""
-            if len(per_round) > 1:
-                shown += f" ({', '.join(f'{ratio:.2f}' for ratio in per_round)})"
-            ratios.append(shown if server == "marginwatch" else "")
+            ratios.append(median_ratio(per_round) if server == "marginwatch" else "")
         rate, p50, p99 = (statistics.median(getattr(p, field) for p in group)
                           for field in ("requests_per_s", "p50_ms", "p99_ms"))  # fmt: skip
         print(f"| {images} | {concurrency} | {server} | {rate:.0f} | {p50:.2f} | {p99:.2f} | "

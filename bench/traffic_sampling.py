@@ -1,5 +1,5 @@
 """What does traffic sampling cost a request? In one process, the batch runner exactly as the
-registry builds it (`registry.batch_runner`: ONNX Runtime on the shipped `fmnist-cnn-pgd`, the
+registry builds it (`deployment.batch_runner`: ONNX Runtime on the shipped `fmnist-cnn-pgd`, the
 metrics record, then `TrafficSampler.offer`), at sampling rates 0 (no sampler: the default),
 0.01 and 1.0, at batch 1 and 64, in interleaved rounds, median time per batch. The sampler's
 writer thread runs meanwhile and writes real shards into a temporary folder, so its share of the
@@ -24,9 +24,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from marginwatch.artifact.store import current_dir, default_store
 from marginwatch.models.data import load_dataset
+from marginwatch.service.deployment import batch_runner
 from marginwatch.service.engine import EngineOptions, Prediction, ServedModel
 from marginwatch.service.metrics import ServiceMetrics
-from marginwatch.service.registry import batch_runner
 from marginwatch.service.traffic_sampler import TrafficSampler
 
 MODEL = "fmnist-cnn-pgd"

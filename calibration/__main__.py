@@ -1,8 +1,9 @@
 """`marginwatch-calibrate` (also `python -m marginwatch.calibration`): the job's command line.
 
 The options are the fields of `config.CalibrationConfig`: flag, help, default and choices are
-generated from it, so they are written once. Each can also be set by the environment variable
-`MARGINWATCH_CALIBRATE_<FIELD>`; a flag wins over the variable, the variable over the default.
+generated from it (`artifact.cli_settings`, as for every command), so they are written once.
+Each can also be set by the environment variable `MARGINWATCH_CALIBRATE_<FIELD>`; a flag wins
+over the variable, the variable over the default.
 
 Exit codes: 0 published (or shard done, or `--preflight-only` passed, or the traffic check
 published), 1 verification failed, 2 bad input (every preflight check, and every traffic-check
@@ -23,10 +24,9 @@ import os
 import sys
 import typing
 from collections.abc import Collection, Sequence
-from typing import Any, NoReturn
+from typing import NoReturn
 
 from pydantic import ValidationError
-from pydantic.fields import FieldInfo
 
 if typing.TYPE_CHECKING:
     from marginwatch.artifact.schema import CalibrationRecord
@@ -35,7 +35,7 @@ if typing.TYPE_CHECKING:
     from marginwatch.calibration.preflight import PreflightReport
     from marginwatch.calibration.traffic_check import TrafficResult
 
-from marginwatch.artifact import store
+from marginwatch.artifact import cli_settings, store
 from marginwatch.calibration.config import (
     ENV_PREFIX,
     HELP_GROUPS,
@@ -54,51 +54,6 @@ class _Parser(argparse.ArgumentParser):
         raise ConfigError(f"{message} (see --help)")
 
 
-def _extra(field: FieldInfo) -> dict[str, Any]:
-    return field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
-
-
-def _dashed(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def option_flag(name: str, field: FieldInfo) -> str:
-    """The field's flag: its name with dashes, unless it keeps an older spelling."""
-    return str(_extra(field).get("flag", _dashed(name)))
-
-
-def _shown(default: object) -> str:
-    """A default as the flag takes it: a tuple of numbers comma-separated (`0,1`)."""
-    if isinstance(default, tuple) and all(isinstance(item, int | float) for item in default):
-        return ",".join(f"{item:g}" for item in default)
-    return str(default)
-
-
-def _argument(name: str, field: FieldInfo) -> dict[str, Any]:
-    """add_argument's keywords for a field. Values stay strings: pydantic converts and checks
-    them exactly as it does an environment variable's."""
-    extra = _extra(field)
-    text = (field.description or "").replace("%", "%%")
-    default = field.default
-    if field.default_factory is None and default not in (None, ()) and type(default) is not bool:
-        text += f" (default: {_shown(default)})"
-    if option_flag(name, field) != _dashed(name):
-        text += f" (variable: {ENV_PREFIX}{name.upper()})"
-    if field.annotation is bool:
-        action = "store_true" if default is False else argparse.BooleanOptionalAction
-        return {"action": action, "help": text}
-    choices = extra.get("choices")
-    if typing.get_origin(field.annotation) is typing.Literal:
-        choices = [str(value) for value in typing.get_args(field.annotation)]
-    repeated = typing.get_origin(field.annotation) in (tuple, list)
-    return {
-        "action": "append" if repeated else "store",
-        "choices": choices,
-        "metavar": extra.get("metavar"),
-        "help": text,
-    }
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog=PROG,
@@ -107,47 +62,30 @@ def build_parser() -> argparse.ArgumentParser:
         "publish a verified version (model.onnx, calibration.json, report.html) to the store. "
         "With --traffic DIR, check the served version's flag on a sample of its own traffic "
         "instead (traffic-check.json beside it; --refit also publishes a refitted version).",
-        epilog=f"Every option can also be set by an environment variable: {ENV_PREFIX} and the "
-        f"flag in capitals with underscores ({ENV_PREFIX}SUBSET_SIZE=200) unless its help names "
-        f"another; lists comma-separated ({ENV_PREFIX}ATTACKS=fmn,fab:200), switches true or "
-        f"false ({ENV_PREFIX}QUIET=true). A flag wins over the variable.",
+        epilog="Every option can also be set by the environment variable its help names: lists "
+        f"comma-separated ({ENV_PREFIX}ATTACKS=fmn,fab:200; a list's flag may also be repeated), "
+        f"switches true or false ({ENV_PREFIX}QUIET=true). A flag wins over the variable, the "
+        "variable over the default.",
     )
-    group: argparse._ActionsContainer = parser
-    for name, field in CalibrationConfig.model_fields.items():
-        if name in HELP_GROUPS:
-            group = parser.add_argument_group(HELP_GROUPS[name])
-        # SUPPRESS: a flag not given leaves no value, so the variable or the default applies.
-        group.add_argument(
-            option_flag(name, field), dest=name, default=argparse.SUPPRESS, **_argument(name, field)
-        )
-    # Not a setting of the job but of this command's output, listed last with the output options.
-    group.add_argument("--json", action="store_true", help="print calibration.json, not a summary")
+    sections = cli_settings.add_options(parser, CalibrationConfig, HELP_GROUPS)
+    # Not a setting of the job but of this command's output, listed with the output options.
+    sections[HELP_GROUPS["store"]].add_argument(
+        "--json", action="store_true", help="print calibration.json, not a summary"
+    )
     return parser
 
 
 def describe(error: ValidationError, given: Collection[str]) -> str:
     """pydantic's findings as one line, each naming the flag or variable the value came from."""
-    fields = CalibrationConfig.model_fields
-    problems = []
-    for problem in error.errors():
-        if problem["type"] == "value_error":
-            message = str(problem.get("ctx", {}).get("error"))  # our own check's sentence
-        else:
-            message = f"{problem['msg'][:1].lower()}{problem['msg'][1:]}, got {problem['input']!r}"
-        name = str(problem["loc"][0]) if problem["loc"] else ""
-        if name in given:
-            message = f"{option_flag(name, fields[name])}: {message}"
-        elif name:
-            message = f"{ENV_PREFIX}{name.upper()}: {message}"
-        problems.append(message)
-    return "; ".join(problems)
+    return "; ".join(cli_settings.problems(error, CalibrationConfig, given))
 
 
 def load_config(argv: Sequence[str] | None = None) -> tuple[CalibrationConfig, bool]:
     """The run's settings (flag, else variable, else default) and whether to print JSON; bad
     input raises ConfigError."""
-    given = vars(build_parser().parse_args(argv))
-    as_json = bool(given.pop("json"))
+    arguments = build_parser().parse_args(argv)
+    given = cli_settings.given_values(arguments, CalibrationConfig)
+    as_json = bool(arguments.json)
     if as_json:
         given["quiet"] = True  # progress bars would interleave with the JSON in a pod's log
     try:

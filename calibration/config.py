@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import math
 import re
 import secrets
 from pathlib import Path
@@ -22,9 +21,9 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from marginwatch.artifact.schema import NAME_PATTERN, Norm
+from marginwatch.artifact.schema import NAME_PATTERN, Norm, TargetTpr, ThresholdRuleName
 from marginwatch.artifact.store import default_store, reserved_version_problem
-from marginwatch.calibration.threshold import THRESHOLD_RULES
+from marginwatch.calibration.attack_registry import NORM_VALUES, SPECS, attacks_help
 from marginwatch.models.data import DATASETS
 
 if TYPE_CHECKING:
@@ -36,7 +35,6 @@ ENV_PREFIX = "MARGINWATCH_CALIBRATE_"
 DEFAULT_EPS: dict[str, float] = {"linf": 0.1, "l2": 1.5}
 DEFAULT_STEPS = 100  # per attack, as in the paper
 DEFAULT_ATTACKS: dict[str, tuple[str, ...]] = {"linf": ("fmn", "fab-top3"), "l2": ("fmn", "ddn")}
-NORM_VALUES: dict[str, float] = {"linf": math.inf, "l2": 2.0}
 PseudoMarginMode = Literal["auto", "always", "never"]
 MIN_PSEUDO_TRAIN_POINTS = 50
 """Attacked training points (outside the subset) that a pseudo-margin needs: with fewer, a
@@ -63,11 +61,9 @@ class CalibrationError(Exception):
 
 def parse_attack(text: str) -> tuple[str, int]:
     """`fmn` or `fmn:200`: an attack's name and its step budget."""
-    from marginwatch.calibration.attacks import ATTACKS
-
     name, _, steps = text.strip().partition(":")
-    if name not in ATTACKS:
-        raise ConfigError(f"unknown attack {name!r}: use one of {', '.join(sorted(ATTACKS))}")
+    if name not in SPECS:
+        raise ConfigError(f"unknown attack {name!r}: use one of {', '.join(sorted(SPECS))}")
     try:
         budget = int(steps) if steps else DEFAULT_STEPS
     except ValueError as error:
@@ -198,26 +194,24 @@ class CalibrationConfig(BaseSettings):
     attacks: Annotated[tuple[tuple[str, int], ...], NoDecode] = Field(
         default=(),
         description=f"minimum-norm attack with its step budget (default {DEFAULT_STEPS}), "
-        "repeatable: fmn, fab, fab-top3 (linf, l2), ddn (l2); default "
-        + "; ".join(f"{_default_plan(norm)} for {norm}" for norm in DEFAULT_ATTACKS),
+        f"repeatable: {attacks_help()}. (default: "
+        + "; ".join(f"{_default_plan(norm)} for {norm}" for norm in DEFAULT_ATTACKS)
+        + ")",
         json_schema_extra={"flag": "--attack", "metavar": "NAME[:STEPS]"},
     )
     attack_batch_size: int = Field(default=100, ge=1, description="points per attack batch")
     device: str = Field(
         default="auto", description="auto (CUDA when torch sees it), cpu, cuda or cuda:N"
     )
-    threshold_rule: str = Field(
+    threshold_rule: ThresholdRuleName = Field(
         default="match-fraction",
         description=(
             "match-fraction: the λ whose flagged fraction equals the subset's "
             "non-robust fraction; target-tpr: smallest λ flagging --target-tpr of the "
             "non-robust points"
         ),
-        json_schema_extra={"choices": list(THRESHOLD_RULES)},
     )
-    target_tpr: float = Field(
-        default=0.95, gt=0, lt=1, description="for --threshold-rule target-tpr"
-    )
+    target_tpr: TargetTpr = Field(default=0.95, description="for --threshold-rule target-tpr")
     estimator: Literal["count", "regression"] = Field(
         default="regression",
         description="robust-accuracy estimate shown as the headline (both are recorded)",
@@ -421,13 +415,6 @@ class CalibrationConfig(BaseSettings):
             return tuple(parse_attack(item) if isinstance(item, str) else item for item in value)
         return value
 
-    @field_validator("threshold_rule")
-    @classmethod
-    def _known_rule(cls, rule: str) -> str:
-        if rule not in THRESHOLD_RULES:
-            raise ConfigError(f"unknown threshold rule {rule!r}: use {', '.join(THRESHOLD_RULES)}")
-        return rule
-
     @field_validator("device")
     @classmethod
     def _known_device(cls, device: str) -> str:
@@ -442,11 +429,9 @@ class CalibrationConfig(BaseSettings):
 
     @model_validator(mode="after")
     def _consistent(self) -> CalibrationConfig:
-        from marginwatch.calibration.attacks import SUPPORTED_NORMS
-
         names = [name for name, _ in self.resolved_attacks]
         for name in names:
-            if NORM_VALUES[self.norm] not in SUPPORTED_NORMS[name]:
+            if self.norm not in SPECS[name].norms:
                 raise ConfigError(f"attack {name} does not support the {self.norm} norm")
         if len(set(names)) != len(names):
             raise ConfigError(f"each attack may appear once, got {names}")

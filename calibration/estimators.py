@@ -17,8 +17,9 @@ Inputs, everywhere in this module:
 
 Two estimators (compare them on the same seeds):
 
-* ``"count"`` (the paper's): fit λ on the subset, then ``mean(correct & score >= λ)`` on the big
-  set. It inherits the subset's sampling error in λ and the detector's misflags.
+* ``"count"`` (the paper's): fit λ on the subset, then ``mean(correct & not brittle)`` on the
+  big set (``flags.brittle``: score < λ, the served flag). It inherits the subset's sampling
+  error in λ and the detector's misflags.
 * ``"regression"``: fit r(s) = P(robust | score = s, correct) by isotonic regression on the
   subset's *correctly classified* points, then ``mean(correct · r(score))`` on the big set.
   Conditioning on ``correct`` is what makes it unbiased: robust accuracy is
@@ -35,6 +36,7 @@ from collections.abc import Callable
 import numpy as np
 from scipy.optimize import isotonic_regression
 
+from marginwatch.artifact.flags import brittle, brittle_counts
 from marginwatch.artifact.schema import Curve, EstimateMethod, RobustAccuracyEstimate
 from marginwatch.calibration.progress import Advance, ignore
 
@@ -190,7 +192,7 @@ def count_estimate(correct_big: np.ndarray, scores_big: np.ndarray, threshold: f
     """The paper's estimator: fraction of big-set points that are correct and not flagged."""
     s = _floats("scores_big", scores_big)
     correct = _bools("correct_big", correct_big, s.size)
-    return float(np.mean(correct & (s >= threshold)))
+    return float(np.mean(correct & ~brittle(s, threshold)))
 
 
 def regression_estimate(correct_big: np.ndarray, scores_big: np.ndarray, curve_r: Curve) -> float:
@@ -214,7 +216,7 @@ def _bootstrap_count(
     """Count estimates over ``draws`` joint resamples of the subset (refitting λ) and big set.
 
     Resampling the big set is exact and free here: given λ, the number of resampled points that
-    are correct with score >= λ is Binomial(n_big, p(λ)), p(λ) the big set's own fraction.
+    are correct and not brittle is Binomial(n_big, p(λ)), p(λ) the big set's own fraction.
     """
     n = sub_s.size
     idx = rng.integers(0, n, size=(draws, n))
@@ -222,8 +224,7 @@ def _bootstrap_count(
     for b, i in enumerate(idx):
         lams[b] = rule(sub_s[i], sub_nonrobust[i])
         advance(1)
-    sorted_c = np.sort(big_correct_scores)
-    p = (sorted_c.size - np.searchsorted(sorted_c, lams, side="left")) / n_big
+    p = (big_correct_scores.size - brittle_counts(big_correct_scores, lams)) / n_big
     return rng.binomial(n_big, p) / n_big
 
 

@@ -2,10 +2,11 @@
 
 Pure numpy/scipy (no torch, no scikit-learn) so that the service and the report can import it.
 
-Conventions, shared with `threshold` and `estimators`:
+Conventions, `artifact.flags`'s (shared with `threshold`, `estimators` and the service):
 
 * ``scores``: the detector's margin-like score s(x) (logit margin or pseudo-margin); LARGER means
-  more robust. The brittleness detector's output is therefore ``-score``.
+  more robust. The brittleness detector's output is therefore ``-score``, and the ROC's
+  operating point at λ flags exactly what the service flags, ``flags.brittle``: score < λ.
 * ``nonrobust``: the positive class of the detection task, ``input margin <= eps`` with the
   margin measured against the *predicted* label (label-free). Misclassification plays no part in
   detection; it only enters robust accuracy. :func:`nonrobust_mask` builds it from attack output.
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.stats import kendalltau
 
+from marginwatch.artifact.flags import brittle_counts, operating_thresholds
 from marginwatch.calibration.threshold import checked_scores
 
 __all__ = [
@@ -76,21 +78,16 @@ def kendall_tau(margins: np.ndarray, scores: np.ndarray) -> float:
 
 
 def _roc_counts(nonrobust: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, ...]:
-    """Cumulative (tp, fp) counts at each distinct score, flagging ``score <= t``.
+    """(tp, fp) counts of the served flag at each of `flags.operating_thresholds`, with those λs.
 
-    Walking the scores upwards is walking the detector output ``-score`` downwards; tied scores
-    form one threshold so that ties contribute a diagonal ROC segment (the 0.5 tie credit).
+    Walking λ upwards is walking the detector output ``-score`` downwards; tied scores cross
+    one λ together, so that ties contribute a diagonal ROC segment (the 0.5 tie credit). The
+    first λ (the smallest score) flags nothing; the counts are `brittle`'s, not a re-derivation.
     """
-    if scores.size == 0:
-        empty = np.zeros(0)
-        return empty, empty, empty
-    order = np.argsort(scores, kind="mergesort")
-    s = scores[order]
-    y = nonrobust[order]
-    last_of_group = np.r_[np.flatnonzero(np.diff(s)), s.size - 1]
-    tps = np.cumsum(y)[last_of_group]
-    fps = (last_of_group + 1) - tps
-    return tps.astype(np.float64), fps.astype(np.float64), s[last_of_group]
+    thresholds = operating_thresholds(scores)
+    tps = brittle_counts(scores[nonrobust], thresholds)
+    fps = brittle_counts(scores[~nonrobust], thresholds)
+    return tps.astype(np.float64), fps.astype(np.float64), thresholds
 
 
 def roc_curve(
@@ -99,16 +96,17 @@ def roc_curve(
     """ROC of the detector ``-score`` for the positive class ``nonrobust``.
 
     Returns ``(fpr, tpr, thresholds)`` with thresholds in *score* units, increasing: point ``i``
-    flags ``score <= thresholds[i]``. The first point is ``(0, 0)`` at ``-inf`` (nothing
-    flagged). With no positives (or no negatives) tpr (or fpr) is all nan.
+    is the served flag at λ = ``thresholds[i]`` (``score < thresholds[i]``, so
+    `threshold.flag_rates` at that λ gives the same pair). The first point is ``(0, 0)`` at the
+    smallest score (nothing flagged), the last ``(1, 1)`` at ``+inf``; with no scores the one
+    point ``(0, 0)`` at ``+inf``. With no positives (or no negatives) tpr (or fpr) is all nan.
     """
     s, y = checked_scores(scores, nonrobust, allow_empty=True)
     tps, fps, thr = _roc_counts(y, s)
-    tps, fps = np.r_[0.0, tps], np.r_[0.0, fps]
     n_pos, n_neg = tps[-1], fps[-1]
     tpr = tps / n_pos if n_pos > 0 else np.full(tps.shape, np.nan)
     fpr = fps / n_neg if n_neg > 0 else np.full(fps.shape, np.nan)
-    return fpr, tpr, np.r_[-np.inf, thr]
+    return fpr, tpr, thr
 
 
 @dataclass(frozen=True)
@@ -129,8 +127,8 @@ def detection_metrics(nonrobust: np.ndarray, scores: np.ndarray) -> DetectionMet
       statistic P(score_neg > score_pos) + 0.5 P(tie).
     * AUPR: average precision as scikit-learn defines it, sum_n (R_n - R_{n-1}) P_n over the
       grouped thresholds (no interpolation, so it is not optimistic).
-    * FPR@95: the FPR at the first threshold (walking the detector output down) whose TPR
-      reaches 0.95, i.e. the least FPR achieving TPR >= 0.95.
+    * FPR@95: the FPR at the least λ (the first threshold, walking the detector output down)
+      whose TPR reaches 0.95, i.e. the least FPR the served flag achieves with TPR >= 0.95.
 
     Without positives or without negatives the three rates are nan (no warning): callers
     compute these on small resamples and subsets where that happens.
@@ -142,10 +140,10 @@ def detection_metrics(nonrobust: np.ndarray, scores: np.ndarray) -> DetectionMet
         nan = float("nan")
         return DetectionMetrics(nan, nan, nan, positives=n_pos, negatives=n_neg)
     tps, fps, _ = _roc_counts(y, s)
-    tpr = np.r_[0.0, tps / n_pos]
-    fpr = np.r_[0.0, fps / n_neg]
+    tpr, fpr = tps / n_pos, fps / n_neg
     auroc = float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2.0))
-    precision = tps / (tps + fps)  # every group holds >= 1 point, so no 0/0
+    # every λ after the first flags >= 1 point more than the one before, so no 0/0
+    precision = tps[1:] / (tps[1:] + fps[1:])
     aupr = float(np.sum(np.diff(tpr) * precision))
     reach = np.flatnonzero(tps >= 0.95 * n_pos - 1e-9 * n_pos)[0]
     return DetectionMetrics(

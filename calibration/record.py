@@ -7,6 +7,7 @@ import time
 
 import numpy as np
 
+from marginwatch.artifact.flags import brittle
 from marginwatch.artifact.schema import (
     AttackBudget,
     CalibrationRecord,
@@ -127,7 +128,7 @@ def build_record(
             )
             for method in ("count", "regression")
         ]
-    not_brittle = subset_scores >= threshold
+    not_brittle = ~brittle(subset_scores, threshold)
     precision = (subset_correct & robust)[not_brittle].mean() if not_brittle.any() else 0.0
     return CalibrationRecord(
         model_name=config.resolved_model_name,

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from marginwatch.artifact.flags import brittle, guarded_score_np
 from marginwatch.artifact.schema import PseudoMarginFacts, ScoreChoice, ScoreFigures
 from marginwatch.calibration.boundary_points import first_flip
 from marginwatch.calibration.config import MIN_PSEUDO_TRAIN_POINTS, CalibrationConfig
@@ -151,7 +152,7 @@ def measure(
         spread = estimate.ci_high - estimate.ci_low
     recall = None
     if sample.boundary is not None and sample.boundary.size:
-        recall = float(np.mean(sample.boundary < threshold))
+        recall = float(np.mean(brittle(sample.boundary, threshold)))
     return ScoreFigures(
         name=sample.name,
         kendall_tau=kendall_tau(radius, sample.subset),
@@ -242,11 +243,11 @@ def candidates(
     kappa: float,
 ) -> list[ScoreSample]:
     """The logit margin and the guarded pseudo-margin, scored on the subset, the big set and
-    the first-flip points (numpy's minimum is `scores.guarded_score`'s, without the graph)."""
+    the first-flip points (`flags.guarded_score_np`: `scores.guarded_score`, without the graph)."""
 
     def guarded(outputs: Outputs) -> np.ndarray:
         pseudo = regressor.predict(outputs.score_inputs(config.pseudo_input))
-        return np.minimum(pseudo, kappa * outputs.scores)
+        return guarded_score_np(pseudo, outputs.scores, kappa)
 
     big = guarded(everything)
     return [

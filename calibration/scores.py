@@ -73,7 +73,8 @@ class PseudoMarginHead(nn.Module):
 
 
 def guarded_score(pseudo: torch.Tensor, logits: torch.Tensor, guard_scale: float) -> torch.Tensor:
-    """min(pseudo-margin, κ · logit margin): flagged (score < λ) when either is low.
+    """min(pseudo-margin, κ · logit margin): brittle (score < λ) when either is low. Its numpy
+    twin, for scores computed outside the graph, is `artifact.flags.guarded_score_np`.
 
     A point just past a decision boundary has a logit margin near 0 by construction, while a
     learned pseudo-margin can extrapolate there to a large value (docs/benchmarks.md, "Boundary

@@ -1,4 +1,5 @@
-"""Choosing λ on the attacked subset; at serve time a decision is flagged brittle iff score < λ.
+"""Choosing λ on the attacked subset; a decision is brittle iff score < λ (`artifact.flags`,
+the one rule the service flags with and every figure here counts with).
 
 Both rules return the midpoint of the open interval of λ values that produce the chosen flag set
 on the subset (between two consecutive distinct scores), the usual max-margin choice: it keeps
@@ -15,8 +16,10 @@ import math
 from collections.abc import Callable
 
 import numpy as np
+from pydantic import TypeAdapter
 
-from marginwatch.artifact.schema import ThresholdRuleName, ThresholdRuleSpec
+from marginwatch.artifact.flags import brittle
+from marginwatch.artifact.schema import TargetTpr, ThresholdRuleName, ThresholdRuleSpec
 
 __all__ = [
     "THRESHOLD_RULES",
@@ -27,6 +30,8 @@ __all__ = [
     "threshold_at_tpr",
     "threshold_matching_fraction",
 ]
+
+_TARGET_TPR: TypeAdapter[float] = TypeAdapter(TargetTpr)
 
 ThresholdRule = Callable[[np.ndarray, np.ndarray], float]
 """``rule(scores, nonrobust) -> λ``, the shape the estimators refit on every bootstrap draw."""
@@ -54,7 +59,7 @@ def checked_scores(
 
 
 def _lambda_flagging_k(sorted_scores: np.ndarray, k: int) -> float:
-    """λ that flags (score < λ) the ``k`` smallest scores: midpoint of s_(k) and s_(k+1).
+    """λ that flags (`brittle`) the ``k`` smallest scores: midpoint of s_(k) and s_(k+1).
 
     ``k = 0`` gives s_(1) (nothing flagged); ``k = n`` gives the next float above s_(n)
     (everything flagged; there is no upper order statistic to take a midpoint with). With a tie
@@ -90,8 +95,7 @@ def threshold_at_tpr(scores: np.ndarray, nonrobust: np.ndarray, target_tpr: floa
     With no non-robust point there is nothing to catch and λ = min(score) flags nothing; this
     keeps bootstrap resamples of a very robust subset well defined.
     """
-    if not 0.0 <= target_tpr <= 1.0:
-        raise ValueError(f"target_tpr must lie in [0, 1], got {target_tpr}")
+    _TARGET_TPR.validate_python(target_tpr)  # (0, 1], the artifact's range; a ValueError
     s, y = checked_scores(scores, nonrobust)
     n_pos = int(y.sum())
     m = math.ceil(target_tpr * n_pos - 1e-9)
@@ -126,12 +130,13 @@ def _ratio(num: int, den: int) -> float:
 
 
 def flag_rates(scores: np.ndarray, nonrobust: np.ndarray, threshold: float) -> dict[str, float]:
-    """Operating point of ``flag = score < threshold``: tpr, fpr, flagged_fraction, precision.
+    """Operating point of the served flag (`brittle`) at ``threshold``: tpr, fpr,
+    flagged_fraction, precision; the vertex of `metrics.roc_curve` at that λ.
 
     A rate whose denominator is empty (no positives, no negatives, nothing flagged) is nan.
     """
     s, y = checked_scores(scores, nonrobust)
-    flagged = s < threshold
+    flagged = brittle(s, threshold)
     tp = int(np.sum(flagged & y))
     fp = int(np.sum(flagged & ~y))
     n_pos = int(y.sum())

@@ -17,11 +17,18 @@ from typing import cast
 
 import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from marginwatch.artifact.graph import INPUT_NAME, LOGITS
 from marginwatch.models.architectures import SplitClassifier
-from marginwatch.models.cli import add_dataset_options, command_parser
+from marginwatch.models.cli import (
+    OptionsError,
+    command_parser,
+    data_dir_field,
+    dataset_field,
+    parse_options,
+)
 from marginwatch.models.data import DataError, load_dataset, stratified_indices
 from marginwatch.models.registry import ModelError, image_shape, load_model
 
@@ -173,36 +180,44 @@ def verify_export(
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = command_parser(PROG, DESCRIPTION)
-    parser.add_argument(
-        "model",
-        help="shipped model (fmnist-cnn-pgd, fmnist-cnn-standard), "
+class ExportOptions(BaseModel):
+    """`marginwatch-export`'s options, one flag each (`artifact.cli_settings`)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model: str = Field(
+        min_length=1,
+        description="shipped model (fmnist-cnn-pgd, fmnist-cnn-standard), "
         "architecture name with --weights, TorchScript file, or module:factory",
+        json_schema_extra={"positional": True, "metavar": "model"},
     )
-    parser.add_argument("--weights", type=Path, default=None, help="weights file for the model")
-    parser.add_argument("--out", type=Path, required=True, help="path of the .onnx file to write")
-    add_dataset_options(parser, default="fashion-mnist-subset", role="verification data")
-    parser.add_argument(
-        "--verify-samples", type=int, default=1000, help="test images used for the parity checks"
+    weights: Path | None = Field(default=None, description="weights file for the model")
+    out: Path = Field(description="path of the .onnx file to write")
+    dataset: str = dataset_field(default="fashion-mnist-subset", role="verification data")
+    data_dir: Path | None = data_dir_field()
+    verify_samples: int = Field(
+        default=1000, ge=1, description="test images used for the parity checks"
     )
-    parser.add_argument(
-        "--tolerance",
-        type=float,
+    tolerance: float = Field(
         default=1e-4,
-        help="largest accepted |ONNX − torch| on any logit, relative to max(1, largest |logit|)",
+        gt=0,
+        description="largest accepted |ONNX − torch| on any logit, relative to max(1, largest "
+        "|logit|)",
     )
-    return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    return command_parser(PROG, DESCRIPTION, ExportOptions)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
+        args = parse_options(ExportOptions, build_parser(), argv)
         data = load_dataset(args.dataset, "test", args.data_dir)
         data = data.subset(stratified_indices(data.labels, min(args.verify_samples, len(data)), 0))
         # a model that does not carry its input shape takes the dataset's
         model = load_model(args.model, args.weights, input_shape=image_shape(data.images))
-    except (ModelError, DataError) as error:
+    except (OptionsError, ModelError, DataError) as error:
         print(f"{PROG}: {error}", file=sys.stderr)
         return 2
     if data.images.shape[1:] != tuple(model.input_shape):

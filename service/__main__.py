@@ -17,21 +17,18 @@ import json
 import logging
 import re
 import sys
-from collections.abc import Sequence
-from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from collections.abc import Collection, Sequence
+from typing import Any
 
 import uvicorn
 from pydantic import ValidationError
-from pydantic.fields import FieldInfo
 from uvicorn.config import STARTUP_FAILURE
 
+from marginwatch.artifact import cli_settings
 from marginwatch.service.app import create_app
-from marginwatch.service.fastpath import tune_garbage_collector, tune_thread_switching
 from marginwatch.service.protocol import timed_protocol
+from marginwatch.service.runtime import tune_garbage_collector, tune_thread_switching
 from marginwatch.service.settings import Settings
-
-METAVARS: dict[object, str] = {int: "N", float: "NUMBER", str: "TEXT", Path: "PATH"}
 
 
 class JsonFormatter(logging.Formatter):
@@ -105,32 +102,10 @@ def log_config(log_format: str, level: str, keys: Sequence[str] = ()) -> dict[st
     }
 
 
-def _flag_options(field: FieldInfo) -> dict[str, Any]:
-    """argparse keywords for a field: choices for a Literal, --x/--no-x for a bool; any other
-    value stays a string for pydantic to convert and check, with the field's own message."""
-    if field.annotation is bool:
-        return {"action": argparse.BooleanOptionalAction}
-    if get_origin(field.annotation) is Literal:
-        return {"choices": get_args(field.annotation)}
-    if get_origin(field.annotation) is list:
-        return {"metavar": "A,B"}
-    # an optional value (`Path | None`) is named by its type
-    kinds = [kind for kind in get_args(field.annotation) if kind is not type(None)]
-    kind = kinds[0] if len(kinds) == 1 else field.annotation
-    return {"metavar": METAVARS.get(kind, "VALUE")}
-
-
-def _shown(value: object) -> str:
-    if isinstance(value, list):
-        return ",".join(map(str, value)) or "none"
-    if value is None:
-        return "unset"
-    return str(value)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    """One flag per `Settings` field, written from the field: `--max-batch-size` for
-    `max_batch_size`, its description, its environment variable and its default."""
+    """One flag per `Settings` field, written from the field (`artifact.cli_settings`):
+    `--max-batch-size` for `max_batch_size`, its description, its environment variable and its
+    default."""
     parser = argparse.ArgumentParser(
         prog="marginwatch-serve",
         description="Serve calibrated classifiers over HTTP (own REST API under /v1, the Open "
@@ -138,42 +113,34 @@ def build_parser() -> argparse.ArgumentParser:
         "Each option overrides its MARGINWATCH_* environment variable, which overrides the "
         "default.",
     )
-    prefix = Settings.model_config.get("env_prefix", "")
-    for name, field in Settings.model_fields.items():
-        default = _shown(field.get_default(call_default_factory=True))
-        text = f"{field.description} ({prefix}{name.upper()}; default: {default})"
-        parser.add_argument(
-            f"--{name.replace('_', '-')}",
-            dest=name,
-            help=text.replace("%", "%%"),  # argparse %-formats help texts
-            **_flag_options(field),
-        )
+    cli_settings.add_options(parser, Settings)
     return parser
 
 
 def settings_from(argv: list[str] | None) -> Settings:
     """The settings: a flag given here, else its environment variable, else the default."""
-    args = build_parser().parse_args(argv)
-    return Settings(**{key: value for key, value in vars(args).items() if value is not None})
+    return Settings(**settings_given(argv))
 
 
-def settings_problems(error: ValidationError) -> str:
-    """One line per problem, naming the variable and the flag but never the value: a value may
-    be a secret (an API key), and pydantic's own text of the error quotes the input."""
-    prefix = Settings.model_config.get("env_prefix", "")
-    lines = []
-    for problem in error.errors(include_url=False, include_context=False, include_input=False):
-        field = str(problem["loc"][0]) if problem["loc"] else ""
-        where = f"{prefix}{field.upper()} (--{field.replace('_', '-')})" if field else "settings"
-        lines.append(f"  {where}: {problem['msg'].removeprefix('Value error, ')}")
-    return "\n".join(lines)
+def settings_given(argv: list[str] | None) -> dict[str, Any]:
+    """The settings given as flags (`artifact.cli_settings`: a flag not given is absent)."""
+    return cli_settings.given_values(build_parser().parse_args(argv), Settings)
+
+
+def settings_problems(error: ValidationError, given: Collection[str] = ()) -> str:
+    """One line per problem, naming the flag or variable it came from but never the value: a
+    value may be a secret (an API key), and pydantic's own text of the error quotes the input."""
+    found = cli_settings.problems(error, Settings, given, quote=False)
+    return "\n".join(f"  {problem}" for problem in found)
 
 
 def main(argv: list[str] | None = None) -> int:
+    given = settings_given(argv)
     try:
-        settings = settings_from(argv)
+        settings = Settings(**given)
     except ValidationError as error:
-        print(f"marginwatch-serve: invalid settings:\n{settings_problems(error)}", file=sys.stderr)
+        problems = settings_problems(error, given)
+        print(f"marginwatch-serve: invalid settings:\n{problems}", file=sys.stderr)
         return 2
     app = create_app(settings)
     tune_garbage_collector()

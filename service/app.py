@@ -27,6 +27,7 @@ from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
 
 from marginwatch.service.admission import Admission
+from marginwatch.service.auth import auth_dependencies
 from marginwatch.service.errors import (
     InvalidInput,
     ModelNotFound,
@@ -38,7 +39,6 @@ from marginwatch.service.errors import (
     Unauthorized,
     UnsupportedMediaType,
 )
-from marginwatch.service.fastpath import auth_dependencies, collect_garbage, splice_routes
 from marginwatch.service.images import ImageLimits
 from marginwatch.service.metrics import CONTENT_TYPE, ServiceMetrics
 from marginwatch.service.metrics_port import MetricsPort
@@ -47,12 +47,13 @@ from marginwatch.service.payload import JSON, RequestReader
 from marginwatch.service.registry import ModelRegistry
 from marginwatch.service.routes_v1 import build_v1_router
 from marginwatch.service.routes_v2 import SERVER_VERSION, build_health_router, build_v2_router
+from marginwatch.service.runtime import collect_garbage
 from marginwatch.service.schemas import error_responses
 from marginwatch.service.settings import Settings
 from marginwatch.service.traffic_sampler import TrafficSampler, warn_if_sampling_off
 
 if TYPE_CHECKING:
-    from marginwatch.service.routes_grpc import GrpcServer
+    from marginwatch.service.grpc_server import GrpcServer
 
 logger = logging.getLogger("marginwatch.service")
 
@@ -68,7 +69,7 @@ STATUS_OF: dict[type[Exception], int] = {
     Overloaded: 503,
     Exception: 500,  # anything unhandled: logged, and answered without its text
 }
-# The same errors over gRPC (`routes_grpc.py`), as names of `grpc.StatusCode` members: grpc takes
+# The same errors over gRPC (`grpc_servicer.py`), as names of `grpc.StatusCode` members: grpc takes
 # 0.1 s to import, which only a process serving gRPC pays. Its request metrics count each call
 # under the status class of the HTTP status above.
 GRPC_STATUS_OF: dict[type[Exception], str] = {
@@ -121,6 +122,15 @@ def _handler(status: int, headers: dict[str, str] | None) -> Handler:
     return handle
 
 
+def splice_routes(app: FastAPI, routers: Sequence[APIRouter]) -> None:
+    """Put the routers' routes at the front of the app's own route list, in order, rather than
+    `include_router` them: a speed device (docs/benchmarks.md, "How it got here"). FastAPI 0.165
+    keeps included routers nested, and matching a request through them cost about 13 µs. Each
+    router lists its inference route first, since the table is matched in order, and already
+    carries its tags, dependencies and error responses on its routes."""
+    app.router.routes[:0] = [route for router in routers for route in router.routes]
+
+
 def _metrics_router(metrics: ServiceMetrics, dependencies: Sequence[params.Depends]) -> APIRouter:
     router = APIRouter(tags=["metrics"], dependencies=dependencies)
 
@@ -160,9 +170,10 @@ def _grpc_server(
     admission: Admission,
     metrics: ServiceMetrics,
 ) -> GrpcServer:
-    # imported only here: its generated stubs and tritonclient's register the same protobuf
-    # names, and a process that imports both fails (see routes_grpc.py)
-    from marginwatch.service.routes_grpc import GrpcServer, InferenceServicer, KeyInterceptor
+    # imported only here: their generated stubs and tritonclient's register the same protobuf
+    # names, and a process that imports both fails (see grpc_server.py)
+    from marginwatch.service.grpc_server import GrpcServer, KeyInterceptor
+    from marginwatch.service.grpc_servicer import InferenceServicer
 
     servicer = InferenceServicer(
         registry=registry,

@@ -3,9 +3,10 @@
 `ServedModel` follows the load/predict split: the constructor only stores where the version lies;
 `load()` verifies the artifact (schema and sha256, through `artifact.store.read_record`),
 creates the session and runs it once; `predict(x)` returns a `Prediction`. The score comes out of
-the graph itself (output `score`); the engine only compares it with λ. `SERVED_OUTPUTS` is the one
-table of the output tensors a client can ask for (name, datatype, shape, `Prediction` field): the
-model metadata and both of the Open Inference Protocol's encodings read it. Nothing here knows HTTP.
+the graph itself (output `score`); the engine only compares it with λ, by the one flag rule
+(`artifact.flags`, the calibration's too). `SERVED_OUTPUTS` is the one table of the output tensors
+a client can ask for (name, datatype, shape, `Prediction` field): the model metadata and both of
+the Open Inference Protocol's encodings read it. Nothing here knows HTTP.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any, Final
 import numpy as np
 import onnxruntime as ort
 
+from marginwatch.artifact import flags
 from marginwatch.artifact.graph import INPUT_NAME, LOGITS, OUTPUTS, SCORE
 from marginwatch.artifact.schema import ONNX_FILE, CalibrationRecord
 from marginwatch.artifact.store import ArtifactError, read_record
@@ -188,9 +190,9 @@ class ServedModel:
         """Labels, logits, scores and flags of a float32 batch N×C×H×W (already validated)."""
         record, session = self._require()
         logits, scores = session.run(list(OUTPUTS), {INPUT_NAME: x})
-        threshold = record.threshold
-        borderline = np.abs(scores - threshold) <= record.guard_band
-        return Prediction(logits, scores, logits.argmax(axis=1), scores < threshold, borderline)
+        brittle = flags.brittle(scores, record.threshold)
+        borderline = flags.borderline(scores, record.threshold, record.guard_band)
+        return Prediction(logits, scores, logits.argmax(axis=1), brittle, borderline)
 
     def metadata(self) -> ModelMetadata:
         record, session = self._require()

@@ -15,9 +15,9 @@ chunks are capped (`PNG_TEXT_BYTES`), since Pillow keeps them with the open file
 opened with Pillow's PNG, JPEG and WebP readers themselves rather than `Image.open`, whose
 decompression-bomb check would warn to the log or raise for sizes that only `max_image_pixels`
 should decide; a WebP file's size is read from its header here, before Pillow's reader, which
-allocates the whole canvas as it opens a file. The pixels are then read exactly as the image-folder
-loader reads them (`models/data.py`: `image_pixels`, `to_channels`, `unit_floats`), so an image sent
-here and the same file in a calibration folder are the same input to the model.
+allocates the whole canvas as it opens a file. The pixels are then read by the pixel rules the
+image-folder loader uses (`artifact/pixels.py`: `image_pixels`, `to_channels`, `unit_floats`), so an
+image sent here and the same file in a calibration folder are the same input to the model.
 """
 
 from __future__ import annotations
@@ -38,16 +38,10 @@ from PIL.WebPImagePlugin import WebPImageFile
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from marginwatch.models.data import DataError, image_pixels, to_channels, unit_floats
+from marginwatch.artifact.pixels import PixelError, image_pixels, to_channels, unit_floats
 from marginwatch.service.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
+from marginwatch.service.settings import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, MAX_IMAGE_REQUEST_BYTES
 
-# The defaults of the service's settings of the same names (`settings.py`). The byte limits keep
-# an image request's body, as base64 in JSON, under the largest float request of the smallest
-# shipped model (64 samples of 1×28×28 as JSON: 1.26 MB, `payload.body_limit`), so that taking
-# images enlarges no body limit by default; a 28×28 PNG takes about 1 KB.
-MAX_IMAGE_BYTES = 512 * 1024
-MAX_IMAGE_REQUEST_BYTES = 768 * 1024
-MAX_IMAGE_PIXELS = 2048 * 2048
 # A PNG's text chunks (tEXt, zTXt, iTXt), which Pillow keeps in memory with the open file: at
 # most this many bytes decompressed per chunk and per file (`_cap_png_text`)
 PNG_TEXT_CHUNK_BYTES = 64 * 1024
@@ -61,7 +55,7 @@ FORM_FILE = "file"  # the form field of every image file (repeated for several)
 FORM_FLAGS = (RESIZE, "return_probabilities")
 FORM_FLAG_BYTES = 16  # the longest value a flag field may have ("false" and some whitespace)
 
-# Pillow's reader class of each accepted format (`models.data.IMAGE_FORMATS`)
+# Pillow's reader class of each accepted format (`artifact.pixels.IMAGE_FORMATS`)
 _READERS: dict[str, Callable[[io.BytesIO], ImageFile.ImageFile]] = {
     "PNG": PngImageFile,
     "JPEG": JpegImageFile,
@@ -355,7 +349,7 @@ def decode_images(
 ) -> np.ndarray:
     """The files as one float32 batch N×C×H×W for a model that takes `input_shape` in
     `input_range`: 8-bit grayscale or RGB, alpha dropped, gray repeated into RGB or colour to
-    luma as the model's channels need (`models.data.to_channels`), resized to H×W (bilinear) if
+    luma as the model's channels need (`artifact.pixels.to_channels`), resized to H×W (bilinear) if
     `resize`, else refused unless of that size; pixel values / 255, then mapped linearly onto
     `input_range` (the identity for [0, 1]). The request's limits (count, bytes) are checked
     before the first file is opened; each file's header (format, pixels, size) before it is
@@ -392,7 +386,7 @@ def _cap_png_text() -> None:
 def _pixels(name: str, image: ImageFile.ImageFile, kind: str, size: tuple[int, int]) -> np.ndarray:
     try:
         return image_pixels(image, size)
-    except DataError as error:  # animated, or 16-bit: the loader's own refusals
+    except PixelError as error:  # animated, or 16-bit: the pixel rules' own refusals
         raise InvalidInput(f"{name} {error}") from None
     except Exception as error:  # truncated or damaged data: Pillow's decoders raise many types
         raise InvalidInput(f"{name} is a damaged {kind} image: {error}") from None

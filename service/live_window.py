@@ -1,7 +1,7 @@
 """The live robust-accuracy window: the mean of g(score) over the most recent served predictions,
-where g is the calibration's curve P(correct and robust | score). The collector in `metrics.py`
-feeds it at fold time and exports its mean as `marginwatch_live_robust_accuracy_ratio` and its
-size as `marginwatch_live_window_predictions`.
+where g is the calibration's curve P(correct and robust | score). The collector in
+`served_traffic.py` feeds it at fold time and exports its mean as
+`marginwatch_live_robust_accuracy_ratio` and its size as `marginwatch_live_window_predictions`.
 
 The window is bounded by count and by age. By count alone, a replica that stops receiving traffic
 would export the mean of its last predictions forever, however old: a frozen gauge that an alert

@@ -1,9 +1,9 @@
 """The request middleware: counts and times every HTTP request once routing has named it.
 
 Pure ASGI rather than Starlette's `BaseHTTPMiddleware`, which runs the app in a task of its own
-and streams the response through a memory channel on every request (see `fastpath.py`). Label
-values come from fixed sets only: a model label is a served model's name (never a name taken
-from a path that no model has), an endpoint label is a route's name.
+and streams the response through a memory channel on every request. Label values come from fixed
+sets only: a model label is a served model's name (never a name taken from a path that no model
+has), an endpoint label is a route's name.
 """
 
 from __future__ import annotations

@@ -16,14 +16,26 @@ multipart form, or as base64 in JSON (a JSON body may hold floats or images, so 
 larger of the two); plus `ENVELOPE_BYTES` for the rest of the body (`body_limit`,
 `image_body_limit`). Bodies above `PARSE_OFF_LOOP_BYTES` are decoded in the reader's own thread,
 so the event loop goes on answering meanwhile; image files are decoded there whatever their size.
+The parsing and the batch checks themselves are `decoding.py`'s.
+
+Three per-request speed devices are the reader's (measured in process with
+`bench/asgi_overhead.py`, or under load with `bench/serve_load.py`; docs/benchmarks.md):
+- **`{name}` read from the path parameters by hand** (`model_name`), not declared as an endpoint
+  argument: FastAPI's parameter validation cost about 9 µs a request (6 % of the service's own
+  time per one-image request), for a string the registry checks anyway. OpenAPI would lose the
+  parameter, so `schemas.inference_route_docs` documents it by hand.
+- **Bodies read and parsed here**, not declared as a FastAPI body parameter: the size limit
+  applies while streaming, the binary tensor extension is not JSON, and numbers become one numpy
+  array in one call. `schemas.request_body` documents the schema FastAPI no longer sees.
+- **No parsed body held across the await**: `read` returns only the float32 batch, so the body
+  and its parsed lists die before the request waits for its batch. 64 requests in flight kept 64
+  parsed 784-float lists alive, out of the caches; concurrency 32 went from 4,934 to 6,177 req/s.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import math
-import re
 import time
 from asyncio import FIRST_COMPLETED
 from collections.abc import Awaitable, Callable, Sequence
@@ -32,12 +44,12 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, Literal, TypeVar
 
 import numpy as np
-import orjson
-from pydantic import BaseModel, ValidationError
 from starlette.datastructures import Headers
 from starlette.requests import ClientDisconnect, Request
 
 from marginwatch.service.admission import Ticket, ticket_of
+from marginwatch.service.decoding import check_batch
+from marginwatch.service.deployment import Deployment
 from marginwatch.service.errors import (
     InvalidInput,
     Overloaded,
@@ -45,7 +57,6 @@ from marginwatch.service.errors import (
     RequestTimeout,
     UnsupportedMediaType,
 )
-from marginwatch.service.fastpath import model_name
 from marginwatch.service.images import (
     RESIZE,
     EncodedImages,
@@ -53,9 +64,8 @@ from marginwatch.service.images import (
     decode_images,
     resize_option,
 )
-from marginwatch.service.registry import Deployment, ModelRegistry
+from marginwatch.service.registry import ModelRegistry
 
-ModelT = TypeVar("ModelT", bound=BaseModel)
 T = TypeVar("T")
 OptionsT = TypeVar("OptionsT")
 JSON = "application/json"
@@ -108,6 +118,13 @@ def image_body_limit(limits: ImageLimits, max_inputs: int, *, form: bool) -> int
     return 4 * math.ceil(files / 3) + ENVELOPE_BYTES
 
 
+def model_name(request: Request) -> str:
+    """The `{name}` of an inference route's path, unvalidated: the registry checks it (read by
+    hand, see the module's docstring)."""
+    name: str = request.path_params["name"]
+    return name
+
+
 def is_form(headers: Headers) -> bool:
     return headers.get("content-type", "").lower().startswith(FORM)
 
@@ -136,7 +153,7 @@ class RequestReader:
     ) -> tuple[Deployment, np.ndarray, OptionsT]:
         """The deployment that serves the request's model, its validated float32 batch and
         its options. Only the batch comes back: the body and what was parsed from it are freed
-        before the caller waits for its batch (see `fastpath.py`)."""
+        before the caller waits for its batch (see the module's docstring)."""
         name = model_name(request)
         # an unknown or unready model is refused before the body is read
         deployment = self.registry.get(name)
@@ -345,88 +362,3 @@ def check_content_type(request: Request, allowed: Sequence[str]) -> None:
         raise UnsupportedMediaType(
             f"Content-Type {media_type!r} is not accepted here; send {' or '.join(allowed)}"
         )
-
-
-def parse_json(raw: bytes | memoryview) -> Any:
-    try:
-        return orjson.loads(raw)
-    except orjson.JSONDecodeError as error:
-        raise InvalidInput(f"the body is not valid JSON: {error}") from None
-
-
-def validate(schema: type[ModelT], document: Any) -> ModelT:
-    """`document` checked against `schema`; the message lists each problem with its location."""
-    try:
-        return schema.model_validate(document)
-    except ValidationError as error:
-        problems = "; ".join(
-            f"{'.'.join(str(part) for part in problem['loc']) or 'body'}: {problem['msg']}"
-            for problem in error.errors(include_url=False)
-        )
-        raise InvalidInput(f"invalid request: {problems}") from None
-
-
-# A JSON token that numpy would turn into a number though it is none: `true`/`false`, or a
-# string that starts like a number ("1.5", " -2"). Only a body holding one pays for the strict
-# scan below; a body of plain numbers keeps numpy's one C loop.
-_NOT_A_NUMBER = re.compile(rb'true|false|"\s*[-+.0-9]')
-
-
-def as_float32(data: Any, what: str, source: bytes | memoryview = b"") -> np.ndarray:
-    """Nested lists of numbers as one float32 array (numpy's C loop, not element by element).
-    `source` is the JSON text `data` came from: where it holds a boolean or a numeric string,
-    the values are checked to be numbers, which numpy alone would convert silently."""
-    if isinstance(data, np.ndarray):
-        return data
-    try:
-        # a number beyond float32's range becomes inf, which `check_batch` refuses; numpy's
-        # warning about it would only be log noise that any client can cause
-        with np.errstate(over="ignore"):
-            array = np.asarray(data, dtype=np.float32)
-    except (ValueError, TypeError):
-        raise InvalidInput(
-            f"{what} must be numbers in nested lists of equal lengths (a regular array)"
-        ) from None
-    if _NOT_A_NUMBER.search(source) and not _only_numbers(data, array.ndim):
-        raise InvalidInput(f"{what} must hold numbers only: no strings, booleans or null")
-    return array
-
-
-def _only_numbers(data: Any, depth: int) -> bool:
-    """Whether every leaf of the regular nested list `data` (`depth` levels) is an int or a
-    float, booleans excluded (Python's bool is an int)."""
-    leaves = data if isinstance(data, list) else [data]
-    for _ in range(depth - 1):
-        leaves = list(itertools.chain.from_iterable(leaves))
-    kinds = set(map(type, leaves))
-    return kinds <= {int, float}
-
-
-def check_batch(
-    x: np.ndarray,
-    *,
-    input_shape: Sequence[int],
-    input_range: tuple[float, float],
-    max_inputs: int,
-    what: str = "inputs",
-) -> np.ndarray:
-    """`x` as a C-contiguous float32 batch N×`input_shape`, finite, inside `input_range`."""
-    expected = [*input_shape]
-    if x.ndim >= 1 and len(x) == 0:
-        raise InvalidInput(f"{what} is an empty batch: send at least one sample")
-    if x.ndim != len(expected) + 1 or list(x.shape[1:]) != expected:
-        raise InvalidInput(
-            f"{what} must have shape [N, {', '.join(map(str, expected))}]; got {list(x.shape)}"
-        )
-    if len(x) > max_inputs:
-        raise InvalidInput(f"{what} holds {len(x)} samples; the limit is {max_inputs} per request")
-    low, high = input_range
-    finite_low, finite_high = float(x.min()), float(x.max())
-    if not (math.isfinite(finite_low) and math.isfinite(finite_high)):
-        raise InvalidInput(f"{what} contains NaN or infinite values")
-    if finite_low < low or finite_high > high:
-        raise InvalidInput(
-            f"{what} has values in [{finite_low:g}, {finite_high:g}], outside the model's input "
-            f"range [{low:g}, {high:g}]"
-        )
-    return np.ascontiguousarray(x, dtype=np.float32)

@@ -1,10 +1,11 @@
 """Served models by name, hot reload, and readiness.
 
-Each loaded version is a `Deployment`: a `ServedModel` and its own `MicroBatcher`. A request looks
-its deployment up and submits to it without awaiting in between, so it finishes on the version it
-started with. The watcher polls every model's CURRENT pointer; a new version is loaded and
-verified beside the old one (in a thread, so serving goes on), then swapped in with one dict
-assignment; the old deployment's batcher serves what it has queued and stops.
+Each loaded version is a `Deployment` (`deployment.py`): a `ServedModel` and its own
+`MicroBatcher`. A request looks its deployment up and submits to it without awaiting in between,
+so it finishes on the version it started with. The watcher polls every model's CURRENT pointer;
+a new version is loaded and verified beside the old one (in a thread, so serving goes on), then
+swapped in with one dict assignment; the old deployment's batcher serves what it has queued and
+stops.
 
 A version that fails verification, and a CURRENT that cannot be read (not UTF-8, a permission),
 is refused with a log line and a `marginwatch_reloads_total{result="failure"}` increment, and the
@@ -34,21 +35,19 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import numpy as np
 
 from marginwatch.artifact.schema import ONNX_FILE, RECORD_FILE
 from marginwatch.artifact.store import CURRENT_FILE, ArtifactError, current_version, list_models
 from marginwatch.artifact.traffic import TRAFFIC_CHECK_FILE, TrafficCheck
-from marginwatch.service.batcher import MicroBatcher, RunBatch
-from marginwatch.service.engine import EngineOptions, Prediction, ServedModel
+from marginwatch.service.deployment import Deployment, deploy
+from marginwatch.service.engine import EngineOptions, ServedModel
 from marginwatch.service.errors import ModelNotFound, ModelNotReady
-from marginwatch.service.metrics import ModelState, ServiceMetrics
+from marginwatch.service.metrics import ServiceMetrics
 from marginwatch.service.settings import Settings
+from marginwatch.service.state_metrics import ModelState
 from marginwatch.service.traffic_sampler import TrafficSampler
 
 logger = logging.getLogger("marginwatch.service")
@@ -58,20 +57,6 @@ logger = logging.getLogger("marginwatch.service")
 Stamp = tuple[int, ...]
 # What a load may raise: the artifact checks, the file system, a CURRENT that is not UTF-8 text.
 LOAD_ERRORS = (ArtifactError, OSError, ValueError)
-
-
-@dataclass(frozen=True)
-class Deployment:
-    """One loaded version and the batcher in front of its session."""
-
-    model: ServedModel
-    batcher: MicroBatcher
-
-    def infer(
-        self, x: np.ndarray, deadline: float | None = None
-    ) -> Coroutine[Any, Any, Prediction]:
-        # the batcher's own coroutine: no extra frame (fastpath.py)
-        return self.batcher.submit(x, deadline)
 
 
 @dataclass(frozen=True)
@@ -367,37 +352,7 @@ class ModelRegistry:
         return deployment.model.version if deployment is not None else None
 
     def _deploy(self, model: ServedModel) -> Deployment:
-        batcher = MicroBatcher(
-            batch_runner(model, self._metrics, self._sampler),
-            max_batch_size=self._settings.max_batch_size,
-            max_wait_s=self._settings.max_batch_wait_s,
-            max_queue_samples=self._settings.max_queue_samples,
-            inline_max_samples=self._settings.inline_max_samples,
-            backlog=self._backlog,
-            name=model.name,
-        )
-        batcher.start()
-        self._metrics.traffic.watch_queue(model.name, lambda: batcher.queued_samples)
-        return Deployment(model, batcher)
-
-
-def batch_runner(
-    model: ServedModel, metrics: ServiceMetrics, sampler: TrafficSampler | None
-) -> RunBatch:
-    """What a batcher runs: the model, then the batch's metrics, then the sampler's offer (the
-    benchmark of sampling, bench/traffic_sampling.py, times this very function)."""
-    record = model.record
-    name, version = model.name, model.version
-
-    def run(x: np.ndarray) -> Prediction:
-        started = time.perf_counter()
-        prediction = model.predict(x)
-        metrics.observe_batch(name, record, prediction, time.perf_counter() - started)
-        if sampler is not None:
-            sampler.offer(name, version, x, prediction)
-        return prediction
-
-    return run
+        return deploy(model, self._settings, self._metrics, self._sampler, self._backlog)
 
 
 def read_traffic_check(path: Path, model: str, version: str) -> TrafficCheck:

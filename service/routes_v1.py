@@ -4,6 +4,8 @@ A body is floats in JSON (`inputs`, or KServe v1's `instances`), or image files:
 of `file` parts, base64 strings in JSON (`images`, or KServe v1's `{"b64": ...}` instances).
 Image files leave here undecoded (`images.EncodedImages`): the request reader decodes them for
 the model that serves the request, and the response is the one the decoded floats would get.
+The route returns a finished `Response`, so FastAPI neither validates nor re-serialises it
+(`response_model` only documents).
 """
 
 from __future__ import annotations
@@ -18,25 +20,19 @@ from starlette.datastructures import Headers
 
 from marginwatch.artifact.schema import CalibrationRecord
 from marginwatch.service.admission import deadline_of
+from marginwatch.service.decoding import as_float32, parse_json
+from marginwatch.service.decoding import validate as validate_schema
 from marginwatch.service.engine import Prediction
 from marginwatch.service.errors import InvalidInput
-from marginwatch.service.fastpath import inference_route_docs, request_body
 from marginwatch.service.images import RESIZE, EncodedImages, read_form
-from marginwatch.service.payload import (
-    FORM,
-    JSON,
-    BodyFormat,
-    RequestReader,
-    as_float32,
-    is_form,
-    parse_json,
-)
-from marginwatch.service.payload import validate as validate_schema
+from marginwatch.service.payload import FORM, JSON, BodyFormat, RequestReader, is_form
 from marginwatch.service.schemas import (
     OpenApiResponses,
     PredictForm,
     PredictRequest,
     PredictResponse,
+    inference_route_docs,
+    request_body,
 )
 
 BATCH_FIELDS = ("inputs", "instances", "images")

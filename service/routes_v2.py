@@ -1,8 +1,10 @@
 """The Open Inference Protocol v2 subset: server and model metadata, health, readiness, and infer
 with its wire format, JSON or the binary tensor data extension (what tritonclient sends by
-default). The routes read, infer, serialise; the outputs are `engine.SERVED_OUTPUTS`. The same
-protocol over gRPC (`routes_grpc.py`) reads tensors with `input_array` and `requested_outputs`
-and writes raw outputs with `raw_tensor`: the checks are these, whatever the transport.
+default). The routes read, infer, serialise; the outputs are `engine.SERVED_OUTPUTS`. The infer
+route returns a finished `Response`, so FastAPI neither validates nor re-serialises it
+(`response_model` only documents). The same protocol over gRPC (`grpc_servicer.py`,
+`grpc_convert.py`) reads tensors with `input_array` and `requested_outputs` and writes raw
+outputs with `raw_tensor`: the checks are these, whatever the transport.
 
 Binary extension: a request with the header `Inference-Header-Content-Length: n` carries a JSON
 header in its first n bytes, then the raw little-endian bytes of every input whose
@@ -24,6 +26,8 @@ from starlette.datastructures import Headers
 
 from marginwatch.artifact.graph import INPUT_NAME
 from marginwatch.service.admission import deadline_of
+from marginwatch.service.decoding import as_float32, parse_json
+from marginwatch.service.decoding import validate as validate_schema
 from marginwatch.service.engine import (
     INPUT_DATATYPE,
     SERVED_OUTPUTS,
@@ -32,16 +36,7 @@ from marginwatch.service.engine import (
     calibration_facts,
 )
 from marginwatch.service.errors import InvalidInput, ModelNotReady
-from marginwatch.service.fastpath import inference_route_docs
-from marginwatch.service.payload import (
-    JSON,
-    OCTET_STREAM,
-    BodyFormat,
-    RequestReader,
-    as_float32,
-    parse_json,
-)
-from marginwatch.service.payload import validate as validate_schema
+from marginwatch.service.payload import JSON, OCTET_STREAM, BodyFormat, RequestReader
 from marginwatch.service.registry import ModelRegistry
 from marginwatch.service.schemas import (
     InferenceRequest,
@@ -51,6 +46,7 @@ from marginwatch.service.schemas import (
     OpenApiResponses,
     ReadyResponse,
     ServerMetadata,
+    inference_route_docs,
 )
 
 SERVER_NAME = "marginwatch"
@@ -120,7 +116,7 @@ def build_v2_router(
 ) -> APIRouter:
     router = APIRouter(tags=["v2"], responses=errors, dependencies=dependencies)
 
-    # infer first: the route table is matched in order (see fastpath.py)
+    # infer first: the route table is matched in order (see app.splice_routes)
     @router.post(
         "/v2/models/{name}/infer",
         response_model=InferenceResponse,

@@ -1,12 +1,13 @@
 """Request and response models: the service's own REST API (v1) and the Open Inference Protocol
 v2 subset. Bodies are parsed with orjson and then checked against these models; tensor data stay
 `Any` here and become one numpy array in one call (`payload.py`), never element by element.
-The bodies of the inference routes are documented by hand (`fastpath.request_body`).
+The inference routes' bodies and `{name}`, read by the request reader rather than declared to
+FastAPI, are documented by hand (`request_body`, `inference_route_docs`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
@@ -194,3 +195,36 @@ OpenApiResponses = dict[int | str, dict[str, Any]]
 def error_responses(statuses: Iterable[int]) -> OpenApiResponses:
     """OpenAPI's `responses` for error statuses: each one's body is an `ErrorResponse`."""
     return {status: {"model": ErrorResponse} for status in sorted(set(statuses))}
+
+
+def request_body(model: type[BaseModel], media_types: Sequence[str]) -> dict[str, Any]:
+    """`openapi_extra` documenting a body that the route reads itself: the request reader parses
+    bodies, not FastAPI (a speed device, see `payload.py`), so FastAPI no longer sees the schema."""
+    schema = model.model_json_schema()
+    definitions = schema.pop("$defs", {})
+
+    def inline(node: Any) -> Any:
+        if isinstance(node, dict):
+            reference = node.get("$ref")
+            if isinstance(reference, str) and reference.startswith("#/$defs/"):
+                return inline(definitions[reference.removeprefix("#/$defs/")])
+            return {key: inline(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [inline(value) for value in node]
+        return node
+
+    content = {media: {"schema": inline(schema)} for media in media_types}
+    return {"requestBody": {"required": True, "content": content}}
+
+
+def inference_route_docs(model: type[BaseModel], media_types: Sequence[str]) -> dict[str, Any]:
+    """`openapi_extra` of an inference route: its body and its `{name}`, which the reader takes
+    from the path by hand (`payload.model_name`), so FastAPI no longer declares it."""
+    name = {
+        "name": "name",
+        "in": "path",
+        "required": True,
+        "schema": {"type": "string"},
+        "description": "the served model",
+    }
+    return {**request_body(model, media_types), "parameters": [name]}

@@ -15,7 +15,6 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from marginwatch.artifact.store import default_store
-from marginwatch.service.images import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, MAX_IMAGE_REQUEST_BYTES
 
 LogFormat = Literal["text", "json"]
 LogLevel = Literal["debug", "info", "warning", "error"]
@@ -24,6 +23,13 @@ Device = Literal["auto", "cpu", "cuda"]
 # modest traffic turns into the few hundred points a check attacks, at 1 % of the request rate
 # in disk writes.
 DEFAULT_TRAFFIC_SAMPLE_RATE: Final = 0.01
+# The image requests' limits (`images.ImageLimits` takes them as its defaults). The byte limits
+# keep an image request's body, as base64 in JSON, under the largest float request of the smallest
+# shipped model (64 samples of 1×28×28 as JSON: 1.26 MB, `payload.body_limit`), so that taking
+# images enlarges no body limit by default; a 28×28 PNG takes about 1 KB.
+MAX_IMAGE_BYTES: Final = 512 * 1024
+MAX_IMAGE_REQUEST_BYTES: Final = 768 * 1024
+MAX_IMAGE_PIXELS: Final = 2048 * 2048
 
 
 def _split_commas(value: object) -> object:

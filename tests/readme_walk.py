@@ -17,7 +17,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+from ports import free_port
 from readme_blocks import Block
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,12 +34,6 @@ PORT = re.compile(r"(?<![\d.])(8000|8080|8001|9090)(?!\d)")
 SERVER = re.compile(r"^(?:[A-Z_]+=\S+ )*(?:make serve\b|marginwatch-serve\b(?!.*--help))", re.M)
 TALKS_TO_SERVER = re.compile(r"localhost:\d+|127\.0\.0\.1:\d+")
 TIMEOUT_S = 600
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def copy_checkout(target: Path) -> None:

@@ -1,25 +1,29 @@
 """docs/architecture.md's checkable claims, read from the document itself: the direction of the
-imports between the four packages, and the files its tables and its sections name.
-
-The import directions are checked statically here (every `import` of every module, read with
-`ast`); that the service also runs with torch blocked is tests/service/test_app.py's test.
+imports between the four packages, as import-linter's contracts in pyproject.toml state and
+`lint-imports` checks them (every import, at module level or inside a function, direct or through
+other modules; torch in the service's import closure), and the files its tables and its sections
+name.
 """
 
 from __future__ import annotations
 
-import ast
 import re
+import shutil
+import subprocess
+import sys
+import tomllib
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "architecture.md"
+LINT_IMPORTS = Path(sys.executable).parent / "lint-imports"
 PACKAGES = ("artifact", "models", "calibration", "service")
 # The sentence stating the directions: "`artifact` imports nothing of ours; `models` imports
-# `artifact`; `calibration` imports `models` and `artifact`; `service` imports only `artifact`
-# and `models.data`": each name a package, or one module of it
-CLAUSE = re.compile(r"`(\w+)` imports (nothing of ours|(?:only )?`[\w.]+`(?: and `[\w.]+`)*)")
+# `artifact`; `calibration` imports `models` and `artifact`; `service` imports only `artifact`"
+CLAUSE = re.compile(r"`(\w+)` imports (nothing of ours|(?:only )?`\w+`(?: and `\w+`)*)")
 
 
 def sections() -> dict[str, str]:
@@ -28,56 +32,86 @@ def sections() -> dict[str, str]:
     return {title.strip(): body for title, body in zip(parts[1::2], parts[2::2], strict=True)}
 
 
-def allowed_imports() -> dict[str, set[str]]:
+def documented_imports() -> dict[str, set[str]]:
     """Which of our packages each package may import, as the document states it."""
-    claims = {}
-    for package, imports in CLAUSE.findall(DOC.read_text()):
-        claims[package] = set(re.findall(r"`([\w.]+)`", imports))
-    return claims
+    return {
+        package: set(re.findall(r"`(\w+)`", imports))
+        for package, imports in CLAUSE.findall(DOC.read_text())
+    }
 
 
-def imported_modules(package: str) -> dict[str, set[str]]:
-    """Every module a package's files import, absolute names (relative imports resolved to our
-    own package), by file."""
-    found: dict[str, set[str]] = {}
-    for path in sorted((ROOT / package).rglob("*.py")):
-        names: set[str] = set()
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            if isinstance(node, ast.Import):
-                names.update(alias.name for alias in node.names)
-            elif isinstance(node, ast.ImportFrom):
-                names.add(f"marginwatch.{package}" if node.level else node.module or "")
-        found[str(path.relative_to(ROOT))] = names
-    return found
+def contracts() -> dict[str, dict[str, Any]]:
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]
+    assert config["root_package"] == "marginwatch" and config["include_external_packages"]
+    return {contract["id"]: contract for contract in config["contracts"]}
 
 
-def test_the_document_states_every_package_s_imports() -> None:
-    assert set(allowed_imports()) == set(PACKAGES), allowed_imports()
+def contracted_imports() -> dict[str, set[str]]:
+    """Which of our packages each package may import, as the contracts allow it: the layers
+    below its own, less what a forbidden contract names."""
+    layers = [
+        [name.strip().removeprefix("marginwatch.") for name in layer.split("|")]
+        for layer in contracts()["layers"]["layers"]
+    ]
+    allowed = {
+        package: {below for lower in layers[index + 1 :] for below in lower}
+        for index, layer in enumerate(layers)
+        for package in layer
+    }
+    for contract in contracts().values():
+        if contract["type"] == "forbidden":
+            for source in contract["source_modules"]:
+                forbidden = {
+                    name.removeprefix("marginwatch.") for name in contract["forbidden_modules"]
+                }
+                allowed[source.removeprefix("marginwatch.")] -= forbidden
+    return allowed
 
 
-@pytest.mark.parametrize("package", PACKAGES)
-def test_imports_point_the_way_the_document_says(package: str) -> None:
-    allowed = allowed_imports()[package] | {package}
-    for path, names in imported_modules(package).items():
-        ours = {name.removeprefix("marginwatch.") for name in names}
-        ours = {name for name in ours if name.split(".")[0] in PACKAGES}
-        stray = {name for name in ours if not any(within(name, a) for a in allowed)}
-        assert not stray, f"{path} imports {sorted(stray)}"
+def lint_imports(cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [LINT_IMPORTS, "--no-cache", "--no-logo"],
+        cwd=cwd, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
 
 
-def within(module: str, allowed: str) -> bool:
-    """`models.data.x` is within `models.data` and within `models`, not within `model`."""
-    return module == allowed or module.startswith(f"{allowed}.")
+def test_the_import_contracts_hold() -> None:
+    result = lint_imports(ROOT)
+    assert result.returncode == 0, result.stdout + result.stderr
+    kept = f"Contracts: {len(contracts())} kept, 0 broken."
+    assert kept in result.stdout, result.stdout
 
 
-def test_service_and_artifact_import_no_torch() -> None:
-    """ "never torch" (service) and "No torch, nothing pickled" (artifact), as the document says."""
-    text = DOC.read_text()
-    assert "never torch" in text and "No torch, nothing pickled" in sections()["artifact/"]
-    for package, banned in (("service", {"torch"}), ("artifact", {"torch", "pickle"})):
-        for path, names in imported_modules(package).items():
-            roots = {name.split(".")[0] for name in names}
-            assert not roots & banned, f"{path} imports {sorted(roots & banned)}"
+def test_the_contracts_are_the_documented_directions() -> None:
+    assert documented_imports() == contracted_imports()
+    assert set(documented_imports()) == set(PACKAGES)
+    torch = contracts()["no-torch-served"]
+    assert torch["type"] == "forbidden" and torch["forbidden_modules"] == ["torch"]
+    assert set(torch["source_modules"]) == {"marginwatch.service", "marginwatch.artifact"}
+    assert "never torch" in DOC.read_text()
+    assert "No torch, nothing pickled" in sections()["artifact/"]
+
+
+def test_lint_imports_catches_each_kind_of_break(tmp_path: Path) -> None:
+    """On a copy of the sources with three stray imports (one inside a function, one that
+    reaches torch only through another module): every contract breaks."""
+    for name in ("marginwatch", *PACKAGES):
+        shutil.copytree(
+            ROOT / name, tmp_path / name, symlinks=True,
+            ignore=shutil.ignore_patterns("__pycache__", "weights", "datasets"),
+        )  # fmt: skip
+    shutil.copy(ROOT / "pyproject.toml", tmp_path)
+    with (tmp_path / "artifact" / "graph.py").open("a") as graph:
+        graph.write("import torch\n")  # artifact → torch, and service → artifact → torch
+    with (tmp_path / "artifact" / "hashing.py").open("a") as hashing:
+        hashing.write("from marginwatch.models import training\n")  # a layer upwards
+    with (tmp_path / "service" / "errors.py").open("a") as errors:
+        errors.write("\n\ndef _late() -> None:\n    from marginwatch.calibration import job\n")
+    result = lint_imports(tmp_path)  # lint-imports imports `marginwatch` from its cwd first
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert f"Contracts: 0 kept, {len(contracts())} broken." in result.stdout, result.stdout
+    assert "marginwatch.service.errors -> marginwatch.calibration.job" in result.stdout
+    assert "marginwatch.artifact.graph -> torch" in result.stdout
 
 
 def named_files(section: str) -> list[str]:

@@ -1,5 +1,10 @@
 """The distribution installs one import name, `marginwatch`, and a user's own `models`,
-`service` or `calibration` package neither breaks ours nor is shadowed by it."""
+`service` or `calibration` package neither breaks ours nor is shadowed by it.
+
+How it is built (docs/architecture.md, "One import namespace"): `marginwatch/` links to the
+top-level folders; the sdist holds the repository's tree with those links; a wheel built from the
+sdist holds every subpackage; a copy whose links arrived as text files fails to build, loudly.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import zipfile
 from pathlib import Path
 
@@ -19,6 +25,59 @@ from marginwatch.models.data import Dataset, save_npz
 
 PROJECT = Path(__file__).resolve().parents[1]
 SCRIPTS = Path(sys.executable).parent
+LINKED = ("artifact", "calibration", "models", "service")
+# what setuptools adds to an sdist beside the tree
+SDIST_METADATA = {"PKG-INFO", "setup.cfg"}
+
+
+def repository_files() -> list[str]:
+    """The checkout's files as git sees them: tracked, or new and not ignored."""
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+        cwd=PROJECT, capture_output=True, text=True, check=True,
+    ).stdout.split("\0")  # fmt: skip
+    return sorted(name for name in listed if name and os.path.lexists(PROJECT / name))
+
+
+def copy_checkout(destination: Path) -> Path:
+    """The repository's files copied as a fresh clone would hold them, links as links."""
+    for name in repository_files():
+        target = destination / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if (PROJECT / name).is_symlink():
+            target.symlink_to(os.readlink(PROJECT / name))
+        else:
+            shutil.copy2(PROJECT / name, target)
+    return destination
+
+
+def pip_wheel(source: Path, out: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+         "--wheel-dir", str(out), str(source)],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The sdist, built from a copy of the checkout (so that no build output lands in it), and
+    the wheel built from that sdist, as `uv build` and `python -m build` do."""
+    root = tmp_path_factory.mktemp("dist")
+    source = copy_checkout(root / "src")
+    subprocess.run(
+        [sys.executable, "-c",
+         f"from setuptools import build_meta; build_meta.build_sdist({str(root / 'sdist')!r})"],
+        cwd=source, capture_output=True, check=True,
+    )  # fmt: skip
+    (sdist,) = (root / "sdist").glob("marginwatch-*.tar.gz")
+    with tarfile.open(sdist) as archive:
+        archive.extractall(root / "unpacked", filter="data")
+    (unpacked,) = (root / "unpacked").iterdir()
+    result = pip_wheel(unpacked, root / "wheel")
+    assert result.returncode == 0, result.stdout + result.stderr
+    (wheel,) = (root / "wheel").glob("marginwatch-*.whl")
+    return sdist, wheel
 
 
 def test_installed_metadata_names_one_top_level_package() -> None:
@@ -27,26 +86,51 @@ def test_installed_metadata_names_one_top_level_package() -> None:
     assert top_level.split() == ["marginwatch"]
 
 
-def test_wheel_holds_only_the_marginwatch_namespace(tmp_path: Path) -> None:
-    # Built from a copy so that setuptools' build/ folder never lands in the checkout.
-    source = tmp_path / "src"
-    shutil.copytree(
-        PROJECT, source, symlinks=True,
-        ignore=shutil.ignore_patterns(".git", ".venv", "*cache*", "build", "*.egg-info", "bench"),
-    )  # fmt: skip
-    subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--quiet",
-         "--wheel-dir", str(tmp_path / "dist"), str(source)],
-        check=True, capture_output=True,
-    )  # fmt: skip
-    (wheel,) = (tmp_path / "dist").glob("marginwatch-*.whl")
+def test_sdist_holds_the_repository_tree_with_its_links(built: tuple[Path, Path]) -> None:
+    sdist, _ = built
+    with tarfile.open(sdist) as archive:
+        members = {m.name.split("/", 1)[1]: m for m in archive.getmembers() if "/" in m.name}
+    files = {name for name, member in members.items() if not member.isdir()}
+    metadata = {name for name in files if name.startswith("marginwatch.egg-info/")}
+    assert files - metadata - SDIST_METADATA == set(repository_files())
+    for name in LINKED:
+        link = members[f"marginwatch/{name}"]
+        assert link.issym() and link.linkname == f"../{name}", name
+        assert f"{name}/__init__.py" in files
+        assert not [f for f in files if f.startswith(f"marginwatch/{name}/")]  # stored once
+
+
+def test_wheel_from_the_sdist_holds_only_the_marginwatch_namespace(
+    built: tuple[Path, Path],
+) -> None:
+    _, wheel = built
     names = zipfile.ZipFile(wheel).namelist()
     top = {name.split("/")[0] for name in names if not name.split("/")[0].endswith(".dist-info")}
     assert top == {"marginwatch"}
-    for subpackage in ("service", "calibration", "models", "artifact"):
+    for subpackage in ("service", "calibration", "models", "artifact", "models/loaders"):
         assert f"marginwatch/{subpackage}/__init__.py" in names
+    for name in repository_files():  # every module of every linked folder
+        if name.endswith(".py") and name.split("/")[0] in LINKED:
+            assert f"marginwatch/{name}" in names, name
     assert "marginwatch/models/weights/fmnist-cnn-pgd.safetensors" in names
     assert "marginwatch/models/datasets/fashion-mnist-test-subset.npz" in names
+
+
+def test_a_copy_whose_links_are_text_files_fails_to_build(tmp_path: Path) -> None:
+    """As a zip download or a Windows checkout without symlinks holds them: the link's target
+    as the file's text. setuptools alone would build a wheel of `marginwatch/__init__.py`."""
+    source = copy_checkout(tmp_path / "src")
+    for name in LINKED:
+        (source / "marginwatch" / name).unlink()
+        (source / "marginwatch" / name).write_text(f"../{name}")
+    result = pip_wheel(source, tmp_path / "wheel")
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert "marginwatch cannot be built from this copy" in output, output
+    for name in LINKED:
+        assert f"marginwatch/{name} is a text file ('../{name}'), not a link" in output
+    assert "git clone -c core.symlinks=true" in output
+    assert not list((tmp_path / "wheel").glob("*.whl"))
 
 
 def _user_project(root: Path) -> Path:

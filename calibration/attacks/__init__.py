@@ -3,18 +3,20 @@
 
 Every attack returns the original input where it failed, so success must be re-checked on the
 model (`calibration.margins.input_margins` does). Other libraries' attacks plug in through
-`functools.partial` as long as they keep that signature.
+`functools.partial` as long as they keep that signature. Which attacks exist, with their norms
+and help, is one line each in `calibration/attack_registry.py`.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
 import math
 from collections.abc import Callable
 
 import torch
 
-from marginwatch.calibration.attacks import _common
+from marginwatch.calibration.attack_registry import REGISTERED, SPECS, AttackSpec, attack_spec
 from marginwatch.calibration.attacks._common import perturbation_norm
 from marginwatch.calibration.attacks.ddn import ddn
 from marginwatch.calibration.attacks.fab import fab
@@ -22,16 +24,16 @@ from marginwatch.calibration.attacks.fmn import fmn
 
 Attack = Callable[..., torch.Tensor]
 
-# FAB against only the three runner-up classes: a third of full FAB's cost on 10 classes, and on
-# the reference CNN within 1 % of its radius on 93 % of points (bench/attack_cost.py).
-fab_top3: Attack = functools.partial(fab, candidates=3)
 
-ATTACKS: dict[str, Attack] = {"fmn": fmn, "ddn": ddn, "fab": fab, "fab-top3": fab_top3}
+def _function(spec: AttackSpec) -> Attack:
+    """The registered attack's function: `<module>.<module>`, with its options bound."""
+    function: Attack = getattr(importlib.import_module(f"{__name__}.{spec.module}"), spec.module)
+    return functools.partial(function, **spec.options) if spec.options else function
 
-SUPPORTED_NORMS: dict[str, tuple[float, ...]] = {
-    **_common.SUPPORTED_NORMS,
-    "fab-top3": _common.SUPPORTED_NORMS["fab"],
-}
+
+# The functions and norms, by name, read from the one registry (`calibration/attack_registry.py`).
+ATTACKS: dict[str, Attack] = {spec.name: _function(spec) for spec in REGISTERED}
+SUPPORTED_NORMS: dict[str, tuple[float, ...]] = {spec.name: spec.norm_values for spec in REGISTERED}
 
 
 def parse_norm(text: str | float) -> float:
@@ -49,9 +51,7 @@ def parse_norm(text: str | float) -> float:
 
 def supported_norms(name: str) -> tuple[float, ...]:
     """The norms the attack registered as `name` supports."""
-    if name not in SUPPORTED_NORMS:
-        raise ValueError(f"unknown attack {name!r}: use one of {', '.join(ATTACKS)}")
-    return SUPPORTED_NORMS[name]
+    return attack_spec(name).norm_values
 
 
 def attacks_for_norm(norm: float) -> dict[str, Attack]:
@@ -65,6 +65,7 @@ def attacks_for_norm(norm: float) -> dict[str, Attack]:
 
 __all__ = [
     "ATTACKS",
+    "SPECS",
     "SUPPORTED_NORMS",
     "Attack",
     "attacks_for_norm",

@@ -1,6 +1,6 @@
-"""Helpers shared by the minimum-norm attacks: the norms each supports, argument checks,
-perturbation norms, the logit-difference loss and a boundary search along a ray. Every function
-here is a pure function on tensors."""
+"""Helpers shared by the minimum-norm attacks: argument checks (the norms an attack supports are
+its line in `calibration/attack_registry.py`), perturbation norms, the logit-difference loss and
+a boundary search along a ray. Every function here is a pure function on tensors."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import math
 from collections.abc import Callable, Collection
 
 import torch
+
+from marginwatch.calibration.attack_registry import attack_spec
 
 Model = Callable[[torch.Tensor], torch.Tensor]
 
@@ -17,13 +19,6 @@ KNOWN_NORMS: tuple[float, ...] = (1.0, 2.0, math.inf)
 # gradient w changes by at most ‖w‖_q per unit of ℓp distance, so |f(x)| / ‖w‖_q is the ℓp
 # distance from x to its zero set.
 DUAL_NORMS: dict[float, float] = {2.0: 2.0, math.inf: 1.0}
-
-# The norms each attack supports, as `attacks.SUPPORTED_NORMS` registers them by name.
-SUPPORTED_NORMS: dict[str, tuple[float, ...]] = {
-    "fmn": tuple(DUAL_NORMS),
-    "ddn": (2.0,),
-    "fab": tuple(DUAL_NORMS),
-}
 
 
 def check_norm(norm: float, supported: Collection[float], attack: str) -> None:
@@ -47,8 +42,9 @@ def check_inputs(inputs: torch.Tensor, labels: torch.Tensor) -> None:
 
 def check_call(attack: str, norm: float, inputs: torch.Tensor, labels: torch.Tensor) -> None:
     """The checks every attack makes before it starts: `norm` is one that `attack` supports
-    (`SUPPORTED_NORMS`), and `inputs` and `labels` pass `check_inputs`."""
-    check_norm(norm, SUPPORTED_NORMS[attack], attack)
+    (its line in `calibration/attack_registry.py`), and `inputs` and `labels` pass
+    `check_inputs`."""
+    check_norm(norm, attack_spec(attack).norm_values, attack)
     check_inputs(inputs, labels)
 
 

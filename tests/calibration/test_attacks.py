@@ -20,6 +20,7 @@ from torch import nn
 
 from marginwatch.calibration.attacks import (
     ATTACKS,
+    SPECS,
     SUPPORTED_NORMS,
     attacks_for_norm,
     parse_norm,
@@ -132,6 +133,7 @@ def test_failed_samples_come_back_unchanged() -> None:
     model = LinearModel(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([10.0, 0.0])).eval()
     inputs = torch.full((3, 2), 0.5)
     labels = torch.zeros(3, dtype=torch.long)
+    assert CASES
     for name, norm in CASES:
         adv = ATTACKS[name](model, inputs, labels, norm=norm, steps=20)
         torch.testing.assert_close(adv, inputs, msg=f"{name} in l{norm}")
@@ -173,6 +175,11 @@ def test_registry() -> None:
     assert len(attacks_for_norm(INF)) >= 2
     assert len(attacks_for_norm(2.0)) >= 2
     assert set(attacks_for_norm(2)) == set(attacks_for_norm(2.0))
+    # each attack is one line of the registry: its function, with the options the line binds
+    assert set(ATTACKS) == set(SPECS)
+    top3 = ATTACKS["fab-top3"]
+    assert isinstance(top3, functools.partial) and top3.func is ATTACKS["fab"]
+    assert top3.keywords == {"candidates": 3}
     assert parse_norm("linf") == INF and parse_norm("L2") == 2.0 and parse_norm(2) == 2.0
     with pytest.raises(ValueError, match="unknown attack"):
         supported_norms("cw")

@@ -13,9 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from marginwatch.calibration.__main__ import build_parser, load_config, main, option_flag
-from marginwatch.calibration.attacks import ATTACKS, SUPPORTED_NORMS
-from marginwatch.calibration.config import ENV_PREFIX, NORM_VALUES, CalibrationConfig
+from marginwatch.artifact.cli_settings import option_flag
+from marginwatch.calibration.__main__ import build_parser, load_config, main
+from marginwatch.calibration.attack_registry import REGISTERED
+from marginwatch.calibration.attacks import ATTACKS
+from marginwatch.calibration.config import ENV_PREFIX, CalibrationConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 FIELDS = CalibrationConfig.model_fields
@@ -41,14 +43,20 @@ def test_help_lists_every_field_with_its_description(monkeypatch: pytest.MonkeyP
     text = help_text(monkeypatch)
     for name, field in FIELDS.items():
         assert field.description, f"{name} has no description"
-        # the flag (with its --no- twin for a switch that defaults to on), its metavar or
-        # choices if any, then the description
+        # the flag (with its --no- twin for a switch), its metavar or choices if any, then the
+        # description
         flag = re.escape(option_flag(name, field))
         pattern = flag + r"(?:, --no-\S+)?(?: \S+)?\s+" + re.escape(field.description)
         assert re.search(pattern, text), name
-    assert re.search(r"--subset-size SUBSET_SIZE\s+points to attack \(default: 500\)", text)
+    assert re.search(
+        r"--subset-size N\s+points to attack \(MARGINWATCH_CALIBRATE_SUBSET_SIZE; default: 500\)",
+        text,
+    )
     assert "--norm {linf,l2}" in text and "--attack NAME[:STEPS]" in text
-    assert "(variable: MARGINWATCH_CALIBRATE_MODEL_NAME)" in text
+    assert "--threshold-rule {match-fraction,target-tpr}" in text
+    # a description that states its default in words gets only its variable
+    assert "(default: the model or weights file name) (MARGINWATCH_CALIBRATE_MODEL_NAME)" in text
+    assert "--quiet, --no-quiet" in text  # a switch the variable turned on, a flag turns off
     titles = re.findall(r"^(\S[^:\n]*):$", text, re.MULTILINE)
     assert titles == [
         "options",
@@ -60,16 +68,19 @@ def test_help_lists_every_field_with_its_description(monkeypatch: pytest.MonkeyP
     ]
 
 
-def test_attack_help_matches_the_registry() -> None:
-    """The one list written by hand: the attack names and their norms in `--attack`'s help."""
+def test_attack_help_is_written_from_the_registry() -> None:
+    """Each registered attack's line gives its function, its norm check and its `--attack` help:
+    nothing about an attack is written twice."""
     description = FIELDS["attacks"].description or ""
-    listed = description.split("repeatable: ", 1)[1].split(";", 1)[0]
-    norms_of: dict[str, set[float]] = {}
-    for names, norms in re.findall(r"([\w, -]+?) \(([\w, ]+)\)", listed):
-        for attack in filter(None, (part.strip() for part in names.split(","))):
-            norms_of[attack] = {NORM_VALUES[norm.strip()] for norm in norms.split(",")}
-    assert norms_of == {name: set(SUPPORTED_NORMS[name]) for name in ATTACKS}
-    assert "default fmn:100 and fab-top3:100 for linf; fmn:100 and ddn:100 for l2" in description
+    listed = dict(re.findall(r"([\w-]+) \(([\w, ]+)\): ", description))
+    assert set(listed) == {spec.name for spec in REGISTERED} == set(ATTACKS)
+    for spec in REGISTERED:
+        assert listed[spec.name] == ", ".join(spec.norms), spec.name
+        assert spec.help in description
+    assert "(default: fmn:100 and fab-top3:100 for linf; fmn:100 and ddn:100 for l2)" in description
+    # the configuration refuses a norm the registry does not list for an attack
+    with pytest.raises(ValueError, match="attack ddn does not support the linf norm"):
+        CalibrationConfig(norm="linf", attacks=(("ddn", 5),))
 
 
 @pytest.mark.parametrize(
@@ -87,6 +98,8 @@ def test_attack_help_matches_the_registry() -> None:
             {"attacks": (("ddn", 100),)},
         ),
         ({"MERGE_ONLY": "true", "QUIET": "1"}, [], {"merge_only": True, "quiet": True}),
+        ({"QUIET": "true"}, ["--no-quiet"], {"quiet": False}),
+        ({}, ["--threshold-rule", "target-tpr", "--target-tpr", "1"], {"target_tpr": 1.0}),
         ({"STORE": "/from/env"}, [], {"store": Path("/from/env")}),
         ({}, ["--json"], {"quiet": True}),
         ({}, [], {"input_range": (0.0, 1.0), "mean": (0.0,), "std": (1.0,)}),
@@ -115,7 +128,8 @@ def test_flag_beats_variable_beats_default(
         ({}, ["--subset-size", "1"], "--subset-size: input should be greater than or equal to 2"),
         ({}, ["--subset-size", "many"], "--subset-size: input should be a valid integer"),
         ({"SUBSET_SIZE": "1"}, [], "MARGINWATCH_CALIBRATE_SUBSET_SIZE: input should be greater"),
-        ({}, ["--target-tpr", "1.5"], "--target-tpr: input should be less than 1, got '1.5'"),
+        ({}, ["--target-tpr", "1.5"], "--target-tpr: input should be less than or equal to 1"),
+        ({}, ["--target-tpr", "0"], "--target-tpr: input should be greater than 0, got '0'"),
         ({}, ["--norm", "l3"], "argument --norm: invalid choice: 'l3'"),
         ({}, ["--threshold-rule", "best"], "argument --threshold-rule: invalid choice"),
         ({"QUIET": "maybe"}, [], "MARGINWATCH_CALIBRATE_QUIET: input should be a valid boolean"),

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from scipy.stats import kendalltau
 
+from marginwatch.artifact.flags import brittle
 from marginwatch.calibration.metrics import (
     detection_metrics,
     kendall_tau,
@@ -90,10 +91,37 @@ def test_roc_curve_shape_and_consistency_with_flag_rates() -> None:
     fpr, tpr, thr = roc_curve(HAND_Y, HAND_S)
     np.testing.assert_allclose(tpr, [0, 1 / 3, 2 / 3, 1, 1])
     np.testing.assert_allclose(fpr, [0, 0, 0.5, 0.5, 1])
-    assert thr[0] == -np.inf and np.all(np.diff(thr) > 0)
-    for f, t, th in zip(fpr[1:], tpr[1:], thr[1:], strict=True):
-        rates = flag_rates(HAND_S, HAND_Y, float(np.nextafter(th, np.inf)))
-        assert (rates["fpr"], rates["tpr"]) == pytest.approx((f, t))
+    np.testing.assert_array_equal(thr, [1.0, 2.0, 3.0, 4.0, np.inf])
+    # each vertex is the served flag at its own λ, exactly: no nudging past a tie
+    for f, t, th in zip(fpr, tpr, thr, strict=True):
+        rates = flag_rates(HAND_S, HAND_Y, float(th))
+        assert (rates["fpr"], rates["tpr"]) == (f, t)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_roc_vertices_count_what_the_service_flags(seed: int) -> None:
+    """At each ROC λ, tp and fp are the counts of `flags.brittle` (score < λ): tied scores,
+    float32 scores and a λ equal to a score included."""
+    rng = np.random.default_rng(seed)
+    s = rng.integers(0, 6, size=50).astype(np.float32) / np.float32(3)  # ties, inexact in float32
+    y = rng.random(50) < 0.4
+    fpr, tpr, thr = roc_curve(y, s)
+    for f, t, lam in zip(fpr, tpr, thr, strict=True):
+        served = brittle(s, lam)
+        assert (int(np.sum(served & y)), int(np.sum(served & ~y))) == (
+            round(t * y.sum()),
+            round(f * (~y).sum()),
+        )
+    assert not brittle(s, thr[0]).any() and brittle(s, thr[-1]).all()
+
+
+def test_the_lambda_operating_point_is_a_roc_vertex() -> None:
+    """Whatever λ the rules fit (a midpoint, a tied value, above every score), its operating
+    point lies on the ROC the report draws."""
+    fpr, tpr, _ = roc_curve(HAND_Y, HAND_S)
+    for lam in (0.5, 1.0, 1.5, 2.0, 2.5, 3.0, float(np.nextafter(4.0, np.inf)), 9.0):
+        rates = flag_rates(HAND_S, HAND_Y, lam)
+        assert any((rates["fpr"], rates["tpr"]) == (f, t) for f, t in zip(fpr, tpr, strict=True))
 
 
 @pytest.mark.parametrize(

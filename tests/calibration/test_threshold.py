@@ -8,6 +8,7 @@ from typing import get_args
 import numpy as np
 import pytest
 
+from marginwatch.artifact.flags import brittle
 from marginwatch.artifact.schema import ThresholdRuleName, ThresholdRuleSpec
 from marginwatch.calibration.threshold import (
     THRESHOLD_RULES,
@@ -28,7 +29,7 @@ def _data(seed: int, n: int = 300) -> tuple[np.ndarray, np.ndarray]:
 def test_match_fraction_flags_exactly_the_nonrobust_count(seed: int) -> None:
     s, y = _data(seed)
     lam = threshold_matching_fraction(s, y)
-    assert np.sum(s < lam) == y.sum()
+    assert np.sum(brittle(s, lam)) == y.sum()
     srt = np.sort(s)
     k = int(y.sum())
     assert lam == pytest.approx((srt[k - 1] + srt[k]) / 2)  # the documented midpoint
@@ -37,10 +38,10 @@ def test_match_fraction_flags_exactly_the_nonrobust_count(seed: int) -> None:
 def test_match_fraction_edges_and_ties() -> None:
     s = np.array([0.0, 1.0, 1.0, 2.0])
     none, every = np.zeros(4, bool), np.ones(4, bool)
-    assert np.sum(s < threshold_matching_fraction(s, none)) == 0
-    assert np.sum(s < threshold_matching_fraction(s, every)) == 4
+    assert np.sum(brittle(s, threshold_matching_fraction(s, none))) == 0
+    assert np.sum(brittle(s, threshold_matching_fraction(s, every))) == 4
     two = np.array([True, True, False, False])  # the cut falls inside the tie at 1.0
-    assert np.sum(s < threshold_matching_fraction(s, two)) == 1  # ties round down
+    assert np.sum(brittle(s, threshold_matching_fraction(s, two))) == 1  # ties round down
 
 
 @pytest.mark.parametrize("target", [0.5, 0.9, 0.95, 1.0])
@@ -48,13 +49,27 @@ def test_target_tpr_is_reached_minimally(target: float) -> None:
     s, y = _data(7)
     lam = threshold_at_tpr(s, y, target)
     assert flag_rates(s, y, lam)["tpr"] >= target
-    below = s[s < lam].max()  # the next smaller λ that changes the flags unflags this score
+    below = s[brittle(s, lam)].max()  # the next smaller λ that changes the flags unflags this score
     assert flag_rates(s, y, float(below))["tpr"] < target
+
+
+@pytest.mark.parametrize("k", [0, 1, 2, 3])
+def test_float32_scores_flag_k_points_at_their_lambda(k: int) -> None:
+    """The service's scores are float32 and λ a float64 midpoint (or the float64 just above the
+    largest score): the rule must flag k points on the float32 scores, as on their float64
+    copies. Adjacent float32s leave no float32 between them, so a λ rounded to float32 would
+    land on a score: comparing in float32 would miss a point at k = 1 and at k = 3."""
+    one = np.float32(1.0)
+    s = np.array([one, np.nextafter(one, np.float32(2)), np.float32(2.0)], dtype=np.float32)
+    y = np.arange(3) < k
+    lam = threshold_matching_fraction(s, y)
+    assert np.sum(brittle(s, lam)) == np.sum(brittle(s.astype(np.float64), lam)) == k
+    assert flag_rates(s, y, lam)["flagged_fraction"] == k / 3
 
 
 def test_target_tpr_without_positives_flags_nothing() -> None:
     s = np.array([0.3, 0.1, 0.2])
-    assert np.sum(s < threshold_at_tpr(s, np.zeros(3, bool), 0.95)) == 0
+    assert np.sum(brittle(s, threshold_at_tpr(s, np.zeros(3, bool), 0.95))) == 0
 
 
 def test_rules_agree_when_they_select_the_same_flags() -> None:

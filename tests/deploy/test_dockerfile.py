@@ -34,7 +34,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -49,6 +48,7 @@ import yaml
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
+from ports import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "Dockerfile"
@@ -333,6 +333,36 @@ def test_lock_holds_pyproject_requirements(lock: str) -> None:
     assert runtimes == ({"onnxruntime-gpu"} if lock == "serve-gpu.lock.txt" else {"onnxruntime"})
 
 
+# --- the project's source -----------------------------------------------------------------------
+
+
+def test_the_source_is_copied_once_and_taken_whole_by_each_image(dockerfile: Dockerfile) -> None:
+    """One stage copies the project from the build context; each stage that installs it takes
+    that stage's /src with one COPY, after its lock's layer (which stays cached while only the
+    code changes)."""
+    from_context = {
+        name: [i.arguments for i in steps if i.keyword == "COPY" and "--from" not in i.arguments]
+        for name, (_, steps) in dockerfile.stages.items()
+    }
+    copied = {source for a in from_context["source"] for source in shlex.split(a)[:-1]}
+    assert {"marginwatch", "artifact", "service", "calibration", "models"} <= copied
+    assert {"pyproject.toml", "setup.py"} <= copied  # setup.py: the links' check
+    installers = [
+        name
+        for name, (_, steps) in dockerfile.stages.items()
+        if any(i.keyword == "RUN" and re.search(r"pip install .*--no-deps .*\.( |$)", i.arguments)
+               for i in steps)
+    ]  # fmt: skip
+    assert sorted(installers) == ["build-cpu", "calibrate", "serve-gpu"]
+    for name in installers:
+        steps = dockerfile.stages[name][1]
+        takes = [i for i in steps if i.keyword == "COPY" and i.arguments.startswith("--from=")]
+        assert [i.arguments for i in takes] == ["--from=source /src ./"], name
+        assert not {w for a in from_context[name] for w in shlex.split(a)[:-1]} & copied, name
+        lock_install = next(i for i in steps if "--require-hashes" in i.arguments)
+        assert lock_install.line < takes[0].line, f"{name}: the source before the lock"
+
+
 # --- the serve image's build steps, outside a container ------------------------------------------
 
 
@@ -385,11 +415,13 @@ def copy(build: Build, arguments: str) -> None:
     *sources, destination = [w for w in words if not w.startswith("--")]
     into_folder = destination.endswith("/") or len(sources) > 1
     for source in sources:
+        # a folder's contents go to the destination; files go into it when it is a folder
+        origin = build.inside(source) if "from" in flags else ROOT / source
         target = build.inside(destination)
-        if into_folder:
+        if into_folder and not origin.is_dir():
             target = target / Path(source).name
         if "from" in flags:  # another stage: the same root here, so the same path
-            assert build.inside(source) == target, f"COPY --from {source} {destination}"
+            assert origin == target, f"COPY --from {source} {destination}"
         else:
             copy_context(source, target)
 
@@ -450,12 +482,6 @@ def base_environment(root: Path) -> dict[str, str]:
     return env
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 @contextlib.contextmanager
 def serving(build: Build, command: list[str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
     env = {**build.env, "MARGINWATCH_INTRA_OP_THREADS": "1", "OMP_NUM_THREADS": "1"}
@@ -474,13 +500,14 @@ def serving(build: Build, command: list[str], log: Path) -> Iterator[subprocess.
 def serve_image(
     dockerfile: Dockerfile, tmp_path_factory: pytest.TempPathFactory
 ) -> tuple[Build, Path]:
-    """Stages build-cpu then serve, run on one root (what `COPY --from` copies is in place)."""
+    """Stages source, build-cpu and serve, run on one root (what `COPY --from` copies is in
+    place)."""
     root = tmp_path_factory.mktemp("image")
     base = base_environment(root)
     base.pop("PIP_NO_CACHE_DIR", None)
     build = Build(root / "fs", {}, {})
     log = root / "build.log"
-    for stage in ("build-cpu", "serve"):  # each stage starts from the base image
+    for stage in ("source", "build-cpu", "serve"):  # each stage starts from the base image
         build.env, build.args, build.workdir = dict(base), dict(dockerfile.global_args), "/"
         build_stage(build, dockerfile.stages[stage][1], log)
     return build, log

@@ -8,18 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from marginwatch.models.data import (
-    FASHION_MNIST_CLASSES,
-    DataError,
-    Dataset,
-    load_cifar10,
-    load_dataset,
-    load_fashion_mnist,
-    load_npz,
-    read_idx,
-    save_npz,
-    stratified_indices,
-)
+from marginwatch.models import data
+from marginwatch.models.data import load_dataset, stratified_indices
+from marginwatch.models.loaders import cifar, dataset, idx, image_folder, npz
+from marginwatch.models.loaders.cifar import load_cifar10
+from marginwatch.models.loaders.dataset import DataError, Dataset
+from marginwatch.models.loaders.idx import FASHION_MNIST_CLASSES, load_fashion_mnist, read_idx
+from marginwatch.models.loaders.npz import load_npz, save_npz
 
 
 def write_idx(path: Path, array: np.ndarray, *, compress: bool) -> None:
@@ -173,3 +168,22 @@ def test_stratified_indices() -> None:
     np.testing.assert_array_equal(chosen, stratified_indices(labels, 20, seed=1))
     with pytest.raises(DataError, match="only 33"):
         stratified_indices(labels, 34, seed=1)
+
+
+def test_models_data_still_names_what_it_held_before_the_loaders_split() -> None:
+    """Code and users import these from `marginwatch.models.data`: the same objects as the
+    loaders' own."""
+    homes = {
+        dataset: ("Dataset", "DataError", "Split"),
+        idx: ("FASHION_MNIST_CLASSES", "FASHION_MNIST_DIR_ENV", "fashion_mnist_dir",
+              "load_fashion_mnist", "read_idx"),
+        cifar: ("CIFAR10_CLASSES", "load_cifar10"),
+        npz: ("load_npz", "save_npz"),
+        image_folder: ("image_split_folder", "load_image_folder"),
+    }  # fmt: skip
+    for module, names in homes.items():
+        for name in names:
+            assert getattr(data, name) is getattr(module, name), name
+            assert name in data.__all__, name
+    for own in ("DATASETS", "load_dataset", "has_train_split", "in_class_order", "SHIPPED_SUBSET"):
+        assert own in data.__all__ and hasattr(data, own), own

@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from marginwatch.models.data import DataError, load_dataset, load_image_folder
+from marginwatch.models.data import load_dataset
+from marginwatch.models.loaders.dataset import DataError
+from marginwatch.models.loaders.image_folder import load_image_folder
 
 RNG = np.random.default_rng(0)
 Encoded = np.ndarray | Image.Image  # what `write_image` saves

@@ -60,6 +60,7 @@ def test_training_is_reproducible(train_512: Dataset) -> None:
             progress=False,
         )
         weights.append(model.state_dict())
+    assert weights[0] and set(weights[0]) == set(weights[1])
     for key in weights[0]:
         torch.testing.assert_close(weights[0][key], weights[1][key], rtol=0, atol=0)
 
@@ -95,7 +96,12 @@ def test_train_cli_writes_weights_and_card(train_512: Dataset, tmp_path: Path) -
 
 def test_train_cli_rejects_bad_options(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert train_main(["--out", str(tmp_path / "x"), "--eps", "0"]) == 2
-    assert "eps > 0" in capsys.readouterr().err
+    assert capsys.readouterr().err == (
+        "marginwatch-train: --eps: input should be greater than 0, got '0'\n"
+    )
+    with pytest.raises(SystemExit, match="2"):  # argparse refuses a choice the help lists
+        train_main(["--out", str(tmp_path / "x"), "--arch", "mlp"])
+    assert "argument --arch: invalid choice: 'mlp'" in capsys.readouterr().err
     assert train_main(["--out", str(tmp_path / "x"), "--data-dir", str(tmp_path)]) == 2
     assert "dataset-fashion-mnist" in capsys.readouterr().err
 

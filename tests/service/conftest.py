@@ -13,7 +13,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ import httpx
 import numpy as np
 import onnxruntime as ort
 import pytest
+from ports import free_port
 
 from marginwatch.artifact.hashing import file_sha256
 from marginwatch.artifact.schema import ONNX_FILE, RECORD_FILE, CalibrationRecord
@@ -143,12 +143,6 @@ def make_version(
     if publish:
         point_current(store, name, version)
     return folder
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @dataclass

@@ -4,8 +4,6 @@ source of every status code (handlers, OpenAPI, the request metrics)."""
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
 from pathlib import Path
 
 import httpx
@@ -14,16 +12,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from marginwatch.service.app import STATUS_OF, create_app
 from marginwatch.service.errors import ServiceError
 from marginwatch.service.settings import Settings
-
-
-def test_service_imports_without_torch() -> None:
-    code = (
-        "import sys; sys.modules['torch'] = None\n"
-        "import marginwatch.service.app, marginwatch.service.__main__\n"
-        "marginwatch.service.app.create_app(marginwatch.service.settings.Settings(store='/nonexistent'))\n"
-        "assert sys.modules['torch'] is None\n"
-    )
-    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 
 def test_every_domain_error_has_a_status() -> None:

@@ -18,8 +18,8 @@ import orjson
 import pytest
 from starlette.datastructures import Headers
 
+from marginwatch.service.decoding import check_batch, validate
 from marginwatch.service.errors import InvalidInput
-from marginwatch.service.payload import check_batch, validate
 from marginwatch.service.routes_v1 import decode_predict
 from marginwatch.service.routes_v2 import DTYPES, HEADER_LENGTH, decode_infer
 from marginwatch.service.schemas import InferenceRequest

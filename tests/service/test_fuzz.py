@@ -28,8 +28,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from starlette.datastructures import Headers
 
 from marginwatch.artifact.graph import INPUT_NAME
+from marginwatch.service.decoding import check_batch
 from marginwatch.service.errors import InvalidInput
-from marginwatch.service.payload import check_batch
 from marginwatch.service.routes_v2 import DTYPES, HEADER_LENGTH, OUTPUT_NAMED, decode_infer
 
 if TYPE_CHECKING:

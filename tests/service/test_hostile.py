@@ -26,6 +26,7 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
+from ports import free_port
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from metrics_text import scrape, total
@@ -62,12 +63,6 @@ def settles(condition: Callable[[], bool], timeout_s: float = 30.0) -> bool:
             return True
         time.sleep(0.1)
     return condition()
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def png(size: int = 28, text_chunks: int = 0, text_bytes: int = 0) -> bytes:

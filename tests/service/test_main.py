@@ -55,9 +55,18 @@ def test_a_flag_beats_its_variable_which_beats_the_default(
     assert settings.host == "127.0.0.1"
     assert settings.models == ["a", "b"]
     assert settings.max_batch_wait_s == 0.01
+    # a list's flag repeats or takes commas, as its variable does
+    assert settings_from(["--models", "a", "--models", "b,c"]).models == ["a", "b", "c"]
 
 
-def test_a_bad_flag_value_stops_with_the_fields_message(capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_bad_value_stops_naming_where_it_came_from_but_not_the_value(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     assert main(["--port", "70000"]) == 2
     error = capsys.readouterr().err
-    assert "invalid settings" in error and "port" in error
+    assert "invalid settings" in error and "--port: input should be less than" in error
+    assert "70000" not in error
+    monkeypatch.setenv("MARGINWATCH_MAX_BATCH_SIZE", "-3")
+    assert main([]) == 2
+    error = capsys.readouterr().err
+    assert "MARGINWATCH_MAX_BATCH_SIZE: input should be greater" in error and "-3" not in error

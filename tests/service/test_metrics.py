@@ -10,7 +10,7 @@ import pytest
 
 from marginwatch.artifact.schema import CalibrationRecord, Curve
 from marginwatch.service.batcher import RunBatch
-from marginwatch.service.metrics import ServedTraffic
+from marginwatch.service.served_traffic import ServedTraffic
 from metrics_text import Samples, parse, value
 
 MODEL = "fmnist"

@@ -1,5 +1,7 @@
-"""The per-request speed devices keep what the service promises: inference routes first in the
-table, `{name}` and the bodies still documented, no dependency without keys, the GC tuned."""
+"""The per-request speed devices keep what the service promises, each where it lives: inference
+routes first in the table (`app.splice_routes`), `{name}` and the bodies still documented
+(`schemas.inference_route_docs`), no dependency without keys (`auth.auth_dependencies`), the GC and
+the GIL's switch interval tuned (`runtime.py`)."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from fastapi.routing import APIRoute
 from pydantic import SecretStr
 
 from marginwatch.service.app import create_app
-from marginwatch.service.fastpath import auth_dependencies
+from marginwatch.service.auth import auth_dependencies
 from marginwatch.service.settings import Settings
 
 INFERENCE = {
@@ -48,7 +50,7 @@ def test_no_authentication_dependency_without_keys() -> None:
 def test_garbage_collector_tuned_once_started() -> None:
     code = (
         "import gc\n"
-        "from marginwatch.service.fastpath import tune_garbage_collector\n"
+        "from marginwatch.service.runtime import tune_garbage_collector\n"
         "tune_garbage_collector()\n"
         "assert gc.get_threshold() == (100_000, 50, 100), gc.get_threshold()\n"
         "assert gc.get_freeze_count() > 1000, gc.get_freeze_count()\n"
@@ -60,7 +62,7 @@ def test_thread_switching_tuned_once_started() -> None:
     code = (
         "import sys\n"
         "assert sys.getswitchinterval() == 0.005\n"
-        "from marginwatch.service.fastpath import tune_thread_switching\n"
+        "from marginwatch.service.runtime import tune_thread_switching\n"
         "tune_thread_switching()\n"
         "assert sys.getswitchinterval() == 0.0005, sys.getswitchinterval()\n"
     )

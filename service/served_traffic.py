@@ -1,0 +1,272 @@
+"""`ServedTraffic`, the collector of the metrics that every request or batch touches: request
+counts, shed requests and durations by model and endpoint; per model the execution time, batch
+size, scores, flags, the live window (`live_window.py`) and the queued samples.
+
+Recording is the request path's cost, so it is one deque append; the counting happens in numpy
+when Prometheus scrapes, or once `FOLD_EVERY` records wait: 22 µs → 4 µs per batch in the server
+against Prometheus objects observed on the request path, and no `Histogram.observe` per sample at
+batch 64 (docs/benchmarks.md, "How it got here").
+The request middleware (`middleware.py`, through `ServiceMetrics.observe_request`) and the batch
+runner (`deployment.py`, through `ServiceMetrics.observe_batch`) record into it.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from itertools import groupby
+
+import numpy as np
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+from prometheus_client.samples import Sample
+from prometheus_client.utils import floatToGoString
+
+from marginwatch.artifact.schema import Curve
+from marginwatch.service.engine import Prediction
+from marginwatch.service.errors import ShedReason
+from marginwatch.service.live_window import LiveWindow
+
+LATENCY_BUCKETS_S = (
+    0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0,
+)  # fmt: skip
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+SCORE_BUCKETS = (-1.0, 0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0)
+
+
+class _Buckets:
+    """A histogram's state as numpy counts, filled many values at a time."""
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self._bounds = np.asarray(bounds, dtype=np.float64)
+        self._counts = np.zeros(len(bounds) + 1, dtype=np.int64)  # the last one is +Inf
+        self._sum = 0.0
+        self._labels = [floatToGoString(bound) for bound in bounds] + ["+Inf"]
+
+    def add(self, values: np.ndarray) -> None:
+        # Prometheus buckets are `le`: a value equal to a bound belongs to that bound's bucket
+        slots = np.searchsorted(self._bounds, values, side="left")
+        self._counts += np.bincount(slots, minlength=len(self._counts))
+        self._sum += float(values.sum())
+
+    def add_to(self, family: HistogramMetricFamily, labels: dict[str, str]) -> None:
+        cumulative = np.cumsum(self._counts).tolist()
+        buckets = list(zip(self._labels, cumulative, strict=True))
+        family.add_metric(list(labels.values()), buckets, None)
+        # added by hand: add_metric drops _count and _sum when a bound is negative (the score's)
+        family.samples.append(Sample(f"{family.name}_count", labels, cumulative[-1]))
+        family.samples.append(Sample(f"{family.name}_sum", labels, self._sum))
+
+
+@dataclass(slots=True)
+class _Batch:
+    prediction: Prediction
+    curve: Curve
+    seconds: float
+
+
+class _ModelTraffic:
+    """One model's per-batch metrics: an inbox the hot path appends to, and folded totals."""
+
+    def __init__(self, window_predictions: int, window_s: float) -> None:
+        self.inbox: deque[_Batch] = deque()
+        self.execution_seconds = _Buckets(LATENCY_BUCKETS_S)
+        self.batch_size = _Buckets(BATCH_BUCKETS)
+        self.scores = _Buckets(SCORE_BUCKETS)
+        self.brittle = 0
+        self.not_brittle = 0
+        self.window = LiveWindow(window_predictions, window_s)
+
+    def fold(self) -> None:
+        """Move the inbox into the totals (the caller holds the lock)."""
+        batches: list[_Batch] = []
+        while self.inbox:
+            batches.append(self.inbox.popleft())
+        if not batches:
+            return
+        self.execution_seconds.add(np.array([batch.seconds for batch in batches]))
+        self.batch_size.add(np.array([len(batch.prediction) for batch in batches]))
+        scores = np.concatenate([batch.prediction.scores for batch in batches])
+        self.scores.add(scores)
+        brittle = int(sum(np.count_nonzero(batch.prediction.brittle) for batch in batches))
+        self.brittle += brittle
+        self.not_brittle += len(scores) - brittle
+        start = 0
+        # g is the curve of the version that served each batch; after a reload two curves mix
+        for _, same_curve in groupby(batches, key=lambda batch: id(batch.curve)):
+            run = list(same_curve)
+            stop = start + sum(len(batch.prediction) for batch in run)
+            self.window.add(run[0].curve(scores[start:stop]))
+            start = stop
+
+
+class _RequestTotals:
+    """Requests by model, endpoint and status class, the shed ones among them by reason, and
+    their durations by model and endpoint."""
+
+    def __init__(self) -> None:
+        self.inbox: deque[tuple[str, str, int, float, ShedReason | None]] = deque()
+        self.counts: dict[tuple[str, str, str], int] = {}
+        self.shed: dict[tuple[str, str, str], int] = {}
+        self.durations: dict[tuple[str, str], _Buckets] = {}
+
+    def fold(self) -> None:
+        """Move the inbox into the totals (the caller holds the lock)."""
+        seconds_by_route: dict[tuple[str, str], list[float]] = {}
+        while self.inbox:
+            model, endpoint, status, seconds, shed = self.inbox.popleft()
+            key = (model, endpoint, f"{status // 100}xx")
+            self.counts[key] = self.counts.get(key, 0) + 1
+            if shed is not None:
+                key = (model, endpoint, shed)
+                self.shed[key] = self.shed.get(key, 0) + 1
+            seconds_by_route.setdefault((model, endpoint), []).append(seconds)
+        for route, durations in seconds_by_route.items():
+            if route not in self.durations:
+                self.durations[route] = _Buckets(LATENCY_BUCKETS_S)
+            self.durations[route].add(np.array(durations))
+
+
+class ServedTraffic(Collector):
+    """The metrics that every request or batch touches, kept off the request path: recording
+    one is a deque append; the counting (buckets, flags, the live window) happens in numpy when
+    Prometheus scrapes, or once `FOLD_EVERY` records wait, whichever comes first."""
+
+    FOLD_EVERY = 1024
+
+    def __init__(self, window_predictions: int, window_s: float = math.inf) -> None:
+        self._window_predictions = window_predictions
+        self._window_s = window_s
+        self._models: dict[str, _ModelTraffic] = {}
+        self._requests = _RequestTotals()
+        self._queues: dict[str, Callable[[], int]] = {}
+        self._lock = threading.Lock()  # batches of one model may finish on different threads
+
+    def record_request(
+        self,
+        model: str,
+        endpoint: str,
+        status: int,
+        seconds: float,
+        shed: ShedReason | None = None,
+    ) -> None:
+        self._requests.inbox.append((model, endpoint, status, seconds, shed))
+        if len(self._requests.inbox) >= self.FOLD_EVERY:
+            with self._lock:
+                self._requests.fold()
+
+    def record(self, model: str, curve: Curve, prediction: Prediction, seconds: float) -> None:
+        traffic = self._models.get(model)
+        if traffic is None:
+            with self._lock:
+                traffic = self._models.setdefault(
+                    model, _ModelTraffic(self._window_predictions, self._window_s)
+                )
+        traffic.inbox.append(_Batch(prediction, curve, seconds))
+        if len(traffic.inbox) >= self.FOLD_EVERY:
+            with self._lock:
+                traffic.fold()
+
+    def pending(self) -> int:
+        """Records not yet folded (the most any inbox holds)."""
+        inboxes = [traffic.inbox for traffic in self._models.values()] + [self._requests.inbox]
+        return max(len(inbox) for inbox in inboxes)
+
+    def watch_queue(self, model: str, queued_samples: Callable[[], int]) -> None:
+        self._queues[model] = queued_samples
+
+    def forget(self, model: str) -> None:
+        """Drop every series of `model` (it left the store)."""
+        with self._lock:
+            self._requests.fold()
+            self._models.pop(model, None)
+            self._queues.pop(model, None)
+            counts, durations = self._requests.counts, self._requests.durations
+            self._requests.counts = {key: n for key, n in counts.items() if key[0] != model}
+            shed = self._requests.shed
+            self._requests.shed = {key: n for key, n in shed.items() if key[0] != model}
+            self._requests.durations = {key: b for key, b in durations.items() if key[0] != model}
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._collect_requests()
+        yield from self._collect_batches()
+
+    def _collect_requests(self) -> Iterator[Metric]:
+        requests = CounterMetricFamily(
+            "marginwatch_requests", "HTTP requests answered, by model, endpoint and status class",
+            labels=["model", "endpoint", "status_class"],
+        )  # fmt: skip
+        shed = CounterMetricFamily(
+            "marginwatch_requests_shed",
+            "Inference requests refused with 503 because the server was at capacity, by reason "
+            "(also counted in marginwatch_requests_total as 5xx): waiting_full, deadline, "
+            "body_bytes, queue_full",
+            labels=["model", "endpoint", "reason"],
+        )  # fmt: skip
+        durations = HistogramMetricFamily(
+            "marginwatch_request_duration_seconds", "Time from request start to response end",
+            labels=["model", "endpoint"],
+        )  # fmt: skip
+        with self._lock:
+            self._requests.fold()
+            for key, count in sorted(self._requests.counts.items()):
+                requests.add_metric(list(key), count)
+            for key, count in sorted(self._requests.shed.items()):
+                shed.add_metric(list(key), count)
+            for (model, endpoint), buckets in sorted(self._requests.durations.items()):
+                buckets.add_to(durations, {"model": model, "endpoint": endpoint})
+        yield from (requests, shed, durations)
+
+    def _collect_batches(self) -> Iterator[Metric]:
+        execution = HistogramMetricFamily(
+            "marginwatch_model_execution_seconds", "ONNX Runtime time per batch, flags included",
+            labels=["model"],
+        )  # fmt: skip
+        batch_size = HistogramMetricFamily(
+            "marginwatch_batch_size", "Samples per model execution", labels=["model"]
+        )
+        predictions = CounterMetricFamily(
+            "marginwatch_predictions", "Samples predicted, by whether the decision is brittle",
+            labels=["model", "brittle"],
+        )  # fmt: skip
+        scores = HistogramMetricFamily(
+            "marginwatch_score", "Brittleness score of served samples (brittle below λ)",
+            labels=["model"],
+        )  # fmt: skip
+        live = GaugeMetricFamily(
+            "marginwatch_live_robust_accuracy_ratio",
+            "Mean of g(score) = P(correct and robust | score) over the recent served predictions",
+            labels=["model"],
+        )  # fmt: skip
+        window = GaugeMetricFamily(
+            "marginwatch_live_window_predictions",
+            "Predictions in the live rolling window (the last N, none older than "
+            "MARGINWATCH_LIVE_WINDOW_S): alerts on the live gauge need enough per replica",
+            labels=["model"],
+        )  # fmt: skip
+        queued = GaugeMetricFamily(
+            "marginwatch_queued_samples", "Samples waiting for a batch", labels=["model"]
+        )
+        with self._lock:
+            for model, traffic in sorted(self._models.items()):
+                traffic.fold()
+                labels = {"model": model}
+                traffic.execution_seconds.add_to(execution, labels)
+                traffic.batch_size.add_to(batch_size, labels)
+                traffic.scores.add_to(scores, labels)
+                predictions.add_metric([model, "true"], traffic.brittle)
+                predictions.add_metric([model, "false"], traffic.not_brittle)
+                if len(traffic.window):
+                    live.add_metric([model], traffic.window.mean())
+                window.add_metric([model], len(traffic.window))
+        for model, queued_samples in sorted(self._queues.items()):
+            queued.add_metric([model], queued_samples())
+        yield from (execution, batch_size, predictions, scores, live, window, queued)

@@ -331,6 +331,7 @@ def run_traffic(
             labels=outputs.labels,
             data_id=f"traffic:{content_sha256(sample.inputs)}",
             indices=np.arange(len(sample.inputs)),
+            phase="traffic margins",
         )
         margins = load_margins(config, folder, size)
         check = traffic_figures(

@@ -37,41 +37,43 @@ __all__ = [
 
 def _thresholds(threshold: float | ArrayLike) -> np.ndarray:
     """λ as float64: 0-d for one λ, 1-d for several."""
-    lam = np.asarray(threshold, dtype=np.float64)
-    if lam.ndim > 1:
-        raise ValueError(f"threshold must be a scalar or a 1-d array of λs, got shape {lam.shape}")
-    return lam
+    thresholds = np.asarray(threshold, dtype=np.float64)
+    if thresholds.ndim > 1:
+        raise ValueError(
+            f"threshold must be a scalar or a 1-d array of λs, got shape {thresholds.shape}"
+        )
+    return thresholds
 
 
-def _against(scores: ArrayLike, lam: np.ndarray) -> np.ndarray:
+def _against(scores: ArrayLike, thresholds: np.ndarray) -> np.ndarray:
     """Scores shaped to broadcast against λ: unchanged for one λ, a trailing axis for several."""
     s = np.asarray(scores)
-    return s if lam.ndim == 0 else s[..., np.newaxis]
+    return s if thresholds.ndim == 0 else s[..., np.newaxis]
 
 
 def brittle(scores: ArrayLike, threshold: float | ArrayLike) -> np.ndarray:
     """``score < λ``: the served flag. One λ gives the scores' shape; k λs give a trailing
     axis of k flag columns (``[i, j]``: score i at λ j)."""
-    lam = _thresholds(threshold)
+    thresholds = _thresholds(threshold)
     # λ float64 and not a Python float: numpy would compare float32 scores in float32
-    return _against(scores, lam) < lam
+    return _against(scores, thresholds) < thresholds
 
 
 def borderline(scores: ArrayLike, threshold: float | ArrayLike, guard_band: float) -> np.ndarray:
     """``|score − λ| ≤ guard band``, shaped as `brittle`'s result."""
-    lam = _thresholds(threshold)
-    return np.abs(_against(scores, lam) - lam) <= guard_band
+    thresholds = _thresholds(threshold)
+    return np.abs(_against(scores, thresholds) - thresholds) <= guard_band
 
 
 def brittle_counts(scores: ArrayLike, thresholds: ArrayLike) -> np.ndarray:
     """How many of ``scores`` are brittle at each λ of ``thresholds``: ``brittle(scores,
     thresholds).sum(0)`` without the n × k matrix (a sort and a binary search per λ)."""
-    lam = _thresholds(thresholds)
-    if np.any(np.isnan(lam)):
+    thresholds = _thresholds(thresholds)
+    if np.any(np.isnan(thresholds)):
         raise ValueError("a threshold is nan: it flags nothing, which no count here can say")
     ordered = np.sort(np.asarray(scores, dtype=np.float64), axis=None)
     # side="left": the number of scores strictly below λ, i.e. brittle's count
-    return np.searchsorted(ordered, lam, side="left")
+    return np.searchsorted(ordered, thresholds, side="left")
 
 
 def operating_thresholds(scores: ArrayLike) -> np.ndarray:

@@ -42,6 +42,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from marginwatch.artifact.flags import brittle
 from marginwatch.artifact.schema import ThresholdRuleSpec
 from marginwatch.artifact.store import default_store
 from marginwatch.calibration.attacks import ATTACKS
@@ -334,12 +335,12 @@ def main() -> None:  # noqa: C901, PLR0915 - a benchmark script, read top to bot
     figures: dict[str, dict[str, float]] = {}
     for name in candidates:
         subset_scores = score_of(name, cal.outputs, "subset")
-        lam = rule(subset_scores, cal.nonrobust)
+        threshold = rule(subset_scores, cal.nonrobust)
         held_scores = score_of(name, held_out, "held")
         row = {
-            "lambda": lam,
-            "subset_flag_rate": float(np.mean(subset_scores < lam)),
-            "held_flag_rate": float(np.mean(held_scores < lam)),
+            "lambda": threshold,
+            "subset_flag_rate": float(np.mean(brittle(subset_scores, threshold))),
+            "held_flag_rate": float(np.mean(brittle(held_scores, threshold))),
             "subset_tau": kendall_tau(cal.radius, subset_scores),
             "subset_auroc": detection_metrics(cal.nonrobust, subset_scores).auroc,
             "held_tau": kendall_tau(held_radius, held_scores),
@@ -347,10 +348,12 @@ def main() -> None:  # noqa: C901, PLR0915 - a benchmark script, read top to bot
         }
         caught, total = 0, 0
         for set_name, outputs in set_outputs.items():
-            flagged = score_of(name, outputs, set_name) < lam
-            row[f"recall {set_name}"] = float(flagged.mean()) if flagged.size else float("nan")
-            row[f"n {set_name}"] = int(flagged.size)
-            caught, total = caught + int(flagged.sum()), total + flagged.size
+            is_brittle = brittle(score_of(name, outputs, set_name), threshold)
+            row[f"recall {set_name}"] = (
+                float(is_brittle.mean()) if is_brittle.size else float("nan")
+            )
+            row[f"n {set_name}"] = int(is_brittle.size)
+            caught, total = caught + int(is_brittle.sum()), total + is_brittle.size
         row["recall all"] = caught / total
         pool_scores = np.concatenate([subset_scores, held_scores])
         errors, covered = [], 0

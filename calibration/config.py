@@ -6,24 +6,29 @@ Every field is documented and constrained, and a bad value fails at construction
 `ValidationError` naming the field, before any work; checks that need the model or the data
 raise `ConfigError` in `preflight` (before any attack). torch and the attack registry are
 imported where they are used, so that `--help`, which reads this module, answers without
-loading torch (about 3 s).
+loading torch (about 3 s). The parsers and the checks of single fields are plain functions in
+`config_parsing`; this module attaches them to the fields.
 """
 
 from __future__ import annotations
 
-import datetime as dt
-import hashlib
-import re
 import secrets
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import Field, ValidationInfo, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from marginwatch.artifact.schema import NAME_PATTERN, Norm, TargetTpr, ThresholdRuleName
-from marginwatch.artifact.store import default_store, reserved_version_problem
-from marginwatch.calibration.attack_registry import NORM_VALUES, SPECS, attacks_help
+from marginwatch.artifact.schema import Norm, TargetTpr, ThresholdRuleName
+from marginwatch.artifact.store import default_store
+from marginwatch.calibration import config_parsing as parsing
+from marginwatch.calibration.attack_registry import NORM_VALUES, attacks_help
+from marginwatch.calibration.config_parsing import (
+    DEFAULT_STEPS,
+    ConfigError,
+    seed_of_version,
+    since_timestamp,
+)
 from marginwatch.models.data import DATASETS
 
 if TYPE_CHECKING:
@@ -31,9 +36,24 @@ if TYPE_CHECKING:
 
     from marginwatch.calibration.margin_cache import AttackPlan
 
+# ConfigError and since_timestamp live in config_parsing and are kept importable from here, where
+# the job's modules and the tests have always found them.
+__all__ = [
+    "DEFAULT_ATTACKS",
+    "DEFAULT_EPS",
+    "ENV_PREFIX",
+    "HELP_GROUPS",
+    "MIN_PSEUDO_TRAIN_POINTS",
+    "NORM_VALUES",
+    "CalibrationConfig",
+    "CalibrationError",
+    "ConfigError",
+    "PseudoMarginMode",
+    "since_timestamp",
+]
+
 ENV_PREFIX = "MARGINWATCH_CALIBRATE_"
 DEFAULT_EPS: dict[str, float] = {"linf": 0.1, "l2": 1.5}
-DEFAULT_STEPS = 100  # per attack, as in the paper
 DEFAULT_ATTACKS: dict[str, tuple[str, ...]] = {"linf": ("fmn", "fab-top3"), "l2": ("fmn", "ddn")}
 PseudoMarginMode = Literal["auto", "always", "never"]
 MIN_PSEUDO_TRAIN_POINTS = 50
@@ -48,50 +68,10 @@ HELP_GROUPS: dict[str, str] = {
     "store": "store, sharding, output",
     "traffic": "traffic check (label-free, on the service's sampled traffic)",
 }
-DURATION_UNITS_S: dict[str, float] = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-
-
-class ConfigError(ValueError):
-    """A setting that cannot work; the message says which and why."""
 
 
 class CalibrationError(Exception):
     """The job cannot produce a trustworthy version (a verification failed)."""
-
-
-def parse_attack(text: str) -> tuple[str, int]:
-    """`fmn` or `fmn:200`: an attack's name and its step budget."""
-    name, _, steps = text.strip().partition(":")
-    if name not in SPECS:
-        raise ConfigError(f"unknown attack {name!r}: use one of {', '.join(sorted(SPECS))}")
-    try:
-        budget = int(steps) if steps else DEFAULT_STEPS
-    except ValueError as error:
-        raise ConfigError(f"attack budget must be an integer, got {text!r}") from error
-    if budget < 1:
-        raise ConfigError(f"attack {name} needs at least one step, got {budget}")
-    return name, budget
-
-
-def since_timestamp(text: str, now: float) -> float:
-    """`--since` as unix seconds: a duration before `now` (`90m`, `24h`, `7d`) or an ISO time
-    (`2026-12-01T00:00Z`; without a zone, UTC)."""
-    duration = re.fullmatch(r"(\d+(?:\.\d+)?)([smhdw])", text.strip())
-    if duration:
-        return now - float(duration.group(1)) * DURATION_UNITS_S[duration.group(2)]
-    try:
-        moment = dt.datetime.fromisoformat(text.strip())
-    except ValueError:
-        raise ConfigError(
-            f"since {text!r} is neither a duration (30m, 24h, 7d) nor an ISO time "
-            "(2026-12-01T00:00Z)"
-        ) from None
-    return (moment if moment.tzinfo else moment.replace(tzinfo=dt.UTC)).timestamp()
-
-
-def seed_of_version(version: str) -> int:
-    """The seed a version name stands for: a rerun of `--version X` redraws X's subset."""
-    return int.from_bytes(hashlib.sha256(version.encode()).digest()[:4], "big") >> 1
 
 
 def _default_plan(norm: str) -> str:
@@ -330,133 +310,23 @@ class CalibrationConfig(BaseSettings):
             return {**data, "seed": seed_of_version(version)}
         return data
 
-    @field_validator("since")
-    @classmethod
-    def _since_readable(cls, since: str) -> str:
-        since_timestamp(since, 0.0)
-        return since
-
-    @field_validator("eps")
-    @classmethod
-    def _eps_positive(cls, eps: float | None) -> float | None:
-        # Not Field(gt=0), only for the message the job has always given (test_job matches it).
-        if eps is not None and not eps > 0:
-            raise ConfigError(f"eps must be positive, got {eps}")
-        return eps
-
-    @field_validator("input_range", "mean", "std", mode="before")
-    @classmethod
-    def _split_numbers(cls, value: object, info: ValidationInfo) -> object:
-        # A comma-separated string from the variable, or a list of them from repeated flags.
-        if isinstance(value, str):
-            value = [value]
-        if isinstance(value, list):
-            value = tuple(part for item in value for part in str(item).split(",") if part.strip())
-        if info.field_name == "input_range" and isinstance(value, tuple) and len(value) != 2:
-            shown = ",".join(map(str, value))
-            raise ConfigError(f"input range takes two numbers, LOW,HIGH; got {shown}")
-        return value
-
-    @field_validator("class_names", mode="before")
-    @classmethod
-    def _split_names(cls, value: object) -> object:
-        # The variable's string, or the flag's list (repeatable); empty parts kept, to refuse.
-        if isinstance(value, str):
-            value = [value]
-        if isinstance(value, list):
-            value = tuple(part.strip() for item in value for part in str(item).split(","))
-        return value
-
-    @field_validator("class_names")
-    @classmethod
-    def _names_distinct(cls, names: tuple[str, ...]) -> tuple[str, ...]:
-        if "" in names:
-            raise ConfigError(f"class names must not be empty, got {','.join(names)!r}")
-        repeated = sorted({name for name in names if names.count(name) > 1})
-        if repeated:
-            raise ConfigError(f"each class is named once; repeated: {', '.join(repeated)}")
-        return names
-
-    @field_validator("version")
-    @classmethod
-    def _version_is_a_name(cls, version: str | None) -> str | None:
-        # One path component in the store: `../x` or `.hidden` would escape or hide the version.
-        if version is not None and not re.fullmatch(NAME_PATTERN, version):
-            raise ConfigError(
-                f"version {version!r} is not a valid name: letters, digits, '.', '_' and '-', "
-                "starting with a letter or digit"
-            )
-        reserved = None if version is None else reserved_version_problem(version)
-        if reserved is not None:
-            raise ConfigError(f"{reserved}: choose another --version")
-        return version
-
-    @field_validator("std")
-    @classmethod
-    def _std_positive(cls, std: tuple[float, ...]) -> tuple[float, ...]:
-        if not std or not all(value > 0 for value in std):
-            raise ConfigError(f"std must be positive, got {std}")
-        return std
-
-    @field_validator("input_range")
-    @classmethod
-    def _range_increasing(cls, bounds: tuple[float, float]) -> tuple[float, float]:
-        if not bounds[0] < bounds[1]:
-            raise ConfigError(f"input range must have LOW < HIGH, got {bounds}")
-        return bounds
-
-    @field_validator("attacks", mode="before")
-    @classmethod
-    def _parse_attacks(cls, value: object) -> object:
-        # A string from the variable, a list from repeated flags, or name-steps pairs from code.
-        if isinstance(value, str):
-            value = [part for part in value.split(",") if part.strip()]
-        if isinstance(value, list | tuple):
-            return tuple(parse_attack(item) if isinstance(item, str) else item for item in value)
-        return value
-
-    @field_validator("device")
-    @classmethod
-    def _known_device(cls, device: str) -> str:
-        if device not in {"auto", "cpu", "cuda"} and not device.startswith("cuda:"):
-            raise ConfigError(f"device must be auto, cpu or cuda[:N], got {device!r}")
-        if device.startswith("cuda"):
-            import torch
-
-            if not torch.cuda.is_available():
-                raise ConfigError("device cuda asked for, but torch sees no CUDA device")
-        return device
+    # The checks of single fields (plain functions in config_parsing), in the order they run.
+    _since_readable = field_validator("since")(parsing.since_readable)
+    _eps_positive = field_validator("eps")(parsing.eps_positive)
+    _split_numbers = field_validator("input_range", "mean", "std", mode="before")(
+        parsing.split_numbers
+    )
+    _split_names = field_validator("class_names", mode="before")(parsing.split_names)
+    _names_distinct = field_validator("class_names")(parsing.names_distinct)
+    _version_is_a_name = field_validator("version")(parsing.version_is_a_name)
+    _std_positive = field_validator("std")(parsing.std_positive)
+    _range_increasing = field_validator("input_range")(parsing.range_increasing)
+    _parse_attacks = field_validator("attacks", mode="before")(parsing.parse_attacks)
+    _known_device = field_validator("device")(parsing.known_device)
 
     @model_validator(mode="after")
     def _consistent(self) -> CalibrationConfig:
-        names = [name for name, _ in self.resolved_attacks]
-        for name in names:
-            if self.norm not in SPECS[name].norms:
-                raise ConfigError(f"attack {name} does not support the {self.norm} norm")
-        if len(set(names)) != len(names):
-            raise ConfigError(f"each attack may appear once, got {names}")
-        if self.shard is not None and self.shard >= self.num_shards:
-            raise ConfigError(f"shard must lie in [0, {self.num_shards}), got {self.shard}")
-        if self.shard is not None and "seed" not in self.model_fields_set:
-            # each pod would draw its own subset and the merge would find none of their chunks
-            raise ConfigError(
-                "--shard needs the same subset in every shard and in the merge: give them all "
-                "the same --seed (or --version)"
-            )
-        if self.refit and self.traffic is None:
-            raise ConfigError("--refit refits λ on traffic: give --traffic DIR")
-        if self.traffic is not None and (
-            self.shard is not None or self.merge_only or self.preflight_only
-        ):
-            raise ConfigError(
-                "--traffic runs its own checks before any attack and is not sharded: drop "
-                "--shard, --merge and --preflight-only"
-            )
-        if not re.fullmatch(NAME_PATTERN, self.resolved_model_name):
-            raise ConfigError(
-                f"{self.resolved_model_name!r} (from --model) cannot name a model in the store: "
-                "give --name with letters, digits, '.', '_' and '-'"
-            )
+        parsing.check_consistent(self)
         return self
 
     @property

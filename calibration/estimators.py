@@ -220,11 +220,11 @@ def _bootstrap_count(
     """
     n = sub_s.size
     idx = rng.integers(0, n, size=(draws, n))
-    lams = np.empty(draws)
+    thresholds = np.empty(draws)
     for b, i in enumerate(idx):
-        lams[b] = rule(sub_s[i], sub_nonrobust[i])
+        thresholds[b] = rule(sub_s[i], sub_nonrobust[i])
         advance(1)
-    p = (big_correct_scores.size - brittle_counts(big_correct_scores, lams)) / n_big
+    p = (big_correct_scores.size - brittle_counts(big_correct_scores, thresholds)) / n_big
     return rng.binomial(n_big, p) / n_big
 
 

@@ -165,10 +165,10 @@ def load_chunks(folder: Path, size: int, plan: AttackPlan) -> MarginResult:
         with np.load(folder / f"chunk-{index:05d}.npz") as archive:
             parts.append({key: archive[key] for key in archive.files})
     per_attack = {name: np.concatenate([p[f"attack:{name}"] for p in parts]) for name in plan.names}
-    radius = np.concatenate([p["radius"] for p in parts])
+    margins = np.concatenate([p["radius"] for p in parts])
     return MarginResult(
-        radius=radius,
-        success=np.isfinite(radius),
+        radius=margins,
+        success=np.isfinite(margins),
         per_attack=per_attack,
         censored_at=np.concatenate([p["censored_at"] for p in parts]),
         norm=plan.norm,

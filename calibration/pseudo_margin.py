@@ -24,25 +24,25 @@ PATH_STEPS = (0.5, 0.75, 0.9, 1.0)
 
 
 def path_training_points(
-    images: np.ndarray, adv_inputs: np.ndarray, radius: np.ndarray
+    images: np.ndarray, adv_inputs: np.ndarray, margins: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
     """Points x + t(x* − x) on the attack paths of the points whose attack succeeded (finite
-    `radius` = ‖x* − x‖), one block per t in PATH_STEPS, with the regression target
+    `margins` = ‖x* − x‖), one block per t in PATH_STEPS, with the regression target
     (1 − t)·‖x* − x‖: an upper bound of their margin, since x* is past the boundary. Trained on
     them as well, the pseudo-margin learns small values just before and past a boundary, where
     trained on clean points alone it extrapolates (docs/benchmarks.md, "Boundary recall")."""
-    found = np.isfinite(radius)
-    x, adv, r = images[found], adv_inputs[found], radius[found]
+    found = np.isfinite(margins)
+    x, adv, r = images[found], adv_inputs[found], margins[found]
     points = [x + t * (adv - x) for t in PATH_STEPS]
     targets = [(1 - t) * r for t in PATH_STEPS]
     return np.concatenate(points).astype(np.float32), np.concatenate(targets)
 
 
-def regression_targets(radius: np.ndarray) -> np.ndarray:
-    """√radius, with unbounded (infinite) censored radii set to the largest finite one."""
-    finite = np.isfinite(radius)
-    ceiling = radius[finite].max() if finite.any() else 1.0
-    return np.sqrt(np.where(finite, radius, ceiling)).astype(np.float32)
+def regression_targets(margins: np.ndarray) -> np.ndarray:
+    """√margin, with unbounded (infinite) censored margins set to the largest finite one."""
+    finite = np.isfinite(margins)
+    ceiling = margins[finite].max() if finite.any() else 1.0
+    return np.sqrt(np.where(finite, margins, ceiling)).astype(np.float32)
 
 
 def train_head(
@@ -76,7 +76,7 @@ def train_head(
 
 @dataclass(kw_only=True, eq=False)
 class PseudoMarginRegressor:
-    """scikit-learn-shaped: `fit(features, radius)`, `predict(features)`, `score(...)` (τ); the
+    """scikit-learn-shaped: `fit(features, margins)`, `predict(features)`, `score(...)` (τ); the
     fields are the hyperparameters (and `verbose`: a progress bar of the epochs, on stderr),
     `fit` sets `head_` and `losses_`."""
 
@@ -88,7 +88,7 @@ class PseudoMarginRegressor:
     seed: int = 0
     verbose: bool = False
 
-    def fit(self, features: np.ndarray, radius: np.ndarray) -> PseudoMarginRegressor:
+    def fit(self, features: np.ndarray, margins: np.ndarray) -> PseudoMarginRegressor:
         torch.manual_seed(self.seed)
         head = PseudoMarginHead(features.shape[1], self.hidden, self.layers)
         bar = phase("pseudo-margin training", self.epochs, enabled=self.verbose, unit="epoch")
@@ -96,7 +96,7 @@ class PseudoMarginRegressor:
             self.losses_ = train_head(
                 head,
                 torch.as_tensor(features, dtype=torch.float32),
-                torch.from_numpy(regression_targets(radius)),
+                torch.from_numpy(regression_targets(margins)),
                 epochs=self.epochs,
                 learning_rate=self.learning_rate,
                 weight_decay=self.weight_decay,
@@ -111,6 +111,6 @@ class PseudoMarginRegressor:
         with torch.no_grad():
             return self.head_(torch.as_tensor(features, dtype=torch.float32)).numpy()
 
-    def score(self, features: np.ndarray, radius: np.ndarray) -> float:
+    def score(self, features: np.ndarray, margins: np.ndarray) -> float:
         """Kendall τ between predicted pseudo-margins and input margins."""
-        return kendall_tau(radius, self.predict(features))
+        return kendall_tau(margins, self.predict(features))

@@ -296,7 +296,7 @@ class TrafficReport:
     margins: np.ndarray
     success: np.ndarray
     scores: np.ndarray
-    flagged: np.ndarray
+    brittle: np.ndarray
     threshold: float
 
 
@@ -331,7 +331,7 @@ def render_traffic_section(data: TrafficReport) -> str:
         margins=data.margins,
         success=data.success,
         scores=np.asarray(data.scores, dtype=np.float64),
-        correct=~np.asarray(data.flagged, dtype=bool),
+        correct=~np.asarray(data.brittle, dtype=bool),
         eps=check.threat_model.eps,
         threshold=data.threshold,
         title="",

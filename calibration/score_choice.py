@@ -16,7 +16,8 @@ What a candidate buys: Kendall τ and AUROC on the subset, the width of the regr
 estimate's bootstrap interval, and the recall of first-flip points (a fixed-step attack from the
 subset's correctly classified points, `boundary_points.first_flip`) at the λ the job fits. The
 learned score costs the MLP on every request and is served only when it buys more than noise:
-see `decide`. Every figure and the reason go into the record (`PseudoMarginFacts.choice`).
+see `score_figures.decide`, which also holds the measuring. Every figure and the reason go into
+the record (`PseudoMarginFacts.choice`).
 
 With fewer than `MIN_PSEUDO_TRAIN_POINTS` training points (small data: the subset took the split)
 no pseudo-margin is learned: the logit margin is served, and `without_pseudo_margin` records why
@@ -30,21 +31,30 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from marginwatch.artifact.flags import brittle, guarded_score_np
-from marginwatch.artifact.schema import PseudoMarginFacts, ScoreChoice, ScoreFigures
+from marginwatch.artifact.flags import guarded_score_np
+from marginwatch.artifact.schema import PseudoMarginFacts, ScoreChoice
 from marginwatch.calibration.boundary_points import first_flip
 from marginwatch.calibration.config import MIN_PSEUDO_TRAIN_POINTS, CalibrationConfig
-from marginwatch.calibration.estimators import estimate_robust_accuracy
 from marginwatch.calibration.inputs import Inputs, Outputs, forward_all
 from marginwatch.calibration.margins import MarginResult
 from marginwatch.calibration.metrics import detection_metrics, kendall_tau, nonrobust_mask
-from marginwatch.calibration.progress import Advance, ignore, phase
+from marginwatch.calibration.progress import phase
 from marginwatch.calibration.pseudo_margin import PseudoMarginRegressor
 from marginwatch.calibration.record import threshold_rule_spec
+from marginwatch.calibration.score_figures import (
+    MIN_AUROC_GAIN,
+    MIN_SPREAD_GAIN,
+    MIN_TAU_GAIN,
+    ScoreSample,
+    decide,
+    measure,
+)
 from marginwatch.calibration.scores import PseudoMarginHead, ServingGraph
 from marginwatch.calibration.threshold import ThresholdRule, make_threshold_rule
 from marginwatch.models.architectures import SplitClassifier
 
+# The figures and the decision live in score_figures; kept importable from here, where the
+# tests and bench/ have found them.
 __all__ = [
     "BOUNDARY_SOURCES",
     "GUARD_SHARE",
@@ -70,11 +80,6 @@ GUARD_SHARE = 0.25
 attack-path points (bench/boundary_recall.py compares 0.25–2)."""
 GUARD_SHARE_WITHOUT_PATHS = 1.0
 """The same for a pseudo-margin trained on clean points only (`--no-pseudo-paths`)."""
-MIN_AUROC_GAIN = 0.005
-"""Half a point of AUROC: below it, the subset's sampling noise (500 points) hides the gain."""
-MIN_TAU_GAIN = 0.05
-MIN_SPREAD_GAIN = 0.05
-"""Relative narrowing of the estimate's bootstrap interval worth a learned score."""
 BOUNDARY_SOURCES = 200
 """Subset points the calibration pushes past the boundary (about 10 s on 2 cores)."""
 
@@ -100,111 +105,11 @@ def guard_scale(
     """κ of min(g, κ·m) such that κ·m < λ_g exactly where m < share · λ_m, each λ fitted by
     `rule` on its own score. Where a λ is not positive (say, no non-robust point on the
     subset), the medians of the two scores set the scale instead."""
-    lam_pseudo, lam_logit = rule(pseudo, nonrobust), rule(logit, nonrobust)
-    if lam_pseudo > 0 and lam_logit > 0:
-        return float(lam_pseudo / (share * lam_logit))
+    threshold_pseudo, threshold_logit = rule(pseudo, nonrobust), rule(logit, nonrobust)
+    if threshold_pseudo > 0 and threshold_logit > 0:
+        return float(threshold_pseudo / (share * threshold_logit))
     top_pseudo, top_logit = float(np.median(np.abs(pseudo))), float(np.median(np.abs(logit)))
     return top_pseudo / top_logit if top_pseudo > 0 and top_logit > 0 else 1.0
-
-
-@dataclass(frozen=True)
-class ScoreSample:
-    """One candidate's scores on the subset, on the big set and, when measured, on first-flip
-    points."""
-
-    name: str
-    subset: np.ndarray
-    big: np.ndarray
-    boundary: np.ndarray | None
-    multiply_adds: int
-
-
-def measure(
-    sample: ScoreSample,
-    *,
-    radius: np.ndarray,
-    nonrobust: np.ndarray,
-    correct: np.ndarray,
-    big_correct: np.ndarray,
-    rule: ThresholdRule,
-    bootstrap: int,
-    seed: int,
-    advance: Advance = ignore,
-) -> ScoreFigures:
-    """τ, AUROC and λ on the subset; the regression estimate of the big set's robust accuracy
-    with the width of its bootstrap interval (the spread a subset of this size leaves); the
-    boundary recall at λ. `advance` hears of each bootstrap resample done."""
-    threshold = rule(sample.subset, nonrobust)
-    estimate = estimate_robust_accuracy(
-        sample.subset,
-        correct,
-        ~nonrobust,
-        sample.big,
-        big_correct,
-        threshold_rule=rule,
-        method="regression",
-        bootstrap=bootstrap,
-        seed=seed,
-        advance=advance,
-    )
-    spread = float("nan")
-    if estimate.ci_low is not None and estimate.ci_high is not None:
-        spread = estimate.ci_high - estimate.ci_low
-    recall = None
-    if sample.boundary is not None and sample.boundary.size:
-        recall = float(np.mean(brittle(sample.boundary, threshold)))
-    return ScoreFigures(
-        name=sample.name,
-        kendall_tau=kendall_tau(radius, sample.subset),
-        auroc=detection_metrics(nonrobust, sample.subset).auroc,
-        threshold=float(threshold),
-        estimate=estimate.estimate,
-        estimate_spread=spread,
-        boundary_recall=recall,
-        boundary_points=None if sample.boundary is None else int(sample.boundary.size),
-        multiply_adds=sample.multiply_adds,
-    )
-
-
-def decide(logit: ScoreFigures, learned: ScoreFigures, *, forced: bool) -> ScoreChoice:
-    """Serve the learned score when it buys more than noise on at least one count (τ, AUROC,
-    estimate spread) and does not lose boundary recall; else the free logit margin."""
-    gains = []
-    if learned.auroc - logit.auroc >= MIN_AUROC_GAIN:
-        gains.append(f"AUROC {logit.auroc:.3f} → {learned.auroc:.3f}")
-    if learned.kendall_tau - logit.kendall_tau >= MIN_TAU_GAIN:
-        gains.append(f"τ {logit.kendall_tau:.3f} → {learned.kendall_tau:.3f}")
-    if learned.estimate_spread <= (1 - MIN_SPREAD_GAIN) * logit.estimate_spread:
-        gains.append(
-            f"estimate interval {100 * logit.estimate_spread:.2f} → "
-            f"{100 * learned.estimate_spread:.2f} points wide"
-        )
-    losses = []
-    if (
-        logit.boundary_recall is not None
-        and learned.boundary_recall is not None
-        and learned.boundary_recall < logit.boundary_recall - 0.01
-    ):
-        losses.append(
-            f"boundary recall {logit.boundary_recall:.3f} → {learned.boundary_recall:.3f}"
-        )
-    cost = f"cost {learned.multiply_adds:,} multiply-adds per request"
-    if forced:
-        chosen, reason = learned.name, f"forced (--pseudo-margin always); {cost}"
-    elif gains and not losses:
-        chosen, reason = learned.name, f"buys {'; '.join(gains)}; {cost}"
-    else:
-        bought = "; ".join(gains) if gains else "no gain above noise"
-        lost = f", loses {'; '.join(losses)}" if losses else ""
-        chosen, reason = logit.name, f"learned score: {bought}{lost}; not worth its {cost}"
-    return ScoreChoice(
-        candidates=[logit, learned],
-        chosen=chosen,
-        reason=reason,
-        min_auroc_gain=MIN_AUROC_GAIN,
-        min_tau_gain=MIN_TAU_GAIN,
-        min_spread_gain=MIN_SPREAD_GAIN,
-    )
 
 
 def multiply_adds(head: PseudoMarginHead) -> int:
@@ -324,7 +229,7 @@ def choose(
         logit, learned = (
             measure(
                 sample,
-                radius=margins.radius,
+                margins=margins.radius,
                 nonrobust=nonrobust,
                 correct=correct[subset],
                 big_correct=correct,
@@ -381,7 +286,7 @@ def without_pseudo_margin(
     sample = ScoreSample("logit-margin", everything.scores[subset], everything.scores, None, 0)
     logit = measure(
         sample,
-        radius=margins.radius,
+        margins=margins.radius,
         nonrobust=nonrobust,
         correct=correct[subset],
         big_correct=correct,

@@ -136,9 +136,9 @@ def flag_rates(scores: np.ndarray, nonrobust: np.ndarray, threshold: float) -> d
     A rate whose denominator is empty (no positives, no negatives, nothing flagged) is nan.
     """
     s, y = checked_scores(scores, nonrobust)
-    flagged = brittle(s, threshold)
-    tp = int(np.sum(flagged & y))
-    fp = int(np.sum(flagged & ~y))
+    is_brittle = brittle(s, threshold)
+    tp = int(np.sum(is_brittle & y))
+    fp = int(np.sum(is_brittle & ~y))
     n_pos = int(y.sum())
     return {
         "tpr": _ratio(tp, n_pos),

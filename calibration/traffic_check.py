@@ -200,16 +200,16 @@ def traffic_figures(
         nonrobust = nonrobust_mask(margins.radius, margins.success, eps)
     except ValueError as error:
         raise CalibrationError(f"traffic margins: {error}") from error
-    flagged = sample.brittle
-    hits = int((flagged & nonrobust).sum())
-    positives, flags = int(nonrobust.sum()), int(flagged.sum())
-    negatives = len(flagged) - positives
+    brittle = sample.brittle
+    hits = int((brittle & nonrobust).sum())
+    positives, brittle_count = int(nonrobust.sum()), int(brittle.sum())
+    negatives = len(brittle) - positives
     scores = sample.scores.astype(np.float64)
     tau = kendall_tau(margins.radius, scores)
     auroc = detection_metrics(nonrobust, scores).auroc
     nonrobust_ratio, flagged_ratio = (
-        wilson_ratio(positives, len(flagged)),
-        wilson_ratio(flags, len(flagged)),
+        wilson_ratio(positives, len(brittle)),
+        wilson_ratio(brittle_count, len(brittle)),
     )
     return TrafficCheck(
         model_name=record.model_name,
@@ -225,8 +225,8 @@ def traffic_figures(
         nonrobust=nonrobust_ratio,
         flagged=flagged_ratio,
         recall=hits / positives if positives else None,
-        precision=hits / flags if flags else None,
-        false_positive_rate=(flags - hits) / negatives if negatives else None,
+        precision=hits / brittle_count if brittle_count else None,
+        false_positive_rate=(brittle_count - hits) / negatives if negatives else None,
         kendall_tau=None if math.isnan(tau) else tau,
         auroc=None if math.isnan(auroc) else auroc,
         live_gauge=float(np.clip(record.live_curve(scores).mean(), 0.0, 1.0)),
@@ -348,7 +348,7 @@ def run_traffic(
                 margins=margins.radius,
                 success=margins.success,
                 scores=sample.scores,
-                flagged=sample.brittle,
+                brittle=sample.brittle,
                 threshold=record.threshold,
             )
         )

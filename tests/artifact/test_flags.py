@@ -34,13 +34,13 @@ def test_brittle_is_strictly_below_lambda_and_a_tie_is_not() -> None:
 
 
 def test_several_lambdas_give_one_flag_column_each() -> None:
-    lams = np.array([0.5, 1.0, 1.5, 4.0])
-    flags = brittle(SCORES, lams)
-    assert flags.shape == (SCORES.size, lams.size)
-    for j, lam in enumerate(lams):
-        np.testing.assert_array_equal(flags[:, j], brittle(SCORES, float(lam)))
-    np.testing.assert_array_equal(brittle_counts(SCORES, lams), flags.sum(axis=0))
-    np.testing.assert_array_equal(brittle_counts(SCORES, lams), [0, 1, 3, 5])
+    thresholds = np.array([0.5, 1.0, 1.5, 4.0])
+    flags = brittle(SCORES, thresholds)
+    assert flags.shape == (SCORES.size, thresholds.size)
+    for j, threshold in enumerate(thresholds):
+        np.testing.assert_array_equal(flags[:, j], brittle(SCORES, float(threshold)))
+    np.testing.assert_array_equal(brittle_counts(SCORES, thresholds), flags.sum(axis=0))
+    np.testing.assert_array_equal(brittle_counts(SCORES, thresholds), [0, 1, 3, 5])
     np.testing.assert_array_equal(brittle(SCORES, [1.0]), brittle(SCORES, 1.0)[:, None])
 
 
@@ -67,12 +67,12 @@ def test_float32_scores_meet_lambda_in_float64() -> None:
 
 
 def test_operating_thresholds_give_every_distinct_flag_set_once() -> None:
-    lams = operating_thresholds(SCORES)
-    np.testing.assert_array_equal(lams, [0.5, 1.0, 2.0, 3.5, np.inf])
-    counts = brittle_counts(SCORES, lams)
+    thresholds = operating_thresholds(SCORES)
+    np.testing.assert_array_equal(thresholds, [0.5, 1.0, 2.0, 3.5, np.inf])
+    counts = brittle_counts(SCORES, thresholds)
     np.testing.assert_array_equal(counts, [0, 1, 3, 4, 5])  # the tie at 1.0 enters together
-    sets = {tuple(column) for column in brittle(SCORES, lams).T}
-    assert len(sets) == lams.size
+    sets = {tuple(column) for column in brittle(SCORES, thresholds).T}
+    assert len(sets) == thresholds.size
 
 
 @pytest.mark.parametrize("bad", [np.zeros((2, 2)), [[1.0]]])

@@ -106,8 +106,8 @@ def test_roc_vertices_count_what_the_service_flags(seed: int) -> None:
     s = rng.integers(0, 6, size=50).astype(np.float32) / np.float32(3)  # ties, inexact in float32
     y = rng.random(50) < 0.4
     fpr, tpr, thr = roc_curve(y, s)
-    for f, t, lam in zip(fpr, tpr, thr, strict=True):
-        served = brittle(s, lam)
+    for f, t, threshold in zip(fpr, tpr, thr, strict=True):
+        served = brittle(s, threshold)
         assert (int(np.sum(served & y)), int(np.sum(served & ~y))) == (
             round(t * y.sum()),
             round(f * (~y).sum()),
@@ -119,8 +119,8 @@ def test_the_lambda_operating_point_is_a_roc_vertex() -> None:
     """Whatever λ the rules fit (a midpoint, a tied value, above every score), its operating
     point lies on the ROC the report draws."""
     fpr, tpr, _ = roc_curve(HAND_Y, HAND_S)
-    for lam in (0.5, 1.0, 1.5, 2.0, 2.5, 3.0, float(np.nextafter(4.0, np.inf)), 9.0):
-        rates = flag_rates(HAND_S, HAND_Y, lam)
+    for threshold in (0.5, 1.0, 1.5, 2.0, 2.5, 3.0, float(np.nextafter(4.0, np.inf)), 9.0):
+        rates = flag_rates(HAND_S, HAND_Y, threshold)
         assert any((rates["fpr"], rates["tpr"]) == (f, t) for f, t in zip(fpr, tpr, strict=True))
 
 

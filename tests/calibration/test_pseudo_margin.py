@@ -22,8 +22,8 @@ from marginwatch.models.architectures import FashionMnistCNN
 def synthetic(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     features = rng.normal(size=(n, 8)).astype(np.float32)
-    radius = np.exp(0.5 * features[:, 0] - 0.3 * features[:, 1] ** 2) / 10
-    return features, radius
+    margins = np.exp(0.5 * features[:, 0] - 0.3 * features[:, 1] ** 2) / 10
+    return features, margins
 
 
 CALIBRATORS = [
@@ -47,11 +47,11 @@ def test_calibrator_contract(make, data) -> None:  # type: ignore[no-untyped-def
 
 
 def test_pseudo_margin_learns_a_ranking_of_held_out_points() -> None:
-    features, radius = synthetic(600, 1)
-    regressor = PseudoMarginRegressor(epochs=300).fit(features[:400], radius[:400])
+    features, margins = synthetic(600, 1)
+    regressor = PseudoMarginRegressor(epochs=300).fit(features[:400], margins[:400])
     assert regressor.losses_[-1] < regressor.losses_[0]
-    assert regressor.score(features[400:], radius[400:]) > 0.7
-    assert kendall_tau(radius[400:], regressor.predict(features[400:])) > 0.7
+    assert regressor.score(features[400:], margins[400:]) > 0.7
+    assert kendall_tau(margins[400:], regressor.predict(features[400:])) > 0.7
 
 
 def test_censored_radius_targets_stay_on_top() -> None:
@@ -62,8 +62,8 @@ def test_censored_radius_targets_stay_on_top() -> None:
 def test_path_points_lie_on_the_segment_with_the_remaining_distance_as_target() -> None:
     images = np.zeros((3, 4), np.float32)
     adv = np.array([[0.2, 0, 0, 0], [0.9, 0.9, 0.9, 0.9], [0, 0, 0.4, 0]], np.float32)
-    radius = np.array([0.2, np.inf, 0.4])  # the second point's attacks failed: no path
-    points, targets = path_training_points(images, adv, radius)
+    margins = np.array([0.2, np.inf, 0.4])  # the second point's attacks failed: no path
+    points, targets = path_training_points(images, adv, margins)
     assert points.shape == (2 * len(PATH_STEPS), 4) and points.dtype == np.float32
     for block, t in enumerate(PATH_STEPS):
         np.testing.assert_allclose(points[2 * block], [0.2 * t, 0, 0, 0], rtol=1e-6)

@@ -122,16 +122,16 @@ def _record_data(record: CalibrationRecord, *, consistent: bool = True) -> Repor
     (consistent) or do not."""
     rng = np.random.default_rng(0)
     n = record.subset.size
-    radius = rng.uniform(0.0, 3 * record.threat_model.eps, size=n)
-    margins = MarginResult(
-        radius=radius,
+    margins = rng.uniform(0.0, 3 * record.threat_model.eps, size=n)
+    result = MarginResult(
+        radius=margins,
         success=np.ones(n, bool),
-        per_attack={"fmn": radius},
+        per_attack={"fmn": margins},
         censored_at=np.ones(n),
         norm=np.inf,
     )
-    scores = 2 * radius if consistent else rng.permutation(2 * radius)
-    return report_data(record, margins, scores, rng.random(n) < 0.85)
+    scores = 2 * margins if consistent else rng.permutation(2 * margins)
+    return report_data(record, result, scores, rng.random(n) < 0.85)
 
 
 def _text(page: str) -> str:
@@ -197,14 +197,14 @@ def test_the_traffic_check_reads_for_people() -> None:
         duration_s=83.25,
     )
     rng = np.random.default_rng(1)
-    radius = rng.uniform(0.0, 0.3, size=20)
+    margins = rng.uniform(0.0, 0.3, size=20)
     section = render_traffic_section(
         TrafficReport(
             check=check,
-            margins=radius,
+            margins=margins,
             success=np.ones(20, bool),
-            scores=radius,
-            flagged=radius < 0.1,
+            scores=margins,
+            brittle=margins < 0.1,
             threshold=0.1,
         )
     )

@@ -110,12 +110,12 @@ def test_guard_scale_matches_each_score_at_its_own_threshold() -> None:
     pseudo, logit = rng.random(200), 3 * rng.random(200)
     nonrobust = rng.random(200) < 0.3
     kappa = guard_scale(pseudo, logit, nonrobust, threshold_matching_fraction)
-    lam_pseudo = threshold_matching_fraction(pseudo, nonrobust)
-    lam_logit = threshold_matching_fraction(logit, nonrobust)
-    assert kappa * GUARD_SHARE * lam_logit == pytest.approx(lam_pseudo)
+    threshold_pseudo = threshold_matching_fraction(pseudo, nonrobust)
+    threshold_logit = threshold_matching_fraction(logit, nonrobust)
+    assert kappa * GUARD_SHARE * threshold_logit == pytest.approx(threshold_pseudo)
     assert guard_scale(pseudo, logit, nonrobust, threshold_matching_fraction, share=1.0) * (
-        lam_logit
-    ) == pytest.approx(lam_pseudo)
+        threshold_logit
+    ) == pytest.approx(threshold_pseudo)
     # without a non-robust point the λs are no scale: the medians set it, still positive
     assert guard_scale(-pseudo, logit, np.zeros(200, bool), threshold_matching_fraction) > 0
 
@@ -159,9 +159,9 @@ def test_choice_round_trips_inside_the_facts() -> None:
     assert again == facts and isinstance(again.choice, ScoreChoice)
 
 
-def stand_in_margins(radius: np.ndarray) -> MarginResult:
-    return MarginResult(radius=radius, success=np.ones(radius.size, bool),
-                        per_attack={"fmn": radius}, censored_at=np.ones(radius.size),
+def stand_in_margins(margins: np.ndarray) -> MarginResult:
+    return MarginResult(radius=margins, success=np.ones(margins.size, bool),
+                        per_attack={"fmn": margins}, censored_at=np.ones(margins.size),
                         norm=math.inf)  # fmt: skip
 
 
@@ -176,13 +176,13 @@ def test_choose_records_both_candidates_and_serves_what_it_chose(
     outputs = forward_all(model, images, torch.device("cpu"))
     # stand-in margins, a noisy function of the logit margin (the attacks are tested elsewhere)
     rng = np.random.default_rng(0)
-    radius = np.clip(0.05 * outputs.scores + rng.normal(0, 0.02, 300), 0.001, None)
+    margins = np.clip(0.05 * outputs.scores + rng.normal(0, 0.02, 300), 0.001, None)
     config = CalibrationConfig(store=tmp_path, seed=0, pseudo_margin=mode, pseudo_epochs=30,
                                bootstrap=20, quiet=True)  # fmt: skip
     subset = np.arange(150)
     graph, facts = choose(
-        config, model, training=TrainingSet(outputs.features[150:], radius[150:]),
-        images=images, labels=labels, subset=subset, margins=stand_in_margins(radius[subset]),
+        config, model, training=TrainingSet(outputs.features[150:], margins[150:]),
+        images=images, labels=labels, subset=subset, margins=stand_in_margins(margins[subset]),
     )  # fmt: skip
     assert facts.choice is not None and facts.guard_scale is not None and facts.guard_scale > 0
     logit, learned = facts.choice.candidates

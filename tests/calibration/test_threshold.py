@@ -28,11 +28,11 @@ def _data(seed: int, n: int = 300) -> tuple[np.ndarray, np.ndarray]:
 @pytest.mark.parametrize("seed", range(4))
 def test_match_fraction_flags_exactly_the_nonrobust_count(seed: int) -> None:
     s, y = _data(seed)
-    lam = threshold_matching_fraction(s, y)
-    assert np.sum(brittle(s, lam)) == y.sum()
+    threshold = threshold_matching_fraction(s, y)
+    assert np.sum(brittle(s, threshold)) == y.sum()
     srt = np.sort(s)
     k = int(y.sum())
-    assert lam == pytest.approx((srt[k - 1] + srt[k]) / 2)  # the documented midpoint
+    assert threshold == pytest.approx((srt[k - 1] + srt[k]) / 2)  # the documented midpoint
 
 
 def test_match_fraction_edges_and_ties() -> None:
@@ -47,9 +47,11 @@ def test_match_fraction_edges_and_ties() -> None:
 @pytest.mark.parametrize("target", [0.5, 0.9, 0.95, 1.0])
 def test_target_tpr_is_reached_minimally(target: float) -> None:
     s, y = _data(7)
-    lam = threshold_at_tpr(s, y, target)
-    assert flag_rates(s, y, lam)["tpr"] >= target
-    below = s[brittle(s, lam)].max()  # the next smaller λ that changes the flags unflags this score
+    threshold = threshold_at_tpr(s, y, target)
+    assert flag_rates(s, y, threshold)["tpr"] >= target
+    below = s[
+        brittle(s, threshold)
+    ].max()  # the next smaller λ that changes the flags unflags this score
     assert flag_rates(s, y, float(below))["tpr"] < target
 
 
@@ -62,9 +64,9 @@ def test_float32_scores_flag_k_points_at_their_lambda(k: int) -> None:
     one = np.float32(1.0)
     s = np.array([one, np.nextafter(one, np.float32(2)), np.float32(2.0)], dtype=np.float32)
     y = np.arange(3) < k
-    lam = threshold_matching_fraction(s, y)
-    assert np.sum(brittle(s, lam)) == np.sum(brittle(s.astype(np.float64), lam)) == k
-    assert flag_rates(s, y, lam)["flagged_fraction"] == k / 3
+    threshold = threshold_matching_fraction(s, y)
+    assert np.sum(brittle(s, threshold)) == np.sum(brittle(s.astype(np.float64), threshold)) == k
+    assert flag_rates(s, y, threshold)["flagged_fraction"] == k / 3
 
 
 def test_target_tpr_without_positives_flags_nothing() -> None:

@@ -104,15 +104,15 @@ def test_served_flags_equal_the_threshold_rules_at_ties(
         "lowest-k": (threshold_matching_fraction(scores, lowest_k), lowest_k),
         "tpr": (threshold_at_tpr(scores, lowest_k, 0.5), lowest_k),
     }
-    for name, (lam, nonrobust) in cases.items():
-        folder = new_version(tmp_path, "fmnist", name, onnx=onnx_path, threshold=lam)
+    for name, (threshold, nonrobust) in cases.items():
+        folder = new_version(tmp_path, "fmnist", name, onnx=onnx_path, threshold=threshold)
         prediction = served(folder).predict(batch)
         np.testing.assert_array_equal(prediction.scores, scores)
-        calibration = flag_rates(scores, nonrobust, lam)
+        calibration = flag_rates(scores, nonrobust, threshold)
         assert prediction.brittle.sum() == round(calibration["flagged_fraction"] * 40), name
         hits = round(calibration["tpr"] * nonrobust.sum())
         assert (prediction.brittle & nonrobust).sum() == hits, name
-        np.testing.assert_array_equal(prediction.brittle, scores.astype(np.float64) < lam)
+        np.testing.assert_array_equal(prediction.brittle, scores.astype(np.float64) < threshold)
     assert not served(tmp_path / "fmnist" / "tie").predict(batch).brittle[tied]
     assert served(tmp_path / "fmnist" / "every").predict(batch).brittle.all()
     assert served(tmp_path / "fmnist" / "lowest-k").predict(batch).brittle.sum() == k

@@ -235,5 +235,5 @@ def test_sampled_traffic_is_checked_exported_and_alerted_on(
 
     # the served flag on inputs just past the boundary (bench/boundary_recall.py measures it at
     # length, on more kinds of boundary points)
-    boundary_flagged = np.mean([p["brittle"] for p in served_boundary])
-    assert boundary_flagged >= 0.95, f"the served flag caught {boundary_flagged:.0%}"
+    boundary_brittle = np.mean([p["brittle"] for p in served_boundary])
+    assert boundary_brittle >= 0.95, f"the served flag caught {boundary_brittle:.0%}"

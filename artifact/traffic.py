@@ -158,8 +158,12 @@ def _day_shards(day: Path) -> list[Path]:
 
 
 def _days(root: Path, model: str) -> list[Path]:
+    """The day folders of `model`, oldest first: folders named as `day_folder` names them
+    (`YYYY-MM-DD`), never another folder an operator put beside them."""
     base = root / model
-    return [p for p in _visible(base) if p.is_dir()] if base.is_dir() else []
+    if not base.is_dir():
+        return []
+    return [p for p in _visible(base) if _DAY_NAME.fullmatch(p.name) and p.is_dir()]
 
 
 def list_shards(root: Path, model: str, since: float | None = None) -> list[Path]:
@@ -208,14 +212,9 @@ def prune(root: Path, model: str, *, keep_days: int, now: float) -> list[Path]:
     """Remove day folders of `model` older than `keep_days` full days before `now`: folders
     named as `day_folder` names them (`YYYY-MM-DD`), nothing else an operator put there."""
     oldest_kept = (_utc(now) - dt.timedelta(days=keep_days)).strftime("%Y-%m-%d")
-    base = root / model
-    removed: list[Path] = []
-    if not base.is_dir():
-        return removed
-    for day in base.iterdir():
-        if _DAY_NAME.fullmatch(day.name) and day.is_dir() and day.name < oldest_kept:
-            shutil.rmtree(day, ignore_errors=True)
-            removed.append(day)
+    removed = [day for day in _days(root, model) if day.name < oldest_kept]
+    for day in removed:
+        shutil.rmtree(day, ignore_errors=True)
     return removed
 
 

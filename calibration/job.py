@@ -28,12 +28,7 @@ from marginwatch.artifact.schema import (
     PseudoMarginFacts,
 )
 from marginwatch.calibration import margin_cache, score_choice
-from marginwatch.calibration.config import (
-    MIN_PSEUDO_TRAIN_POINTS,
-    CalibrationConfig,
-    CalibrationError,
-    ConfigError,
-)
+from marginwatch.calibration.config import CalibrationConfig, CalibrationError, ConfigError
 from marginwatch.calibration.inputs import Inputs, Outputs, forward_all, subset_indices
 from marginwatch.calibration.margins import MarginResult
 from marginwatch.calibration.preflight import PreflightReport, run_preflight
@@ -169,11 +164,11 @@ def choose_score(
     `everything` the model's outputs on them."""
     if config.pseudo_margin == "never":
         return ServingGraph(inputs.model), None
-    train_points = score_choice.pseudo_train_points(config, inputs)
-    if train_points < MIN_PSEUDO_TRAIN_POINTS:  # small data: attack none, say why in the record
+    if not score_choice.can_learn_pseudo_margin(config, inputs):
+        # small data: attack none, say why in the record
         facts = score_choice.without_pseudo_margin(
             config,
-            train_points=train_points,
+            train_points=score_choice.pseudo_train_points(config, inputs),
             labels=inputs.data.labels,
             subset=subset_indices_,
             margins=margins,
@@ -257,10 +252,7 @@ def run(
         # Shards write disjoint chunk files atomically: no lock needed. They also attack their
         # part of the pseudo-margin's training points, which `--merge` may need.
         attack()
-        if (
-            config.pseudo_margin != "never"
-            and score_choice.pseudo_train_points(config, inputs) >= MIN_PSEUDO_TRAIN_POINTS
-        ):
+        if config.pseudo_margin != "never" and score_choice.can_learn_pseudo_margin(config, inputs):
             pseudo_margin_training(config, inputs, subset)
         return RunResult(None, None, preflight, shard_done=config.shard)
     name = config.resolved_model_name

@@ -36,7 +36,7 @@ from marginwatch.calibration.config import (
     ConfigError,
 )
 from marginwatch.calibration.inputs import Inputs, load_inputs, subset_indices
-from marginwatch.calibration.score_choice import pseudo_train_points
+from marginwatch.calibration.score_choice import can_learn_pseudo_margin, pseudo_train_points
 from marginwatch.calibration.scores import ServingGraph, export_serving_graph
 from marginwatch.models.onnx_import import conversion_problems
 
@@ -239,9 +239,9 @@ def run_preflight(config: CalibrationConfig) -> tuple[Inputs, PreflightReport]:
 def check_pseudo_margin_data(config: CalibrationConfig, inputs: Inputs) -> None:
     """`--pseudo-margin always` needs MIN_PSEUDO_TRAIN_POINTS training points (auto serves the
     logit margin without them, and the record says why)."""
-    points = pseudo_train_points(config, inputs)
-    if config.pseudo_margin != "always" or points >= MIN_PSEUDO_TRAIN_POINTS:
+    if config.pseudo_margin != "always" or can_learn_pseudo_margin(config, inputs):
         return
+    points = pseudo_train_points(config, inputs)
     if inputs.train_data is not None:
         source, fix = "the train split", "more training images"
     else:

@@ -65,6 +65,7 @@ __all__ = [
     "ScoreSample",
     "TrainingSet",
     "boundary_outputs",
+    "can_learn_pseudo_margin",
     "candidates",
     "choose",
     "decide",
@@ -267,6 +268,11 @@ def choose(
 def pseudo_train_points(config: CalibrationConfig, inputs: Inputs) -> int:
     """The training points the pseudo-margin would be fitted on (`--refit`'s traffic aside)."""
     return min(config.pseudo_train_size, inputs.pseudo_pool)
+
+
+def can_learn_pseudo_margin(config: CalibrationConfig, inputs: Inputs) -> bool:
+    """Whether there are the MIN_PSEUDO_TRAIN_POINTS training points a pseudo-margin needs."""
+    return pseudo_train_points(config, inputs) >= MIN_PSEUDO_TRAIN_POINTS
 
 
 def without_pseudo_margin(

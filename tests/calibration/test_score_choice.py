@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from marginwatch.artifact.flags import guarded_score_np
 from marginwatch.artifact.schema import PseudoMarginFacts, ScoreChoice, ScoreFigures
 from marginwatch.calibration.boundary_points import first_flip, path_points
 from marginwatch.calibration.config import CalibrationConfig, PseudoMarginMode
@@ -57,8 +58,12 @@ def test_guarded_graph_is_the_minimum_and_exports_exactly() -> None:
     inputs = torch.rand(64, 1, 28, 28)
     with torch.no_grad():
         logits, score = graph(inputs)
-        expected = torch.minimum(head(model.features(inputs)), 0.3 * logit_margin(logits))
+        pseudo = head(model.features(inputs))
+        expected = torch.minimum(pseudo, 0.3 * logit_margin(logits))
     torch.testing.assert_close(score, expected)
+    # what score_choice measures outside the graph (artifact.flags) is what the graph serves
+    served = guarded_score_np(pseudo.numpy(), logit_margin(logits).numpy(), 0.3)
+    np.testing.assert_array_equal(served, score.numpy())
     labels, onnx_scores, band = export_serving_graph(graph, (1, 28, 28), inputs.numpy(), None)
     np.testing.assert_allclose(onnx_scores, expected.numpy(), atol=1e-4)
     assert (labels == logits.argmax(1).numpy()).all() and band <= 1e-4

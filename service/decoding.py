@@ -43,12 +43,20 @@ def validate(schema: type[ModelT], document: Any) -> ModelT:
 
 
 # A JSON token that numpy would turn into a number though it is none: `true`/`false`, or a
-# string that starts like a number ("1.5", " -2"). Only a body holding one pays for the strict
-# scan below; a body of plain numbers keeps numpy's one C loop.
-_NOT_A_NUMBER = re.compile(rb'true|false|"\s*[-+.0-9]')
+# string that starts like a number ("1.5", " -2"). Every body pays for searching its bytes for
+# one (docs/benchmarks.md, "Strict tensors"); only a body holding one pays for the scan of its
+# values below.
+_QUOTED_NUMBER = re.compile(rb'"\s*[-+.0-9]')
 
 
-def as_float32(data: Any, what: str, source: bytes | memoryview = b"") -> np.ndarray:
+def _may_hold_non_numbers(source: bytes) -> bool:
+    """Whether `source` holds `true`, `false` or a quoted number. Three searches, not one
+    regex of three alternatives: a literal first character lets `re` and `in` skip ahead,
+    which made this 2.4× faster on a 64-image body (1.3 ms against 3.2 ms for 970 kB)."""
+    return b"true" in source or b"false" in source or _QUOTED_NUMBER.search(source) is not None
+
+
+def as_float32(data: Any, what: str, source: bytes = b"") -> np.ndarray:
     """Nested lists of numbers as one float32 array (numpy's C loop, not element by element).
     `source` is the JSON text `data` came from: where it holds a boolean or a numeric string,
     the values are checked to be numbers, which numpy alone would convert silently."""
@@ -63,7 +71,7 @@ def as_float32(data: Any, what: str, source: bytes | memoryview = b"") -> np.nda
         raise InvalidInput(
             f"{what} must be numbers in nested lists of equal lengths (a regular array)"
         ) from None
-    if _NOT_A_NUMBER.search(source) and not _only_numbers(data, array.ndim):
+    if _may_hold_non_numbers(source) and not _only_numbers(data, array.ndim):
         raise InvalidInput(f"{what} must hold numbers only: no strings, booleans or null")
     return array
 

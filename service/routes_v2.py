@@ -244,9 +244,7 @@ def binary_inputs(request: InferenceRequest, binary: memoryview) -> dict[str, np
     return arrays
 
 
-def input_array(
-    request: InferenceRequest, binary: memoryview, header: bytes | memoryview = b""
-) -> np.ndarray:
+def input_array(request: InferenceRequest, binary: memoryview, header: bytes = b"") -> np.ndarray:
     """The one input tensor, from JSON data or binary bytes, reshaped to its declared shape.
     `header` is the JSON text the request was parsed from (`as_float32` reads it)."""
     names = [tensor.name for tensor in request.inputs]

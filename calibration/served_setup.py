@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from marginwatch.artifact import store
+from marginwatch.artifact.cli_settings import option_flag
 from marginwatch.artifact.schema import CalibrationRecord, ThreatModel
 from marginwatch.artifact.traffic import traffic_models
 from marginwatch.calibration.config import CalibrationConfig, ConfigError
@@ -37,7 +38,8 @@ REUSED: tuple[tuple[tuple[str, ...], tuple[str, ...]], ...] = (
 
 
 def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
+    """The command line's flag of config field `name` (`cli_settings` writes the parser)."""
+    return option_flag(name, CalibrationConfig.model_fields[name])
 
 
 def _listed(names: Sequence[str]) -> str:

@@ -211,6 +211,65 @@ class PseudoMarginFacts(_Frozen):
     )
 
 
+class BudgetAnswers(_Frozen):
+    """What the calibration knows at one budget ε' of its grid, from the margins it measured
+    (no attack of its own): λ(ε') by the job's threshold rule, the robust-accuracy estimate, the
+    curves P(robust | s) (served as `p_robust`) and g(s) = P(correct and robust | s) (the live
+    gauge's at ε'), and the held-out check of `p_robust` on the subset (cross-fitted)."""
+
+    eps: float = Field(gt=0, description="the budget ε', in the threat model's norm")
+    threshold: float = Field(description="λ(ε'): brittle at ε' when score < λ(ε')")
+    robust_accuracy: RobustAccuracyEstimate
+    subset_nonrobust: Probability = Field(description="the subset's share with margin ≤ ε'")
+    p_robust: Curve = Field(description="P(margin > ε' | score = s), isotonic, label-free")
+    live_curve: Curve = Field(description="g(s) = P(correct and margin > ε' | score = s)")
+    p_robust_ece: Probability | None = Field(
+        default=None,
+        description="expected calibration error of p_robust (10 bins), cross-fitted on the subset",
+    )
+
+
+class MarginQuantiles(_Frozen):
+    """Conditional quantiles of the input margin r (label-free, in the threat model's norm)
+    given the score: one non-decreasing piecewise-linear curve per level, on shared knots, flat
+    beyond them (`np.interp`). Censored margins enter as lower bounds (Kaplan–Meier per score
+    bin), so a quantile that the attacks never reached is the largest bound seen: a floor."""
+
+    levels: list[Annotated[float, Field(gt=0, lt=1)]] = Field(min_length=1)
+    knots_x: list[Annotated[float, Field(allow_inf_nan=False)]] = Field(min_length=1)
+    knots_y: list[list[Annotated[float, Field(ge=0, allow_inf_nan=False)]]] = Field(
+        description="knots_y[i][j]: the levels[i] quantile at knots_x[j]"
+    )
+    interval: Probability = Field(description="the coverage [low, high] aims at: last − first")
+    coverage: Probability | None = Field(
+        default=None, description="the interval's coverage, cross-fitted on the subset"
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> MarginQuantiles:
+        if any(b <= a for a, b in zip(self.levels, self.levels[1:], strict=False)):
+            raise ValueError("levels must increase")
+        if len(self.knots_y) != len(self.levels):
+            raise ValueError("knots_y needs one row per level")
+        if any(len(row) != len(self.knots_x) for row in self.knots_y):
+            raise ValueError("each knots_y row needs one value per knot")
+        if any(b < a for a, b in zip(self.knots_x, self.knots_x[1:], strict=False)):
+            raise ValueError("knots_x must be sorted")
+        rows = np.asarray(self.knots_y, dtype=np.float64)
+        if np.any(np.diff(rows, axis=1) < 0) or np.any(np.diff(rows, axis=0) < 0):
+            raise ValueError("quantiles must be non-decreasing in the score and in the level")
+        return self
+
+    @cached_property
+    def _knots(self) -> tuple[np.ndarray, np.ndarray]:
+        return np.asarray(self.knots_x, np.float64), np.asarray(self.knots_y, np.float64)
+
+    def __call__(self, scores: np.ndarray) -> np.ndarray:
+        """The quantiles at `scores`: shape (levels, n)."""
+        knots_x, knots_y = self._knots
+        return np.stack([np.interp(scores, knots_x, row) for row in knots_y])
+
+
 # A model's or a version's name: one path component in the store, never `..` or hidden.
 NAME_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 
@@ -248,12 +307,41 @@ class CalibrationRecord(_Frozen):
     )
     live_curve: Curve = Field(description="g(s) = P(correct and robust | score = s)")
     pseudo_margin: PseudoMarginFacts | None = None
+    budgets: list[BudgetAnswers] | None = Field(
+        default=None,
+        description="the budget grid, increasing ε', the served ε among them (absent: older "
+        "records, which serve ε alone)",
+    )
+    margin_quantiles: MarginQuantiles | None = Field(
+        default=None, description="the margin's quantiles given the score (absent: older records)"
+    )
+    predicted_class_counts: list[Annotated[int, Field(ge=0)]] | None = Field(
+        default=None,
+        description="big-set predictions per class: which classes get their own metric label",
+    )
     model_source: ModelSource | None = Field(
         default=None, description="the model and its input normalisation (absent: older records)"
     )
     created_at: str
     duration_s: float = Field(ge=0)
     software: dict[str, str] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _answers_fit_the_record(self) -> CalibrationRecord:
+        counts = self.predicted_class_counts
+        if counts is not None and len(counts) != len(self.class_names):
+            raise ValueError("predicted_class_counts needs one count per class")
+        if self.budgets is None:
+            return self
+        grid = [budget.eps for budget in self.budgets]
+        if np.any(np.diff(grid) <= 0):
+            raise ValueError(f"budgets must have increasing eps, not {grid}")
+        served = [b for b in self.budgets if b.eps == self.threat_model.eps]
+        if len(served) != 1 or served[0].threshold != self.threshold:
+            raise ValueError(
+                f"budgets {grid} must hold the served eps {self.threat_model.eps} with its λ"
+            )
+        return self
 
     @model_validator(mode="before")
     @classmethod

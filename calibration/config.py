@@ -170,6 +170,22 @@ class CalibrationConfig(BaseSettings):
         + ", ".join(f"{eps:g} for {norm}" for norm, eps in DEFAULT_EPS.items())
         + ")",
     )
+    # NoDecode: comma-separated in the variable too (`0.025,0.05,0.1,0.2`).
+    eps_grid: Annotated[tuple[float, ...], NoDecode] = Field(
+        default=(),
+        description=(
+            "budgets ε' the version also answers for, from the margins already measured (λ, "
+            "robust accuracy, p_robust at each; a request picks one with eps); the served ε is "
+            "always among them (default: ε/4, ε/2, ε, 2ε)"
+        ),
+        json_schema_extra={"metavar": "EPS,EPS,..."},
+    )
+    margin_interval: float = Field(
+        default=0.8,
+        gt=0,
+        lt=1,
+        description="coverage of the served margin interval [margin_low, margin_high]",
+    )
     # NoDecode: the variable is comma-separated (`fmn:200,fab-top3`), as the service's lists are.
     attacks: Annotated[tuple[tuple[str, int], ...], NoDecode] = Field(
         default=(),
@@ -313,7 +329,7 @@ class CalibrationConfig(BaseSettings):
     # The checks of single fields (plain functions in config_parsing), in the order they run.
     _since_readable = field_validator("since")(parsing.since_readable)
     _eps_positive = field_validator("eps")(parsing.eps_positive)
-    _split_numbers = field_validator("input_range", "mean", "std", mode="before")(
+    _split_numbers = field_validator("input_range", "mean", "std", "eps_grid", mode="before")(
         parsing.split_numbers
     )
     _split_names = field_validator("class_names", mode="before")(parsing.split_names)
@@ -336,6 +352,13 @@ class CalibrationConfig(BaseSettings):
     @property
     def resolved_eps(self) -> float:
         return self.eps if self.eps is not None else DEFAULT_EPS[self.norm]
+
+    @property
+    def resolved_eps_grid(self) -> tuple[float, ...]:
+        """The budget grid, increasing, the served ε among it (`--eps-grid`, else ε/4 … 2ε)."""
+        eps = self.resolved_eps
+        grid = self.eps_grid or (eps / 4, eps / 2, eps, 2 * eps)
+        return tuple(sorted({*grid, eps}))
 
     @property
     def resolved_attacks(self) -> tuple[tuple[str, int], ...]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import math
 import re
 from typing import TYPE_CHECKING
 
@@ -86,10 +87,24 @@ def split_numbers(value: object, info: ValidationInfo) -> object:
         value = [value]
     if isinstance(value, list):
         value = tuple(part for item in value for part in str(item).split(",") if part.strip())
+    if info.field_name == "eps_grid" and isinstance(value, tuple):
+        check_grid(value)
     if info.field_name == "input_range" and isinstance(value, tuple) and len(value) != 2:
         shown = ",".join(map(str, value))
         raise ConfigError(f"input range takes two numbers, LOW,HIGH; got {shown}")
     return value
+
+
+def check_grid(parts: tuple[object, ...]) -> None:
+    """`--eps-grid`: positive numbers, refused with the flag's name (pydantic's message would
+    name a tuple index)."""
+    for part in parts:
+        try:
+            eps = float(str(part))
+        except ValueError:
+            raise ConfigError(f"--eps-grid takes numbers, EPS,EPS,...; got {part!r}") from None
+        if not (eps > 0 and math.isfinite(eps)):
+            raise ConfigError(f"--eps-grid budgets must be positive and finite, got {part}")
 
 
 def split_names(value: object) -> object:

@@ -322,6 +322,7 @@ def finish_version(
         subset_correct=onnx_labels == inputs.data.labels[subset],
         big_scores=big_scores,
         big_correct=big_labels == inputs.data.labels,
+        big_labels=big_labels,
         guard_band=guard_band,
         pseudo_facts=pseudo_facts,
         attacks=attack_budgets(config, margins),

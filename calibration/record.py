@@ -10,19 +10,30 @@ import numpy as np
 from marginwatch.artifact.flags import brittle
 from marginwatch.artifact.schema import (
     AttackBudget,
+    BudgetAnswers,
     CalibrationRecord,
     DataSource,
+    MarginQuantiles,
     ModelSource,
     PseudoMarginFacts,
     RobustAccuracyEstimate,
     ThreatModel,
     ThresholdRuleSpec,
 )
-from marginwatch.calibration.config import CalibrationConfig
+from marginwatch.calibration.answers import (
+    Margins,
+    Subset,
+    budget_answers,
+    cross_fitted,
+    fit_budget,
+    fit_margin_quantiles,
+    interval_coverage,
+)
+from marginwatch.calibration.config import CalibrationConfig, ConfigError
 from marginwatch.calibration.estimators import estimate_robust_accuracy, fit_live_curve
 from marginwatch.calibration.margins import MarginResult
 from marginwatch.calibration.metrics import detection_metrics, kendall_tau, nonrobust_mask
-from marginwatch.calibration.progress import phase
+from marginwatch.calibration.progress import Advance, phase
 from marginwatch.calibration.report import ReportData
 from marginwatch.calibration.threshold import ThresholdRule, make_threshold_rule
 
@@ -76,6 +87,78 @@ def fitted_with_points(
     return fit
 
 
+def rule_at(
+    spec: ThresholdRuleSpec, eps: float, threshold_points: tuple[np.ndarray, MarginResult] | None
+) -> ThresholdRule:
+    """The job's threshold rule at budget `eps`, with `--refit`'s traffic points (non-robust at
+    `eps`) joining each fit."""
+    rule = make_threshold_rule(spec)
+    if threshold_points is None:
+        return rule
+    extra_scores, extra_margins = threshold_points
+    return fitted_with_points(
+        rule, extra_scores, nonrobust_mask(extra_margins.radius, extra_margins.success, eps)
+    )
+
+
+def answer_points(
+    margins: MarginResult,
+    *,
+    scores: np.ndarray,
+    correct: np.ndarray,
+    big_scores: np.ndarray,
+    big_correct: np.ndarray,
+    threshold_points: tuple[np.ndarray, MarginResult] | None,
+) -> Subset:
+    """The points the robustness answers are fitted on: the subset, labelled, and with
+    `--refit`'s traffic points for the label-free curves."""
+    own = Margins.of(margins.radius, margins.success, margins.censored_at)
+    free_scores, free_margins = scores, own
+    if threshold_points is not None:
+        extra_scores, extra = threshold_points
+        free_scores = np.r_[scores, extra_scores]
+        free_margins = own.join(Margins.of(extra.radius, extra.success, extra.censored_at))
+    return Subset(scores, correct, own, free_scores, free_margins, big_scores, big_correct)
+
+
+def grid_answers(
+    config: CalibrationConfig,
+    subset: Subset,
+    *,
+    served: BudgetAnswers,
+    threshold_points: tuple[np.ndarray, MarginResult] | None,
+    advance: Advance,
+) -> list[BudgetAnswers]:
+    """Every budget of the grid, `served` at the served ε; a budget that a censored margin's
+    bound leaves undecided is refused, naming the flag."""
+    spec = threshold_rule_spec(config)
+    try:
+        return [
+            served
+            if budget == served.eps
+            else fit_budget(
+                budget,
+                subset,
+                rule=rule_at(spec, budget, threshold_points),
+                estimator=config.estimator,
+                bootstrap=config.bootstrap,
+                seed=config.seed,
+                advance=advance,
+            )
+            for budget in config.resolved_eps_grid
+        ]
+    except ValueError as error:
+        raise ConfigError(f"--eps-grid: {error}") from None
+
+
+def margin_quantiles(subset: Subset, eps: float, interval: float) -> MarginQuantiles:
+    """The margin's quantiles given the score, with the interval's cross-fitted coverage."""
+    fitted = fit_margin_quantiles(subset.free_scores, subset.free_margins, interval)
+    checks = cross_fitted(subset.scores, subset.margins, eps, interval, seed=0)
+    coverage = interval_coverage(checks)
+    return fitted.model_copy(update={"coverage": None if np.isnan(coverage) else coverage})
+
+
 def build_record(
     *,
     config: CalibrationConfig,
@@ -88,6 +171,7 @@ def build_record(
     subset_correct: np.ndarray,
     big_scores: np.ndarray,
     big_correct: np.ndarray,
+    big_labels: np.ndarray,
     guard_band: float,
     pseudo_facts: PseudoMarginFacts | None,
     attacks: list[AttackBudget],
@@ -104,14 +188,12 @@ def build_record(
     robust = ~nonrobust
     detection = detection_metrics(nonrobust, subset_scores)
     rule_spec = threshold_rule_spec(config)
-    rule = make_threshold_rule(rule_spec)
-    if threshold_points is not None:
-        extra_scores, extra_margins = threshold_points
-        extra_nonrobust = nonrobust_mask(extra_margins.radius, extra_margins.success, eps)
-        rule = fitted_with_points(rule, extra_scores, extra_nonrobust)
+    rule = rule_at(rule_spec, eps, threshold_points)
     threshold = rule(subset_scores, nonrobust)
-    # one bar over both estimators' resamples
-    bar = phase("bootstrap", 2 * config.bootstrap, enabled=config.progress, unit="resample")
+    grid = config.resolved_eps_grid
+    # one bar over both estimators' resamples, and the other budgets' estimates
+    resamples = (1 + len(grid)) * config.bootstrap
+    bar = phase("bootstrap", resamples, enabled=config.progress, unit="resample")
     with bar as advance:
         estimates = [
             estimate_robust_accuracy(
@@ -128,6 +210,22 @@ def build_record(
             )
             for method in ("count", "regression")
         ]
+        chosen = next(e for e in estimates if e.method == config.estimator)
+        subset = answer_points(
+            margins,
+            scores=subset_scores,
+            correct=subset_correct,
+            big_scores=big_scores,
+            big_correct=big_correct,
+            threshold_points=threshold_points,
+        )
+        budgets = grid_answers(
+            config,
+            subset,
+            served=budget_answers(eps, subset, threshold=threshold, estimate=chosen),
+            threshold_points=threshold_points,
+            advance=advance,
+        )
     not_brittle = ~brittle(subset_scores, threshold)
     precision = (subset_correct & robust)[not_brittle].mean() if not_brittle.any() else 0.0
     return CalibrationRecord(
@@ -152,11 +250,14 @@ def build_record(
         subset_clean_accuracy=float(subset_correct.mean()),
         subset_robust_accuracy=float((subset_correct & robust).mean()),
         big_set_clean_accuracy=float(big_correct.mean()),
-        robust_accuracy=next(e for e in estimates if e.method == config.estimator),
+        robust_accuracy=chosen,
         robust_accuracy_estimates=estimates,
         precision_not_brittle=float(precision),
         live_curve=fit_live_curve(subset_scores, subset_correct, robust),
         pseudo_margin=pseudo_facts,
+        budgets=budgets,
+        margin_quantiles=margin_quantiles(subset, eps, config.margin_interval),
+        predicted_class_counts=np.bincount(big_labels, minlength=len(class_names)).tolist(),
         model_source=model_source(config),
         created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         duration_s=duration_s,
@@ -194,6 +295,7 @@ def report_data(
         title=f"marginwatch calibration: {record.model_name} {record.version}",
         headline=headline,
         record=record,  # the report renders its fields for people, not as dict text
+        censored_at=margins.censored_at,  # the censored margins' bounds, for the answers' checks
     )
 
 

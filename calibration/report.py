@@ -1,35 +1,36 @@
 """The calibration report: one self-contained HTML page a reviewer can read at a glance.
 
 It opens with a plain-language verdict (`verdict.judge`), then the headline figures, the plots,
-the robust-accuracy estimators and the score choice explained, and every recorded field rendered
-for people (`report_record`, `report_fields`): rounded numbers, UTC dates, small tables.
+the robust-accuracy estimators, the robustness answers checked (`report_answers`: robust
+accuracy over the budget grid, the reliability of p_robust, the margin interval's coverage), the
+score choice explained, and every recorded field rendered for people (`report_record`,
+`report_fields`): rounded numbers, UTC dates, small tables.
 
 Plots are inline base64 PNGs and the CSS is inline, so the page can be mailed or served from the
 artifact store as one file with no external fetch. matplotlib is imported inside the plotting
-helpers (the service imports this package without it) and drawn through the object-oriented
-``Figure`` API on the Agg canvas, leaving pyplot's global backend state untouched.
+helpers (`plotting`; the service imports this package without it).
 """
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import html
-import io
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from marginwatch.artifact.schema import CalibrationRecord
 from marginwatch.artifact.traffic import Ratio, TrafficCheck
+from marginwatch.calibration.answers import Margins
 from marginwatch.calibration.metrics import (
     detection_metrics,
     kendall_tau,
     nonrobust_mask,
     roc_curve,
 )
+from marginwatch.calibration.plotting import CORRECT, WRONG, finish, new_axes
+from marginwatch.calibration.report_answers import SubsetPoints, answers_sections
 from marginwatch.calibration.report_fields import field_rows, utc_text, value_html
 from marginwatch.calibration.report_record import (
     details_section,
@@ -40,15 +41,10 @@ from marginwatch.calibration.report_record import (
 )
 from marginwatch.calibration.threshold import flag_rates
 
-if TYPE_CHECKING:
-    from matplotlib.axes import Axes
-    from matplotlib.figure import Figure
-
 __all__ = ["ReportData", "TrafficReport", "render_report", "render_traffic_section", "with_section"]
 
 Value = str | float | int
 
-_CORRECT, _WRONG = "#1f77b4", "#d62728"
 _CSS = """
 body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222;line-height:1.4}
 h1{font-size:1.5em;margin-bottom:.2em}
@@ -65,6 +61,7 @@ h2{font-size:1.2em;margin:1.4em 0 .4em}
 .care{border-color:#e0a000;background:#fff8e1}
 .bad{border-color:#c62828;background:#fdecea}
 .plots{display:flex;flex-wrap:wrap;gap:1em}
+.plots>table{align-self:flex-start;margin:0}
 figure{margin:0;max-width:540px}
 figure img{width:100%;border:1px solid #eee}
 figcaption,.note{font-size:.85em;color:#555}
@@ -90,9 +87,11 @@ class ReportData:
     ``scores``: detector score (larger = more robust); ``correct``: prediction matches label.
     ``headline``: caller's key facts shown as cards before the computed τ, AUROC, λ and ε
     (model, version, threat model, estimated robust accuracy with CI, ...); ``record``: the
-    calibration record, whose estimators, score choice and fields the report explains (and
-    whose served estimate's interval the verdict weighs); ``summary``: facts the record has no
-    field for, shown after its fields.
+    calibration record, whose estimators, robustness answers, score choice and fields the
+    report explains (and whose served estimate's interval the verdict weighs); ``summary``:
+    facts the record has no field for, shown after its fields; ``censored_at``: the censored
+    points' lower bounds (`MarginResult.censored_at`), which the checks of the margin interval
+    and p_robust read (without it, they are shown only when no point is censored).
     """
 
     margins: np.ndarray
@@ -105,6 +104,18 @@ class ReportData:
     summary: Mapping[str, Value] = field(default_factory=dict)
     headline: Mapping[str, Value] = field(default_factory=dict)
     record: CalibrationRecord | None = None
+    censored_at: np.ndarray | None = None
+
+
+def _subset_points(data: ReportData) -> SubsetPoints:
+    """The subset's arrays for the answers' checks; no margins where a censored point's bound
+    is unknown."""
+    radius = np.asarray(data.margins, dtype=np.float64)
+    success = np.asarray(data.success, dtype=bool)
+    bound = data.censored_at if data.censored_at is not None else radius
+    known = data.censored_at is not None or success.all()
+    margins = Margins.of(radius, success, np.asarray(bound, dtype=np.float64)) if known else None
+    return SubsetPoints(np.asarray(data.scores), np.asarray(data.correct, dtype=bool), margins)
 
 
 def _fmt(value: Value) -> str:
@@ -114,53 +125,16 @@ def _fmt(value: Value) -> str:
     return html.escape(str(value))
 
 
-def _png(fig: Figure) -> str:
-    """Render a figure to an ``<img>`` tag with an inline base64 PNG."""
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, metadata={"Software": None})
-    data = base64.b64encode(buf.getvalue()).decode("ascii")
-    return f'<img src="data:image/png;base64,{data}" alt="">'
-
-
-def _new_axes() -> tuple[Figure, Axes]:
-    """A fresh figure on its own Agg canvas (no pyplot, so no global backend switch)."""
-    # Lazy by design: only the report needs matplotlib, and the service must import without it.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(5.4, 4.0), layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig, fig.add_subplot()
-
-
-def _finish(
-    fig: Figure,
-    ax: Axes,
-    *,
-    xlabel: str,
-    ylabel: str,
-    title: str,
-    legend: Mapping[str, Any],
-) -> str:
-    """Label the plot, draw its legend (`legend`: keywords for `Axes.legend`), then render the
-    figure with `_png`."""
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.legend(**legend)
-    return _png(fig)
-
-
 def _scatter_plot(data: ReportData, names: tuple[str, str] = ("correct", "wrong")) -> str:
     """Margin vs score: consistency is visible as a monotone cloud; λ and ε split the quadrants.
     Points are coloured by `data.correct`, the two groups named by `names`."""
-    fig, ax = _new_axes()
+    fig, ax = new_axes()
     d = np.asarray(data.margins, dtype=np.float64)
     ok = np.asarray(data.success, dtype=bool)
     correct = np.asarray(data.correct, dtype=bool)
     finite = d[ok & np.isfinite(d)]
     edge = 1.05 * max(float(finite.max()) if finite.size else 0.0, data.eps * 2.0)
-    for mask_c, colour, name in ((correct, _CORRECT, names[0]), (~correct, _WRONG, names[1])):
+    for mask_c, colour, name in ((correct, CORRECT, names[0]), (~correct, WRONG, names[1])):
         sel = ok & mask_c
         if np.any(sel):
             ax.scatter(d[sel], data.scores[sel], s=8, c=colour, alpha=0.6, label=name)
@@ -171,7 +145,7 @@ def _scatter_plot(data: ReportData, names: tuple[str, str] = ("correct", "wrong"
             ax.scatter(xs, data.scores[cens], s=18, c=colour, marker=">", label=label)
     ax.axvline(data.eps, color="k", ls="--", lw=1, label="ε")
     ax.axhline(data.threshold, color="grey", ls=":", lw=1, label="λ")
-    return _finish(
+    return finish(
         fig, ax, xlabel="input margin d(x)", ylabel="score s(x)", title="margin vs score",
         legend={"fontsize": 7},
     )  # fmt: skip
@@ -179,14 +153,14 @@ def _scatter_plot(data: ReportData, names: tuple[str, str] = ("correct", "wrong"
 
 def _roc_plot(data: ReportData, nonrobust: np.ndarray, auroc: float) -> str:
     """ROC of -score for non-robust points, with the operating point of λ."""
-    fig, ax = _new_axes()
+    fig, ax = new_axes()
     fpr, tpr, _ = roc_curve(nonrobust, data.scores)
     ax.plot(fpr, tpr, lw=1.5, label=f"AUROC = {auroc:.3f}")
     ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls=":")
     rates = flag_rates(data.scores, nonrobust, data.threshold)
     if np.isfinite(rates["fpr"]) and np.isfinite(rates["tpr"]):
-        ax.plot([rates["fpr"]], [rates["tpr"]], "o", color=_WRONG, label="λ operating point")
-    return _finish(
+        ax.plot([rates["fpr"]], [rates["tpr"]], "o", color=WRONG, label="λ operating point")
+    return finish(
         fig, ax, xlabel="false positive rate", ylabel="true positive rate (non-robust flagged)",
         title="ROC, detector −score", legend={"fontsize": 8, "loc": "lower right"},
     )  # fmt: skip
@@ -194,13 +168,13 @@ def _roc_plot(data: ReportData, nonrobust: np.ndarray, auroc: float) -> str:
 
 def _hist_plot(data: ReportData, nonrobust: np.ndarray) -> str:
     """Score distributions of robust vs non-robust points; their overlap is the error at λ."""
-    fig, ax = _new_axes()
+    fig, ax = new_axes()
     bins = np.histogram_bin_edges(np.r_[data.scores, data.threshold], bins=40).tolist()
-    for mask, colour, name in ((~nonrobust, _CORRECT, "robust"), (nonrobust, _WRONG, "non-robust")):
+    for mask, colour, name in ((~nonrobust, CORRECT, "robust"), (nonrobust, WRONG, "non-robust")):
         if np.any(mask):
             ax.hist(data.scores[mask], bins=bins, alpha=0.55, color=colour, label=name)
     ax.axvline(data.threshold, color="k", ls="--", lw=1, label="λ")
-    return _finish(
+    return finish(
         fig, ax, xlabel="score s(x)", ylabel="count", title="score by robustness at ε",
         legend={"fontsize": 8},
     )  # fmt: skip
@@ -246,7 +220,8 @@ def _figures(images: tuple[str, str, str], captions: tuple[str, ...] = CAPTIONS)
 
 def render_report(data: ReportData) -> str:
     """The whole report as one HTML string: title, verdict, headline cards, three plots, and,
-    with a record, the estimators, the score choice and every recorded field."""
+    with a record, the estimators, the robustness answers, the score choice and every recorded
+    field."""
     scores = np.asarray(data.scores, dtype=np.float64)
     data = dataclasses.replace(data, scores=scores)
     nonrobust = nonrobust_mask(data.margins, data.success, data.eps)
@@ -271,6 +246,7 @@ def render_report(data: ReportData) -> str:
     if record is not None:
         sections = (
             estimators_section(record)
+            + answers_sections(record, _subset_points(data))
             + score_section(record)
             + details_section(record, data.summary)
         )

@@ -17,7 +17,14 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from marginwatch.artifact.schema import Curve, ScoreChoice, ThresholdRuleSpec
+from marginwatch.artifact.schema import (
+    BudgetAnswers,
+    Curve,
+    MarginQuantiles,
+    RobustAccuracyEstimate,
+    ScoreChoice,
+    ThresholdRuleSpec,
+)
 
 __all__ = [
     "LABELS",
@@ -95,6 +102,9 @@ LABELS: dict[str, str] = {
     "false_positive_rate": "false positive rate",
     "live_gauge": "live gauge",
     "ratios_agree": "intervals overlap",
+    "budgets": "budget grid",
+    "margin_quantiles": "margin quantiles given the score",
+    "predicted_class_counts": "big-set predictions per class",
 }
 """Field name → label; a name missing here reads with its underscores as spaces."""
 
@@ -118,6 +128,9 @@ NOTES: dict[str, str] = {
     "traffic_until": "the newest sample considered",
     "path_points": "points on attack paths the MLP also learned from",
     "seed": "draws the points; the same seed draws the same ones",
+    "budgets": "see “Robust accuracy vs budget” and “Reliability of p_robust” above",
+    "margin_quantiles": "see “Margin interval” above",
+    "predicted_class_counts": "in label order: which classes get their own metric label",
 }
 """Field name → what it means, for fields whose schema has no description."""
 
@@ -166,9 +179,50 @@ def duration_text(seconds: float) -> str:
 def _curve_text(curve: Curve) -> str:
     first, last = curve.knots_x[0], curve.knots_x[-1]
     return (
-        f"{len(curve.knots_x)} knots; g = {number_text(curve.knots_y[0])} for scores up to "
+        f"{len(curve.knots_x)} knots; {number_text(curve.knots_y[0])} for scores up to "
         f"{number_text(first)}, rising to {number_text(curve.knots_y[-1])} from "
         f"{number_text(last)} on"
+    )
+
+
+def _estimate_text(estimate: RobustAccuracyEstimate) -> str:
+    """``0.7046 [0.6817, 0.7243]``; the point alone without an interval."""
+    text = number_text(estimate.estimate)
+    if estimate.ci_low is None or estimate.ci_high is None:
+        return text
+    return f"{text} [{number_text(estimate.ci_low)}, {number_text(estimate.ci_high)}]"
+
+
+def _budgets_html(budgets: list[BudgetAnswers] | None) -> str:
+    """The grid as one table: a row per budget, the curves in words."""
+    if budgets is None:
+        return "not recorded (an older record: the flag at ε only)"
+    head = ("ε'", "λ(ε')", "robust accuracy", "subset non-robust", "p_robust", "live curve g",
+            "p_robust ECE")  # fmt: skip
+    rows = "".join(
+        f"<tr><td>{b.eps:g}</td><td>{number_text(b.threshold)}</td>"
+        f"<td>{html.escape(_estimate_text(b.robust_accuracy))}</td>"
+        f"<td>{number_text(b.subset_nonrobust)}</td>"
+        f"<td>{html.escape(_curve_text(b.p_robust))}</td>"
+        f"<td>{html.escape(_curve_text(b.live_curve))}</td>"
+        f"<td>{_scalar(b.p_robust_ece)}</td></tr>"
+        for b in budgets
+    )
+    heads = "".join(f"<th>{html.escape(name)}</th>" for name in head)
+    return f'<table class="inner"><tr>{heads}</tr>{rows}</table>'
+
+
+def _quantiles_text(quantiles: MarginQuantiles | None) -> str:
+    if quantiles is None:
+        return "not recorded (an older record)"
+    middle = quantiles.knots_y[len(quantiles.levels) // 2]
+    coverage = "not measured" if quantiles.coverage is None else number_text(quantiles.coverage)
+    return (
+        f"levels {', '.join(f'{level:g}' for level in quantiles.levels)} on "
+        f"{len(quantiles.knots_x)} score knots from {number_text(quantiles.knots_x[0])} to "
+        f"{number_text(quantiles.knots_x[-1])}; the middle level rises from "
+        f"{number_text(middle[0])} to {number_text(middle[-1])}; interval coverage "
+        f"{coverage} (cross-fitted) for a nominal {quantiles.interval:g}"
     )
 
 
@@ -177,6 +231,8 @@ _FORMATS: dict[str, Callable[[Any], str]] = {
     "input_shape": lambda shape: html.escape(" × ".join(str(item) for item in shape)),
     "input_range": lambda pair: html.escape(f"[{', '.join(number_text(v) for v in pair)}]"),
     "model_sha256": lambda digest: f"<code>{html.escape(str(digest))}</code>",
+    "budgets": _budgets_html,
+    "margin_quantiles": lambda quantiles: html.escape(_quantiles_text(quantiles)),
 }
 
 

@@ -50,6 +50,7 @@ GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "robust_accuracy_estimates",
         ),
     ),
+    ("Robustness answers", ("budgets", "margin_quantiles", "predicted_class_counts")),
     ("Pseudo-margin", ("pseudo_margin",)),
     ("Run", ("created_at", "duration_s", "software", "schema_version")),
 )

@@ -34,6 +34,8 @@ REUSED: tuple[tuple[tuple[str, ...], tuple[str, ...]], ...] = (
     (("input_range",), ("input_range",)),
     (("mean",), ("mean",)),
     (("std",), ("std",)),
+    (("eps_grid",), ("eps_grid",)),
+    (("margin_interval",), ("margin_interval",)),
 )
 
 
@@ -112,6 +114,10 @@ def served_setup(record: CalibrationRecord) -> dict[str, Any]:
         }
     elif record.model_name in SHIPPED_MODELS:
         setup["model"] = record.model_name  # an older record: a shipped model is its name
+    if record.budgets is not None:  # a refit answers for the same budgets
+        setup["eps_grid"] = tuple(budget.eps for budget in record.budgets)
+    if record.margin_quantiles is not None:
+        setup["margin_interval"] = record.margin_quantiles.interval
     return setup
 
 
@@ -203,6 +209,10 @@ def reuse_note(record: CalibrationRecord, reused: dict[str, Any], given: set[str
             parts.append(f"{label} {_numbers(reused[name])}")
     threat = record.threat_model
     parts.append(f"threat model {threat.norm} ε = {threat.eps:g}")
+    if "eps_grid" in reused:
+        parts.append(f"budget grid {_numbers(reused['eps_grid'])}")
+    if "margin_interval" in reused:
+        parts.append(f"margin interval {reused['margin_interval']:g}")
     kept = [_flag(name) for group, _ in REUSED for name in group if name in given]
     note = f"{record.model_name}: reusing served version {record.version}'s " + ", ".join(parts)
     return note + (f"; given instead: {', '.join(kept)}" if kept else "")

@@ -37,6 +37,7 @@ from marginwatch.service.errors import (
     RequestTimeout,
     ServiceError,
     Unauthorized,
+    UnknownBudget,
     UnsupportedMediaType,
 )
 from marginwatch.service.images import ImageLimits
@@ -65,6 +66,7 @@ STATUS_OF: dict[type[Exception], int] = {
     RequestTimeout: 408,
     PayloadTooLarge: 413,
     UnsupportedMediaType: 415,
+    UnknownBudget: 422,
     ModelNotReady: 503,
     Overloaded: 503,
     Exception: 500,  # anything unhandled: logged, and answered without its text
@@ -74,6 +76,7 @@ STATUS_OF: dict[type[Exception], int] = {
 # under the status class of the HTTP status above.
 GRPC_STATUS_OF: dict[type[Exception], str] = {
     InvalidInput: "INVALID_ARGUMENT",
+    UnknownBudget: "INVALID_ARGUMENT",
     Unauthorized: "UNAUTHENTICATED",
     ModelNotFound: "NOT_FOUND",
     RequestTimeout: "DEADLINE_EXCEEDED",  # HTTP's only (a gRPC message arrives whole)
@@ -270,7 +273,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     """The service as an ASGI app; nothing is loaded until its lifespan starts."""
     settings = settings if settings is not None else Settings()
     metrics = ServiceMetrics(
-        settings.live_window_predictions, settings.live_window_s, settings.traffic_sample_rate
+        settings.live_window_predictions,
+        settings.live_window_s,
+        settings.traffic_sample_rate,
+        settings.class_labels,
     )
     sampler = _traffic_sampler(settings, metrics)
     admission = Admission(

@@ -20,6 +20,7 @@ import numpy as np
 import onnxruntime as ort
 
 from marginwatch.artifact import flags
+from marginwatch.artifact.answers import Answers, answers_of, runner_up
 from marginwatch.artifact.graph import INPUT_NAME, LOGITS, OUTPUTS, SCORE
 from marginwatch.artifact.schema import ONNX_FILE, CalibrationRecord
 from marginwatch.artifact.store import ArtifactError, read_record
@@ -41,16 +42,39 @@ class EngineOptions:
 
 @dataclass(slots=True)  # not frozen: a frozen dataclass's __init__ costs µs on every request
 class Prediction:
-    """Per-sample results of one execution; every array has the batch as its first axis."""
+    """Per-sample results of one execution; every array has the batch as its first axis. The
+    flags and `p_robust` are at the grid budget `budget` (`artifact.answers`); the margin's
+    estimate and bounds and the runner-up do not depend on a budget."""
 
     logits: np.ndarray
     scores: np.ndarray
     labels: np.ndarray
     brittle: np.ndarray
     borderline: np.ndarray
+    p_robust: np.ndarray
+    margin_estimate: np.ndarray
+    margin_low: np.ndarray
+    margin_high: np.ndarray
+    runner_up: np.ndarray
+    budget: int
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    @classmethod
+    def without_answers(
+        cls,
+        logits: np.ndarray,
+        scores: np.ndarray,
+        labels: np.ndarray,
+        brittle: np.ndarray,
+        borderline: np.ndarray,
+    ) -> Prediction:
+        """A prediction whose calibration has no grid or margin curves (NaN answers), at its
+        only budget: what a toy model in a test or benchmark gives."""
+        nan = np.full(len(labels), np.nan, dtype=np.float32)
+        # a toy's labels need not index its logits: no runner-up, the label stands in
+        return cls(logits, scores, labels, brittle, borderline, nan, nan, nan, nan, labels, 0)
 
     def take(self, start: int, stop: int) -> Prediction:
         """The samples `start:stop`, as views (no copy)."""
@@ -60,6 +84,31 @@ class Prediction:
             self.labels[start:stop],
             self.brittle[start:stop],
             self.borderline[start:stop],
+            self.p_robust[start:stop],
+            self.margin_estimate[start:stop],
+            self.margin_low[start:stop],
+            self.margin_high[start:stop],
+            self.runner_up[start:stop],
+            self.budget,
+        )
+
+    def at_budget(self, answers: Answers, budget: int, guard_band: float) -> Prediction:
+        """The same samples answered at grid budget `budget`: its λ's flags, its p_robust."""
+        if budget == self.budget:
+            return self
+        threshold = answers.budgets[budget].threshold
+        return Prediction(
+            self.logits,
+            self.scores,
+            self.labels,
+            flags.brittle(self.scores, threshold),
+            flags.borderline(self.scores, threshold, guard_band),
+            answers.p_robust(self.scores, budget),
+            self.margin_estimate,
+            self.margin_low,
+            self.margin_high,
+            self.runner_up,
+            budget,
         )
 
     def probabilities(self) -> np.ndarray:
@@ -97,6 +146,11 @@ SERVED_OUTPUTS: Final = (
     OutputSpec(SCORE, "FP32", "scores"),
     OutputSpec("brittle", "BOOL", "brittle"),
     OutputSpec("borderline", "BOOL", "borderline"),
+    OutputSpec("p_robust", "FP32", "p_robust"),
+    OutputSpec("margin_estimate", "FP32", "margin_estimate"),
+    OutputSpec("margin_low", "FP32", "margin_low"),
+    OutputSpec("margin_high", "FP32", "margin_high"),
+    OutputSpec("runner_up", "INT64", "runner_up"),
 )
 
 
@@ -146,6 +200,7 @@ class ServedModel:
         self.version_dir = version_dir
         self.options = options
         self._loaded: tuple[CalibrationRecord, ort.InferenceSession] | None = None
+        self.answers = Answers((), 0, None)  # the loaded version's (`load`)
 
     @property
     def version(self) -> str:
@@ -184,15 +239,29 @@ class ServedModel:
         except Exception as error:  # ORT raises its own exception types, none exported stably
             raise ArtifactError(f"ONNX Runtime cannot load {self.version_dir}: {error}") from error
         _check_graph(session, record)
+        self.answers = answers_of(record)
         self._loaded = (record, session)
 
     def predict(self, x: np.ndarray) -> Prediction:
         """Labels, logits, scores and flags of a float32 batch N×C×H×W (already validated)."""
         record, session = self._require()
         logits, scores = session.run(list(OUTPUTS), {INPUT_NAME: x})
-        brittle = flags.brittle(scores, record.threshold)
-        borderline = flags.borderline(scores, record.threshold, record.guard_band)
-        return Prediction(logits, scores, logits.argmax(axis=1), brittle, borderline)
+        answers = self.answers
+        labels = logits.argmax(axis=1)
+        p_robust, low, estimate, high = answers.served_answers(scores)
+        return Prediction(
+            logits,
+            scores,
+            labels,
+            flags.brittle(scores, record.threshold),
+            flags.borderline(scores, record.threshold, record.guard_band),
+            p_robust,
+            estimate,
+            low,
+            high,
+            runner_up(logits, labels),
+            answers.served,
+        )
 
     def metadata(self) -> ModelMetadata:
         record, session = self._require()
@@ -207,7 +276,7 @@ class ServedModel:
                 TensorSpec(out.name, out.datatype, out.shape(len(record.class_names)))
                 for out in SERVED_OUTPUTS
             ],
-            calibration=calibration_facts(record),
+            calibration={**calibration_facts(record), **grid_facts(self.answers)},
         )
 
 
@@ -219,9 +288,23 @@ def calibration_facts(record: CalibrationRecord) -> dict[str, Any]:
         "guard_band": record.guard_band,
         "score_kind": record.score_kind,
         "threat_model": f"{record.threat_model.norm} eps={record.threat_model.eps:g}",
+        "eps": record.threat_model.eps,
         "robust_accuracy": record.robust_accuracy.estimate,
         "precision_not_brittle": record.precision_not_brittle,
         "calibrated_at": record.created_at,
+    }
+
+
+def grid_facts(answers: Answers) -> dict[str, Any]:
+    """The model metadata's budget grid: what a request may ask for with `eps`, and what the
+    calibration measured at each budget."""
+    return {
+        "eps_grid": answers.grid,
+        "budgets": [
+            {"eps": b.eps, "threshold": b.threshold, "robust_accuracy": b.robust_accuracy}
+            for b in answers.budgets
+        ],
+        "margin_interval": None if answers.margin is None else answers.margin.interval,
     }
 
 

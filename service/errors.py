@@ -21,6 +21,11 @@ class InvalidInput(ServiceError):
     """The request is malformed: bad JSON, missing fields, wrong shape, type, values or sizes."""
 
 
+class UnknownBudget(InvalidInput):
+    """The request asked for a perturbation budget (`eps`) outside the served version's grid:
+    well-formed, but nothing was calibrated for it (422, not 400)."""
+
+
 class UnsupportedMediaType(ServiceError):
     """The request's Content-Type is not one the endpoint reads."""
 

@@ -26,6 +26,7 @@ import base64
 import binascii
 import io
 import logging
+import math
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -53,6 +54,7 @@ ACCEPTED = "PNG, JPEG and WebP"
 RESIZE = "resize"  # the option's name in JSON, in a form and in the query string
 FORM_FILE = "file"  # the form field of every image file (repeated for several)
 FORM_FLAGS = (RESIZE, "return_probabilities")
+FORM_NUMBERS = ("eps",)  # the budget (`budgets.py`)
 FORM_FLAG_BYTES = 16  # the longest value a flag field may have ("false" and some whitespace)
 
 # Pillow's reader class of each accepted format (`artifact.pixels.IMAGE_FORMATS`)
@@ -95,6 +97,17 @@ class EncodedImages:
     files: list[tuple[str, bytes]]
     base64: bool  # whether each file is still base64 text (JSON), or raw bytes (a form)
     resize: bool | None = None
+
+
+def parse_number(value: str, what: str) -> float:
+    """A positive finite decimal number from a form field."""
+    try:
+        number = float(value.strip())
+    except ValueError:
+        raise InvalidInput(f"{what} must be a number, not {value!r:.40}") from None
+    if not (math.isfinite(number) and number > 0):
+        raise InvalidInput(f"{what} must be a positive finite number, not {value!r:.40}")
+    return number
 
 
 def parse_flag(value: str, what: str) -> bool:
@@ -169,11 +182,15 @@ def _form_parts(body: bytes, content_type: str) -> list[_Part]:
     return parts
 
 
-def read_form(body: bytes, content_type: str) -> tuple[list[tuple[str, bytes]], dict[str, bool]]:
-    """The image files of a multipart form (its `file` parts, in order) and its flags
-    (`FORM_FLAGS` given). Any other field, a flag given twice or not true/false is refused."""
+def read_form(
+    body: bytes, content_type: str
+) -> tuple[list[tuple[str, bytes]], dict[str, bool], dict[str, float]]:
+    """The image files of a multipart form (its `file` parts, in order), its flags
+    (`FORM_FLAGS` given) and its numbers (`FORM_NUMBERS` given). Any other field, a field given
+    twice, a flag not true/false or a number that is not one is refused."""
     files: list[tuple[str, bytes]] = []
     flags: dict[str, bool] = {}
+    numbers: dict[str, float] = {}
     for part in _form_parts(body, content_type):
         options = parse_options_header(part.headers.get(b"content-disposition"))[1]
         name = options.get(b"name", b"").decode("latin-1")
@@ -188,16 +205,22 @@ def read_form(body: bytes, content_type: str) -> tuple[list[tuple[str, bytes]], 
             if name in flags or len(value) > FORM_FLAG_BYTES:
                 raise InvalidInput(f"the form field {name} must be given once, as true or false")
             flags[name] = parse_flag(value.decode("latin-1"), f"the form field {name}")
+        elif name in FORM_NUMBERS:
+            value = b"".join(part.data)
+            if name in numbers or len(value) > FORM_FLAG_BYTES:
+                raise InvalidInput(f"the form field {name} must be given once, as a number")
+            numbers[name] = parse_number(value.decode("latin-1"), f"the form field {name}")
         else:
             raise InvalidInput(
                 f"unknown form field {name!r}: the form takes {FORM_FILE} (one part per image "
-                f"file) and the flags {' and '.join(FORM_FLAGS)}"
+                f"file), the flags {' and '.join(FORM_FLAGS)} and the budget "
+                f"{' and '.join(FORM_NUMBERS)}"
             )
     if not files:
         raise InvalidInput(
             f"the form has no {FORM_FILE} part: send each image as one (curl -F {FORM_FILE}=@x.png)"
         )
-    return files, flags
+    return files, flags, numbers
 
 
 # --- decoding ---------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """The live robust-accuracy window: the mean of g(score) over the most recent served predictions,
 where g is the calibration's curve P(correct and robust | score). The collector in
-`served_traffic.py` feeds it at fold time and exports its mean as
-`marginwatch_live_robust_accuracy_ratio` and its size as `marginwatch_live_window_predictions`.
+`served_traffic.py` keeps one per budget of the served version's grid (each with that budget's
+g), feeds them at fold time and exports their means as `marginwatch_live_robust_accuracy_ratio`
+(label `eps`) and the served budget's size as `marginwatch_live_window_predictions`.
 
 The window is bounded by count and by age. By count alone, a replica that stops receiving traffic
 would export the mean of its last predictions forever, however old: a frozen gauge that an alert

@@ -8,10 +8,11 @@ request path) and, read at scrape, `ModelStates`, `TrafficChecks` and `Admission
 
 Label values come only from fixed sets: model names are the served ones (configuration and the
 artifact store, never a request path), versions are, per model, the one CURRENT names and the
-one serving, endpoints are route names, status classes are `2xx`…`5xx`. The request middleware
-(`middleware.py`) and the batch runner (`deployment.py`) record into it; the traffic sampler
-(`traffic_sampler.py`) counts written and dropped samples here; the registry's poll shows the
-latest `traffic-check.json` of each served version.
+one serving, endpoints are route names, status classes are `2xx`…`5xx`, `eps` the budgets of the
+served version's grid and `class` its class names, capped (`version_labels.py`). The request
+middleware (`middleware.py`) and the batch runner (`deployment.py`) record into it; the traffic
+sampler (`traffic_sampler.py`) counts written and dropped samples here; the registry's poll shows
+the latest `traffic-check.json` of each served version.
 """
 
 from __future__ import annotations
@@ -33,7 +34,9 @@ from marginwatch.service.admission import Admission
 from marginwatch.service.engine import Prediction, calibration_timestamp_s
 from marginwatch.service.errors import ShedReason
 from marginwatch.service.served_traffic import ServedTraffic
+from marginwatch.service.settings import DEFAULT_CLASS_LABELS
 from marginwatch.service.state_metrics import AdmissionState, ModelStates, TrafficChecks
+from marginwatch.service.version_labels import ServedVersion
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 TrafficDropReason = Literal["queue_full", "day_limit", "write_error"]
@@ -65,10 +68,11 @@ class ServiceMetrics:
         live_window_predictions: int,
         live_window_s: float = 600.0,
         traffic_sample_rate: float = 0.0,
+        class_labels: int = DEFAULT_CLASS_LABELS,
     ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.traffic = ServedTraffic(live_window_predictions, live_window_s)
+        self.traffic = ServedTraffic(live_window_predictions, live_window_s, class_labels)
         r.register(self.traffic)
         self.models = ModelStates()
         r.register(self.models)
@@ -104,9 +108,11 @@ class ServiceMetrics:
         )  # fmt: skip
         self.calibration_robust_accuracy = Gauge(
             "marginwatch_calibration_robust_accuracy_ratio",
-            "Robust accuracy estimated by the calibration job, on its evaluation set",
-            ["model"], registry=r,
+            "Robust accuracy estimated by the calibration job, on its evaluation set, at each "
+            "budget eps of its grid (served=\"true\": the served eps)",
+            ["model", "eps", "served"], registry=r,
         )  # fmt: skip
+        self._budgets: dict[str, list[tuple[str, str]]] = {}  # the (eps, served) shown per model
         self.calibration_timestamp = Gauge(
             "marginwatch_calibration_timestamp_seconds",
             "When the served calibration version was created (Unix time)",
@@ -141,7 +147,7 @@ class ServiceMetrics:
     def observe_version(self, model: str, record: CalibrationRecord) -> None:
         """A version was loaded and now serves `model`."""
         self.reloads.labels(model, "success").inc()
-        self.calibration_robust_accuracy.labels(model).set(record.robust_accuracy.estimate)
+        self._show_budgets(model, self.traffic.serve(model, record))
         self.calibration_timestamp.labels(model).set(calibration_timestamp_s(record))
         flagged = calibration_flagged_ratio(record)
         if flagged is None:  # a version that states none must not leave the previous one's
@@ -157,6 +163,18 @@ class ServiceMetrics:
                 "model_sha256": record.model_sha256,
             }
         )
+
+    def _show_budgets(self, model: str, version: ServedVersion | None) -> None:
+        """The calibration's robust accuracy at each budget of `version`'s grid; the budgets of
+        the version before that it lacks are gone (None: every one is)."""
+        gauge = self.calibration_robust_accuracy
+        for eps, served in self._budgets.pop(model, ()):
+            gauge.remove(model, eps, served)
+        if version is None:
+            return
+        for eps, served, budget in version.budget_labels():
+            gauge.labels(model, eps, served).set(budget.robust_accuracy)
+            self._budgets.setdefault(model, []).append((eps, served))
 
     def observe_refusal(self, model: str) -> None:
         self.reloads.labels(model, "failure").inc()
@@ -174,11 +192,9 @@ class ServiceMetrics:
 
     def forget(self, model: str) -> None:
         """`model` left the store: drop its series, so that no dashboard shows it as present."""
-        for metric in (
-            self.calibration_robust_accuracy, self.calibration_timestamp, self.calibration_info,
-            self.calibration_flagged,
-        ):  # fmt: skip
+        for metric in (self.calibration_timestamp, self.calibration_info, self.calibration_flagged):
             metric.remove(model)
+        self._show_budgets(model, None)
         for result in ("success", "failure"):
             self.reloads.remove(model, result)
         self.traffic.forget(model)
@@ -191,8 +207,9 @@ class ServiceMetrics:
     def observe_batch(
         self, model: str, record: CalibrationRecord, prediction: Prediction, seconds: float
     ) -> None:
-        """One model execution: its latency, size, flags, scores and the live estimate."""
-        self.traffic.record(model, record.live_curve, prediction, seconds)
+        """One model execution: its latency, size, flags by class, scores and the live
+        estimates (`record`: the version that ran it)."""
+        self.traffic.record(model, record, prediction, seconds)
 
     def observe_traffic_written(self, model: str, samples: int) -> None:
         self.traffic_samples_written.labels(model).inc(samples)

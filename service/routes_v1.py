@@ -11,6 +11,7 @@ The route returns a finished `Response`, so FastAPI neither validates nor re-ser
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -18,11 +19,11 @@ import orjson
 from fastapi import APIRouter, Request, Response, params
 from starlette.datastructures import Headers
 
-from marginwatch.artifact.schema import CalibrationRecord
 from marginwatch.service.admission import deadline_of
+from marginwatch.service.budgets import EPS, at_budget, budget_facts, budget_index, eps_value
 from marginwatch.service.decoding import as_float32, parse_json
 from marginwatch.service.decoding import validate as validate_schema
-from marginwatch.service.engine import Prediction
+from marginwatch.service.engine import Prediction, ServedModel
 from marginwatch.service.errors import InvalidInput
 from marginwatch.service.images import RESIZE, EncodedImages, read_form
 from marginwatch.service.payload import FORM, JSON, BodyFormat, RequestReader, is_form
@@ -39,14 +40,25 @@ BATCH_FIELDS = ("inputs", "instances", "images")
 B64 = "b64"  # KServe v1's key of an instance that is a base64 file
 
 
-def decode_predict(body: bytes, headers: Headers) -> tuple[np.ndarray | EncodedImages, bool]:
-    """The inputs of a v1 body, as one float32 array or as image files, and its
-    `return_probabilities` flag."""
+@dataclass(frozen=True, slots=True)
+class PredictOptions:
+    """A v1 request's options besides its inputs."""
+
+    with_probabilities: bool
+    eps: float | None  # the budget asked for (`budgets.py`); None: the served one
+
+
+def decode_predict(
+    body: bytes, headers: Headers
+) -> tuple[np.ndarray | EncodedImages, PredictOptions]:
+    """The inputs of a v1 body, as one float32 array or as image files, and its options."""
     if is_form(headers):
-        parts, flags = read_form(body, headers["content-type"])
-        with_probabilities = flags.get("return_probabilities", False)
-        return EncodedImages(parts, base64=False, resize=flags.get(RESIZE)), with_probabilities
+        parts, flags, numbers = read_form(body, headers["content-type"])
+        options = PredictOptions(flags.get("return_probabilities", False), numbers.get(EPS))
+        return EncodedImages(parts, base64=False, resize=flags.get(RESIZE)), options
     parsed = validate_schema(PredictRequest, parse_json(body))
+    eps = None if parsed.eps is None else eps_value(parsed.eps, EPS)
+    options = PredictOptions(parsed.return_probabilities, eps)
     given = [field for field in BATCH_FIELDS if field in parsed.model_fields_set]
     if len(given) != 1:
         problem = "inputs: Field required" if not given else f"{' and '.join(given)} together"
@@ -57,11 +69,11 @@ def decode_predict(body: bytes, headers: Headers) -> tuple[np.ndarray | EncodedI
     resize = parsed.resize if RESIZE in parsed.model_fields_set else None
     files = _base64_files(parsed)
     if files is not None:
-        return EncodedImages(files, base64=True, resize=resize), parsed.return_probabilities
+        return EncodedImages(files, base64=True, resize=resize), options
     if resize is not None:
         raise InvalidInput(f"{RESIZE} applies to images; these inputs are floats")
     x = as_float32(parsed.instances if given == ["instances"] else parsed.inputs, given[0], body)
-    return x, parsed.return_probabilities
+    return x, options
 
 
 def _base64_files(parsed: PredictRequest) -> list[tuple[str, bytes]] | None:
@@ -113,40 +125,53 @@ def build_v1_router(
         summary="Labels with a brittleness flag for a batch of inputs",
     )
     async def v1_predict(request: Request) -> Response:
-        deployment, x, with_probabilities = await reader.read(request, PREDICT_BODY)
-        prediction = await deployment.infer(x, deadline_of(request.scope))
+        deployment, x, options = await reader.read(request, PREDICT_BODY)
         model = deployment.model
-        return Response(
-            orjson.dumps(_serialise(model.name, model.record, prediction, with_probabilities)),
-            media_type=JSON,
-        )
+        budget = budget_index(model, options.eps)
+        prediction = await deployment.infer(x, deadline_of(request.scope))
+        prediction = at_budget(model, prediction, budget)
+        body = _serialise(model, prediction, options.with_probabilities)
+        return Response(orjson.dumps(body), media_type=JSON)
 
     return router
 
 
 def _serialise(
-    name: str, record: CalibrationRecord, prediction: Prediction, with_probabilities: bool
+    model: ServedModel, prediction: Prediction, with_probabilities: bool
 ) -> dict[str, Any]:
-    common = {"threshold": record.threshold, "calibration_version": record.version}
+    record = model.record
+    names = record.class_names
+    common = {**budget_facts(model, prediction.budget), "calibration_version": record.version}
     columns = zip(
         prediction.labels.tolist(),
         prediction.scores.tolist(),
         prediction.brittle.tolist(),
         prediction.borderline.tolist(),
+        prediction.p_robust.tolist(),
+        prediction.margin_estimate.tolist(),
+        prediction.margin_low.tolist(),
+        prediction.margin_high.tolist(),
+        prediction.runner_up.tolist(),
         strict=True,
     )
+    # NaN (a version calibrated before these answers) becomes JSON's null through orjson
     items = [
         {
             "label": label,
-            "class_name": record.class_names[label],
+            "class_name": names[label],
             "score": score,
             "brittle": brittle,
             "borderline": borderline,
+            "p_robust": p_robust,
+            "margin_estimate": estimate,
+            "margin_interval": [low, high],
+            "runner_up": up,
+            "runner_up_class_name": names[up],
             **common,
         }
-        for label, score, brittle, borderline in columns
+        for label, score, brittle, borderline, p_robust, estimate, low, high, up in columns
     ]
     if with_probabilities:
         for item, probabilities in zip(items, prediction.probabilities().tolist(), strict=True):
             item["probabilities"] = probabilities
-    return {"model_name": name, "calibration_version": record.version, "predictions": items}
+    return {"model_name": model.name, "calibration_version": record.version, "predictions": items}

@@ -26,6 +26,7 @@ from starlette.datastructures import Headers
 
 from marginwatch.artifact.graph import INPUT_NAME
 from marginwatch.service.admission import deadline_of
+from marginwatch.service.budgets import at_budget, budget_facts, budget_index, parameters_eps
 from marginwatch.service.decoding import as_float32, parse_json
 from marginwatch.service.decoding import validate as validate_schema
 from marginwatch.service.engine import (
@@ -124,14 +125,17 @@ def build_v2_router(
         summary="Infer (JSON, or the binary tensor data extension)",
     )
     async def v2_infer(request: Request) -> Response:
-        deployment, x, (request_id, asked) = await reader.read(request, INFER_BODY)
+        deployment, x, (request_id, asked, eps) = await reader.read(request, INFER_BODY)
+        model = deployment.model
+        budget = budget_index(model, eps)
         prediction = await deployment.infer(x, deadline_of(request.scope))
-        record = deployment.model.record
+        prediction = at_budget(model, prediction, budget)
+        record = model.record
         header = {
-            "model_name": deployment.model.name,
+            "model_name": model.name,
             "model_version": record.version,
             "id": request_id,
-            "parameters": calibration_facts(record),
+            "parameters": {**calibration_facts(record), **budget_facts(model, budget)},
         }
         content, header_length = encode_response(header, prediction, asked)
         if header_length is None:
@@ -174,11 +178,15 @@ def _infer_docs() -> dict[str, Any]:
 # --- request --------------------------------------------------------------------------------
 
 
-def decode_infer(body: bytes, headers: Headers) -> tuple[np.ndarray, tuple[str | None, Asked]]:
-    """The one input as a float32 array (not yet checked), the request id and the outputs."""
+def decode_infer(
+    body: bytes, headers: Headers
+) -> tuple[np.ndarray, tuple[str | None, Asked, float | None]]:
+    """The one input as a float32 array (not yet checked), the request id, the outputs and the
+    budget asked for (`parameters.eps`)."""
     header, binary = split_body(body, headers.get(HEADER_LENGTH))
     parsed = validate_schema(InferenceRequest, parse_json(header))
-    return input_array(parsed, binary, header), (parsed.id, requested_outputs(parsed))
+    options = (parsed.id, requested_outputs(parsed), parameters_eps(parsed.parameters))
+    return input_array(parsed, binary, header), options
 
 
 INFER_BODY = BodyFormat(

@@ -69,6 +69,13 @@ class PredictRequest(_Strict):
     return_probabilities: StrictBool = Field(
         default=False, description="add softmax probabilities (true or false)"
     )
+    eps: Any = Field(
+        default=None,
+        description="the perturbation budget to answer at: one of the version's budget grid "
+        "(`eps_grid` in GET /v2/models/{name}); a budget off the grid is refused with 422 "
+        "(default: the served ε)",
+        json_schema_extra={"type": "number", "exclusiveMinimum": 0},
+    )
 
 
 class PredictForm(_Strict):
@@ -82,6 +89,9 @@ class PredictForm(_Strict):
         default=False, description="resize each image to the model's H×W (bilinear)"
     )
     return_probabilities: bool = Field(default=False, description="add softmax probabilities")
+    eps: float | None = Field(
+        default=None, description="the budget to answer at, one of the version's grid"
+    )
 
 
 class PredictionItem(_Strict):
@@ -89,9 +99,24 @@ class PredictionItem(_Strict):
     class_name: str
     probabilities: list[float] | None = None
     score: float = Field(description="the brittleness score computed by the served graph")
-    threshold: float = Field(description="λ: the decision is brittle when score < λ")
-    brittle: bool
+    eps: float = Field(description="the perturbation budget ε' answered (the threat model's norm)")
+    threshold: float = Field(description="λ(ε'): the decision is brittle when score < λ")
+    brittle: bool = Field(description="score < λ: a perturbation of size ε' likely flips it")
     borderline: bool = Field(description="|score − λ| ≤ the calibration's guard band")
+    p_robust: float | None = Field(
+        description="calibrated probability that no perturbation of size ε' flips the decision "
+        "(null: the version was calibrated without it)"
+    )
+    margin_estimate: float | None = Field(
+        description="estimated distance to the decision boundary, in the threat model's norm "
+        "(the median margin of calibration points with this score)"
+    )
+    margin_interval: list[float | None] = Field(
+        description="[low, high]: the margin lies in it with the calibrated probability "
+        "(`margin_interval` in the model metadata, 0.8 by default)"
+    )
+    runner_up: int = Field(description="the class the decision is closest to flipping to")
+    runner_up_class_name: str
     calibration_version: str
 
 

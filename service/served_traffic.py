@@ -1,6 +1,7 @@
 """`ServedTraffic`, the collector of the metrics that every request or batch touches: request
 counts, shed requests and durations by model and endpoint; per model the execution time, batch
-size, scores, flags, the live window (`live_window.py`) and the queued samples.
+size, scores, predictions by predicted class and flag, one live window (`live_window.py`) per
+budget of the served version's grid, and the queued samples.
 
 Recording is the request path's cost, so it is one deque append; the counting happens in numpy
 when Prometheus scrapes, or once `FOLD_EVERY` records wait: 22 µs → 4 µs per batch in the server
@@ -8,6 +9,9 @@ against Prometheus objects observed on the request path, and no `Histogram.obser
 batch 64 (docs/benchmarks.md, "How it got here").
 The request middleware (`middleware.py`, through `ServiceMetrics.observe_request`) and the batch
 runner (`deployment.py`, through `ServiceMetrics.observe_batch`) record into it.
+
+The `eps`, `served` and `class` label values come from the version that served each batch
+(`version_labels.py`).
 """
 
 from __future__ import annotations
@@ -30,10 +34,12 @@ from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString
 
-from marginwatch.artifact.schema import Curve
+from marginwatch.artifact.schema import CalibrationRecord
 from marginwatch.service.engine import Prediction
 from marginwatch.service.errors import ShedReason
 from marginwatch.service.live_window import LiveWindow
+from marginwatch.service.settings import DEFAULT_CLASS_LABELS
+from marginwatch.service.version_labels import ServedVersion
 
 LATENCY_BUCKETS_S = (
     0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0,
@@ -69,21 +75,49 @@ class _Buckets:
 @dataclass(slots=True)
 class _Batch:
     prediction: Prediction
-    curve: Curve
+    record: CalibrationRecord
     seconds: float
 
 
 class _ModelTraffic:
     """One model's per-batch metrics: an inbox the hot path appends to, and folded totals."""
 
-    def __init__(self, window_predictions: int, window_s: float) -> None:
+    def __init__(self, window_predictions: int, window_s: float, class_labels: int) -> None:
         self.inbox: deque[_Batch] = deque()
         self.execution_seconds = _Buckets(LATENCY_BUCKETS_S)
         self.batch_size = _Buckets(BATCH_BUCKETS)
         self.scores = _Buckets(SCORE_BUCKETS)
-        self.brittle = 0
-        self.not_brittle = 0
-        self.window = LiveWindow(window_predictions, window_s)
+        self.predictions: dict[str, list[int]] = {}  # class value -> [brittle, not brittle]
+        self.windows: dict[str, LiveWindow] = {}  # eps value -> window: the serving version's
+        self.versions: list[ServedVersion] = []  # the serving version last, the one before it
+        self._window = (window_predictions, window_s)
+        self._class_labels = class_labels
+
+    def serve(self, record: CalibrationRecord) -> ServedVersion:
+        """`record`'s version serves from now on: the windows follow its grid (a budget it
+        shares with the last keeps its window), its classes' counters exist from now on."""
+        version = ServedVersion.of(record, self._class_labels)
+        self.versions = [*self.versions[-1:], version]
+        windows = self.windows
+        self.windows = {
+            eps: windows[eps] if eps in windows else LiveWindow(*self._window)
+            for eps in version.eps
+        }
+        for name in version.classes:
+            self.predictions.setdefault(name, [0, 0])
+        return version
+
+    def live(self) -> Iterator[tuple[str, str, float]]:
+        """(eps, served, mean) of each window that holds predictions, in the grid's order."""
+        for eps, served, _ in self.versions[-1].budget_labels() if self.versions else ():
+            if len(self.windows[eps]):
+                yield eps, served, self.windows[eps].mean()
+
+    def served_window_size(self) -> int:
+        if not self.versions:
+            return 0
+        version = self.versions[-1]
+        return len(self.windows[version.eps[version.served]])
 
     def fold(self) -> None:
         """Move the inbox into the totals (the caller holds the lock)."""
@@ -94,18 +128,34 @@ class _ModelTraffic:
             return
         self.execution_seconds.add(np.array([batch.seconds for batch in batches]))
         self.batch_size.add(np.array([len(batch.prediction) for batch in batches]))
-        scores = np.concatenate([batch.prediction.scores for batch in batches])
+        # each batch is labelled by the version that served it; after a reload two versions mix
+        for _, same_version in groupby(batches, key=lambda batch: id(batch.record)):
+            run = list(same_version)
+            self._count(self._version_of(run[0].record), [batch.prediction for batch in run])
+
+    def _version_of(self, record: CalibrationRecord) -> ServedVersion:
+        for version in reversed(self.versions):
+            if version.record is record:
+                return version
+        if not self.versions:  # batches before any version was served: tests, benchmarks
+            return self.serve(record)
+        return ServedVersion.of(record, self._class_labels)  # older still: rare, not kept
+
+    def _count(self, version: ServedVersion, predictions: list[Prediction]) -> None:
+        scores = np.concatenate([prediction.scores for prediction in predictions])
         self.scores.add(scores)
-        brittle = int(sum(np.count_nonzero(batch.prediction.brittle) for batch in batches))
-        self.brittle += brittle
-        self.not_brittle += len(scores) - brittle
-        start = 0
-        # g is the curve of the version that served each batch; after a reload two curves mix
-        for _, same_curve in groupby(batches, key=lambda batch: id(batch.curve)):
-            run = list(same_curve)
-            stop = start + sum(len(batch.prediction) for batch in run)
-            self.window.add(run[0].curve(scores[start:stop]))
-            start = stop
+        slots = version.class_slots[np.concatenate([p.labels for p in predictions])]
+        brittle = np.concatenate([prediction.brittle for prediction in predictions])
+        every = np.bincount(slots, minlength=len(version.classes)).tolist()
+        flagged = np.bincount(slots[brittle], minlength=len(version.classes)).tolist()
+        for name, total, count in zip(version.classes, every, flagged, strict=True):
+            counts = self.predictions.setdefault(name, [0, 0])
+            counts[0] += count
+            counts[1] += total - count
+        for eps, _, budget in version.budget_labels():
+            window = self.windows.get(eps)
+            if window is not None:  # else a budget the serving version's grid does not have
+                window.add(budget.live_curve(scores))
 
 
 class _RequestTotals:
@@ -137,14 +187,20 @@ class _RequestTotals:
 
 class ServedTraffic(Collector):
     """The metrics that every request or batch touches, kept off the request path: recording
-    one is a deque append; the counting (buckets, flags, the live window) happens in numpy when
+    one is a deque append; the counting (buckets, flags, the live windows) happens in numpy when
     Prometheus scrapes, or once `FOLD_EVERY` records wait, whichever comes first."""
 
     FOLD_EVERY = 1024
 
-    def __init__(self, window_predictions: int, window_s: float = math.inf) -> None:
+    def __init__(
+        self,
+        window_predictions: int,
+        window_s: float = math.inf,
+        class_labels: int = DEFAULT_CLASS_LABELS,
+    ) -> None:
         self._window_predictions = window_predictions
         self._window_s = window_s
+        self._class_labels = class_labels
         self._models: dict[str, _ModelTraffic] = {}
         self._requests = _RequestTotals()
         self._queues: dict[str, Callable[[], int]] = {}
@@ -163,17 +219,28 @@ class ServedTraffic(Collector):
             with self._lock:
                 self._requests.fold()
 
-    def record(self, model: str, curve: Curve, prediction: Prediction, seconds: float) -> None:
+    def record(
+        self, model: str, record: CalibrationRecord, prediction: Prediction, seconds: float
+    ) -> None:
+        """A batch that `record`'s version served (its flags at the served budget)."""
         traffic = self._models.get(model)
         if traffic is None:
             with self._lock:
-                traffic = self._models.setdefault(
-                    model, _ModelTraffic(self._window_predictions, self._window_s)
-                )
-        traffic.inbox.append(_Batch(prediction, curve, seconds))
+                traffic = self._models.setdefault(model, self._new_model())
+        traffic.inbox.append(_Batch(prediction, record, seconds))
         if len(traffic.inbox) >= self.FOLD_EVERY:
             with self._lock:
                 traffic.fold()
+
+    def serve(self, model: str, record: CalibrationRecord) -> ServedVersion:
+        """`record`'s version serves `model` from now on (not the request path: a load)."""
+        with self._lock:
+            traffic = self._models.setdefault(model, self._new_model())
+            traffic.fold()  # the batches before it are labelled while their version is known
+            return traffic.serve(record)
+
+    def _new_model(self) -> _ModelTraffic:
+        return _ModelTraffic(self._window_predictions, self._window_s, self._class_labels)
 
     def pending(self) -> int:
         """Records not yet folded (the most any inbox holds)."""
@@ -234,8 +301,10 @@ class ServedTraffic(Collector):
             "marginwatch_batch_size", "Samples per model execution", labels=["model"]
         )
         predictions = CounterMetricFamily(
-            "marginwatch_predictions", "Samples predicted, by whether the decision is brittle",
-            labels=["model", "brittle"],
+            "marginwatch_predictions",
+            "Samples predicted, by whether the decision is brittle at the served eps and by "
+            "predicted class (the most predicted classes, the rest as other: "
+            "MARGINWATCH_CLASS_LABELS)", labels=["model", "brittle", "class"],
         )  # fmt: skip
         scores = HistogramMetricFamily(
             "marginwatch_score", "Brittleness score of served samples (brittle below λ)",
@@ -243,12 +312,13 @@ class ServedTraffic(Collector):
         )  # fmt: skip
         live = GaugeMetricFamily(
             "marginwatch_live_robust_accuracy_ratio",
-            "Mean of g(score) = P(correct and robust | score) over the recent served predictions",
-            labels=["model"],
+            "Mean of g(score) = P(correct and robust at eps | score) over the recent served "
+            "predictions, for each budget eps of the served version's grid (served=\"true\": "
+            "the served eps)", labels=["model", "eps", "served"],
         )  # fmt: skip
         window = GaugeMetricFamily(
             "marginwatch_live_window_predictions",
-            "Predictions in the live rolling window (the last N, none older than "
+            "Predictions in the served eps's live rolling window (the last N, none older than "
             "MARGINWATCH_LIVE_WINDOW_S): alerts on the live gauge need enough per replica",
             labels=["model"],
         )  # fmt: skip
@@ -262,11 +332,12 @@ class ServedTraffic(Collector):
                 traffic.execution_seconds.add_to(execution, labels)
                 traffic.batch_size.add_to(batch_size, labels)
                 traffic.scores.add_to(scores, labels)
-                predictions.add_metric([model, "true"], traffic.brittle)
-                predictions.add_metric([model, "false"], traffic.not_brittle)
-                if len(traffic.window):
-                    live.add_metric([model], traffic.window.mean())
-                window.add_metric([model], len(traffic.window))
+                for name, (brittle, not_brittle) in traffic.predictions.items():
+                    predictions.add_metric([model, "true", name], brittle)
+                    predictions.add_metric([model, "false", name], not_brittle)
+                for eps, served, mean in traffic.live():
+                    live.add_metric([model, eps, served], mean)
+                window.add_metric([model], traffic.served_window_size())
         for model, queued_samples in sorted(self._queues.items()):
             queued.add_metric([model], queued_samples())
         yield from (execution, batch_size, predictions, scores, live, window, queued)

@@ -23,6 +23,9 @@ Device = Literal["auto", "cpu", "cuda"]
 # modest traffic turns into the few hundred points a check attacks, at 1 % of the request rate
 # in disk writes.
 DEFAULT_TRAFFIC_SAMPLE_RATE: Final = 0.01
+# Classes with a `class` label value of their own in marginwatch_predictions_total: two series
+# per value, model and replica, so a 1,000-class model stays at tens of series by default.
+DEFAULT_CLASS_LABELS: Final = 20
 # The image requests' limits (`images.ImageLimits` takes them as its defaults). The byte limits
 # keep an image request's body, as base64 in JSON, under the largest float request of the smallest
 # shipped model (64 samples of 1×28×28 as JSON: 1.26 MB, `payload.body_limit`), so that taking
@@ -213,6 +216,14 @@ class Settings(BaseSettings):
         le=7 * 86400,
         description="the live window also forgets predictions older than this, so that a quiet "
         "replica's gauge empties (marginwatch_live_window_predictions falls) instead of freezing",
+    )
+    class_labels: int = Field(
+        default=DEFAULT_CLASS_LABELS,
+        ge=1,
+        le=1000,
+        description="predicted classes counted under their own `class` label in "
+        "marginwatch_predictions_total: a version with more counts the ones its calibration saw "
+        "predicted most, and the rest as `other`",
     )
     traffic_sample_rate: float = Field(
         default=0.0,

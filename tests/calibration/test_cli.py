@@ -146,6 +146,9 @@ def test_flag_beats_variable_beats_default(
         ),
         ({"STD": "1,-1"}, [], "MARGINWATCH_CALIBRATE_STD: std must be positive"),
         ({}, ["--mean", "half"], "--mean: input should be a valid number"),
+        ({}, ["--eps-grid", "0.05,wide"], "--eps-grid takes numbers, EPS,EPS,...; got 'wide'"),
+        ({"EPS_GRID": "0.05,-1"}, [], "--eps-grid budgets must be positive and finite, got -1"),
+        ({}, ["--margin-interval", "1"], "--margin-interval: input should be less than 1"),
     ],
 )
 def test_bad_value_exits_2_with_one_line_naming_the_option(

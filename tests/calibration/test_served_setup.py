@@ -13,6 +13,7 @@ from marginwatch.artifact.schema import CalibrationRecord, DataSource, ModelSour
 from marginwatch.calibration.__main__ import load_config
 from marginwatch.calibration.config import ConfigError
 from marginwatch.calibration.served_setup import with_served_setup
+from tests.artifact.test_answers import with_grid
 
 MODEL = "fmnist-cnn-pgd"
 
@@ -103,3 +104,15 @@ def test_the_threat_model_is_the_served_one(tmp_path: Path) -> None:
         with_served_setup(config, served_record())
     same, _ = load_config(["--traffic", str(tmp_path), "--eps", "0.1"])
     assert with_served_setup(same, served_record())[0].resolved_eps == 0.1
+
+
+def test_a_refit_answers_for_the_served_budget_grid(tmp_path: Path) -> None:
+    record = with_grid(served_record())
+    config, _ = load_config(["--traffic", str(tmp_path), "--quiet"])
+    reused, note = with_served_setup(config, record)
+    assert reused.resolved_eps_grid == (0.025, 0.05, 0.1, 0.2) and reused.margin_interval == 0.8
+    assert "budget grid 0.025,0.05,0.1,0.2" in note and "margin interval 0.8" in note
+    mine, note = with_served_setup(
+        load_config(["--traffic", str(tmp_path), "--eps-grid", "0.3"])[0], record
+    )
+    assert mine.resolved_eps_grid == (0.1, 0.3) and "--eps-grid" in note

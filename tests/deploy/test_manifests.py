@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from marginwatch.artifact.schema import ThresholdRuleSpec
@@ -73,12 +74,12 @@ TRAFFIC_CHECK = TrafficCheck.model_validate(
 )  # fmt: skip
 
 
-def exported_metrics() -> set[str]:
-    """Sample names in the service's real exposition once it has served a batch and a request."""
+def exposition() -> str:
+    """The service's real exposition once it has served a batch and a request."""
     metrics = ServiceMetrics(live_window_predictions=10, traffic_sample_rate=0.01)
     record = read_record(current_dir(default_store(), "fmnist-cnn-pgd"))
     scores = np.array([0.1, 2.0], dtype=np.float32)
-    prediction = Prediction(
+    prediction = Prediction.without_answers(
         np.zeros((2, 10), dtype=np.float32), scores, np.zeros(2, dtype=np.int64),
         scores < record.threshold, np.zeros(2, dtype=bool),
     )  # fmt: skip
@@ -94,10 +95,21 @@ def exported_metrics() -> set[str]:
     metrics.traffic.watch_queue("m", lambda: 0)
     metrics.track("m")  # the sampling and traffic-check counters exist from here, at 0
     metrics.observe_traffic_check("m", TRAFFIC_CHECK)
-    text = metrics.exposition().decode()
-    return {
-        sample.name for family in text_string_to_metric_families(text) for sample in family.samples
-    }
+    return metrics.exposition().decode()
+
+
+def exported_labels() -> dict[str, set[str]]:
+    """Each sample name of the real exposition, with the label names its samples carry."""
+    labels: dict[str, set[str]] = {}
+    for family in text_string_to_metric_families(exposition()):
+        for sample in family.samples:
+            labels.setdefault(sample.name, set()).update(sample.labels)
+    return labels
+
+
+def exported_metrics() -> set[str]:
+    """Sample names in the service's real exposition."""
+    return set(exported_labels())
 
 
 def dashboard_queries() -> Iterator[str]:
@@ -125,13 +137,68 @@ def test_exported_metrics_are_found() -> None:
     assert "marginwatch_calibration_info" in names
 
 
+def alert_test_series_text() -> str:
+    return "\n".join(path.read_text() for path in ALERT_TESTS)
+
+
 def alert_test_series() -> str:
     """The series names that the promtool unit tests feed the rules."""
     return "\n".join(
         re.sub(r"\{.*", "", line)
-        for path in ALERT_TESTS
-        for line in re.findall(r"series: '([^']+)'", path.read_text())
+        for line in re.findall(r"series: '([^']+)'", alert_test_series_text())
     )
+
+
+# Labels that Prometheus adds to every scraped series (the target's), not the service.
+TARGET_LABELS = {"job", "instance"}
+# `metric{a="x", b=~"y"}`: the metric's name and its matchers; and the label lists of
+# aggregations and vector matching: `by (a, b)`, `ignoring (a)`, `group_left (a)`, ...
+SELECTOR = re.compile(r"(?<![\w:])(marginwatch_[a-z0-9_]+)\{([^}]*)\}")
+MATCHER_NAME = re.compile(r"(\w+)\s*(?:=~|!~|!=|=)")
+LABEL_LIST = re.compile(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\(([^)]*)\)")
+
+
+def queried_labels(expr: str) -> tuple[dict[str, set[str]], set[str]]:
+    """The label names `expr` matches on, per metric, and those it groups or matches by."""
+    matched: dict[str, set[str]] = {}
+    for name, matchers in SELECTOR.findall(expr):
+        unquoted = re.sub(r'"[^"]*"', '""', matchers)
+        matched.setdefault(name, set()).update(MATCHER_NAME.findall(unquoted))
+    grouped = {label.strip() for labels in LABEL_LIST.findall(expr) for label in labels.split(",")}
+    return matched, grouped - {""}
+
+
+def rule_expressions() -> list[str]:
+    groups = yaml.safe_load(RULES.read_text())["groups"]
+    return [rule["expr"] for group in groups for rule in group["rules"]]
+
+
+@pytest.mark.parametrize("source", ["dashboard", "rules", "alert tests"])
+def test_every_queried_label_is_exported(source: str) -> None:
+    """Each query selects by labels its metric carries in the real exposition, and groups or
+    matches by labels one of its metrics carries; the alert tests feed series with only
+    those labels (plus the scrape target's)."""
+    exported = exported_labels()
+    if source == "alert tests":
+        series = re.findall(r"series: '([^{']+)\{([^}]*)\}'", alert_test_series_text())
+        queries = [f"{name}{{{labels}}}" for name, labels in series]
+    else:
+        queries = list(dashboard_queries()) if source == "dashboard" else rule_expressions()
+    checked = 0
+    for expr in queries:
+        matched, grouped = queried_labels(expr)
+        known = set(TARGET_LABELS)
+        for name, labels in matched.items():
+            assert labels <= exported[name] | TARGET_LABELS, f"{name}: {sorted(labels)}"
+            known |= exported[name]
+            checked += len(labels)
+        names = set(METRIC_NAME.findall(expr))
+        known |= {label for name in names for label in exported.get(name, ())}
+        # a recording rule's series carries `model` alone (and `version` for the checks)
+        known |= {"model"} if RECORDED_NAME.search(expr) else set()
+        assert grouped <= known, f"{sorted(grouped - known)} in {expr}"
+        checked += len(grouped)
+    assert checked  # the queries use labels, so the loop checked something
 
 
 @pytest.mark.parametrize("source", ["dashboard", "rules", "alert tests"])
@@ -157,7 +224,7 @@ def test_recording_rules_used_are_defined() -> None:
 def test_label_values_and_endpoints_exist_in_the_service() -> None:
     text = RULES.read_text() + "\n".join(dashboard_queries())
     source = service_source()
-    values = set(re.findall(r'\b(?:brittle|result|state)="(\w+)"', text))
+    values = set(re.findall(r'\b(?:brittle|result|state|served)="(\w+)"', text))
     endpoint_sets = set(re.findall(r'endpoint=~"([\w|]+)"', text))
     assert values and endpoint_sets  # the queries use some, so the loops below check something
     for value in values:
@@ -201,6 +268,41 @@ def test_dashboard_shape() -> None:
             assert METRIC_NAME.search(target["expr"]), f"{panel['title']}: {target['expr']}"
             for name in re.findall(r"\$(\w+)", target["expr"]):
                 assert name in variables or name.startswith("__"), name
+
+
+def test_dashboard_has_budget_and_class_panels() -> None:
+    """Robust accuracy by budget (calibration and live, `eps` in the legend), the brittle
+    fraction by predicted class (top k), and the alerting budget's panel on served="true"."""
+    panels = {p["title"]: p for p in json.loads(DASHBOARD.read_text())["panels"]}
+    budgets = panels["Robust accuracy vs budget"]["targets"]
+    assert [METRIC_NAME.findall(t["expr"])[0] for t in budgets] == [
+        "marginwatch_calibration_robust_accuracy_ratio",
+        "marginwatch_live_robust_accuracy_ratio",
+    ]
+    for target in budgets:
+        assert "by (model, eps)" in target["expr"] and "{{eps}}" in target["legendFormat"]
+    (by_class,) = panels["Brittle fraction by predicted class (top 10)"]["targets"]
+    assert by_class["expr"].startswith("topk(10, ")
+    assert by_class["expr"].count("sum by (model, class) (rate(marginwatch_predictions_total") == 2
+    assert "{{class}}" in by_class["legendFormat"]
+    served = panels["Live vs calibrated robust accuracy"]["targets"]
+    assert all('served="true"' in target["expr"] for target in served)
+
+
+def test_dashboard_legends_name_labels_of_their_query() -> None:
+    """A legend's `{{label}}` is one its query's result carries: one it aggregates by, or (no
+    aggregation) one of its metric's exported labels."""
+    exported = exported_labels()
+    checked = 0
+    for panel in json.loads(DASHBOARD.read_text())["panels"]:
+        for target in panel.get("targets", []):
+            _, grouped = queried_labels(target["expr"])
+            metrics = METRIC_NAME.findall(target["expr"])
+            carried = grouped or TARGET_LABELS.union(*(exported[name] for name in metrics))
+            legend = set(re.findall(r"\{\{\s*(\w+)\s*\}\}", target.get("legendFormat", "")))
+            assert legend <= carried, f"{panel['title']}: {sorted(legend - carried)}"
+            checked += len(legend)
+    assert checked
 
 
 def test_dashboard_has_readiness_and_version_panels() -> None:

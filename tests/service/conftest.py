@@ -273,7 +273,7 @@ def spawn_server() -> ServerFactory:
 def echo(x: np.ndarray) -> Prediction:
     """A toy model with exact outputs: the score of a sample is its first value."""
     scores = x.reshape(len(x), -1)[:, 0].copy()
-    return Prediction(
+    return Prediction.without_answers(
         logits=x.reshape(len(x), -1),
         scores=scores,
         labels=np.zeros(len(x), dtype=np.int64),

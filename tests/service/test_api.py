@@ -93,6 +93,11 @@ def test_v2_infer_json_matches_onnx_runtime(
         "score": ("FP32", [8]),
         "brittle": ("BOOL", [8]),
         "borderline": ("BOOL", [8]),
+        "p_robust": ("FP32", [8]),
+        "margin_estimate": ("FP32", [8]),
+        "margin_low": ("FP32", [8]),
+        "margin_high": ("FP32", [8]),
+        "runner_up": ("INT64", [8]),
     }
     assert outputs["label"]["data"] == logits[:8].argmax(1).tolist()
     np.testing.assert_allclose(outputs["logits"]["data"], logits[:8].ravel(), atol=1e-5)
@@ -169,7 +174,8 @@ def test_v2_binary_output_for_a_json_request(client: httpx.Client, images: np.nd
     length = int(response.headers[HEADER])
     meta = orjson.loads(response.content[:length])
     sizes = [output["parameters"]["binary_data_size"] for output in meta["outputs"]]
-    assert sizes == [2 * 10 * 4, 2 * 8, 2 * 4, 2, 2]
+    # logits, label, score, brittle, borderline, p_robust, the margin's three, runner_up
+    assert sizes == [2 * 10 * 4, 2 * 8, 2 * 4, 2, 2, 2 * 4, 2 * 4, 2 * 4, 2 * 4, 2 * 8]
     assert len(response.content) == length + sum(sizes)
 
 
@@ -186,6 +192,11 @@ def test_v2_metadata_and_health(client: httpx.Client, record: CalibrationRecord)
         "score",
         "brittle",
         "borderline",
+        "p_robust",
+        "margin_estimate",
+        "margin_low",
+        "margin_high",
+        "runner_up",
     ]
     assert meta["parameters"]["threshold"] == record.threshold
     assert client.get(f"/v2/models/{MODEL}/ready").json() == {"ready": True}

@@ -46,7 +46,8 @@ PROJECT = Path(__file__).resolve().parents[2]
 STUBS = PROJECT / "service" / "oip_grpc"
 PROTO = "marginwatch/service/oip_grpc/open_inference_grpc.proto"  # as the Makefile names it
 KEY = {"x-api-key": API_KEY}
-OUTPUTS = ["logits", "label", "score", "brittle", "borderline"]
+OUTPUTS = ["logits", "label", "score", "brittle", "borderline", "p_robust", "margin_estimate",
+           "margin_low", "margin_high", "runner_up"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -120,12 +121,17 @@ def http_outputs(http: httpx.Client, batch: np.ndarray) -> dict[str, np.ndarray]
 
 
 def assert_same(got: dict[str, np.ndarray], expected: dict[str, np.ndarray]) -> None:
-    """Labels and flags equal, scores and logits equal to float32 precision."""
+    """Labels, flags and runner-ups equal, scores, logits and answers equal to float32
+    precision."""
     assert list(got) == list(expected)
-    for name in ("label", "brittle", "borderline"):
+    for name in ("label", "brittle", "borderline", "runner_up"):
         np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
     for name in ("logits", "score"):
         np.testing.assert_allclose(got[name], expected[name], rtol=1e-6, atol=1e-6, err_msg=name)
+    # NaN where the version has no answers: JSON's null, float NaN over gRPC
+    for name in ("p_robust", "margin_estimate", "margin_low", "margin_high"):
+        wanted = np.asarray(expected[name], dtype=np.float64)
+        np.testing.assert_allclose(got[name], wanted, rtol=1e-6, equal_nan=True, err_msg=name)
 
 
 def grpc_error(call: Any) -> InferenceServerException:

@@ -64,8 +64,10 @@ def test_window_size_gauge_falls_when_traffic_stops() -> None:
     record = read_record(current_dir(default_store(), "fmnist-cnn-pgd"))
     metrics = ServiceMetrics(100, live_window_s=0.2)
     scores = np.linspace(-1, 1, 7, dtype=np.float32)
-    prediction = Prediction(np.zeros((7, 10), np.float32), scores, np.zeros(7, np.int64),
-                            scores < record.threshold, np.zeros(7, bool))  # fmt: skip
+    prediction = Prediction.without_answers(
+        np.zeros((7, 10), np.float32), scores, np.zeros(7, np.int64),
+        scores < record.threshold, np.zeros(7, bool),
+    )  # fmt: skip
     metrics.observe_batch("m", record, prediction, 0.001)
 
     def exported() -> dict[str, float]:

@@ -9,6 +9,7 @@ import orjson
 import pytest
 
 from marginwatch.artifact.schema import CalibrationRecord, Curve
+from marginwatch.artifact.store import current_dir, default_store, read_record
 from marginwatch.service.batcher import RunBatch
 from marginwatch.service.served_traffic import ServedTraffic
 from metrics_text import Samples, parse, value
@@ -45,8 +46,12 @@ def test_metrics_follow_served_traffic(
     def delta(name: str, **labels: str) -> float:
         return got(after, name, **labels) - got(before, name, **labels)
 
-    assert delta("marginwatch_predictions_total", model=MODEL, brittle="true") == brittle
-    assert delta("marginwatch_predictions_total", model=MODEL, brittle="false") == 20 - brittle
+    predicted = [labels for name, labels in after if name == "marginwatch_predictions_total"]
+    assert {dict(labels)["class"] for labels in predicted} == set(record.class_names)
+    assert sum(delta("marginwatch_predictions_total", model=MODEL, brittle="true", **{"class": c})
+               for c in record.class_names) == brittle  # fmt: skip
+    assert sum(delta("marginwatch_predictions_total", model=MODEL, brittle="false", **{"class": c})
+               for c in record.class_names) == 20 - brittle  # fmt: skip
     ok = {"model": MODEL, "endpoint": "v1_predict"}
     assert delta("marginwatch_requests_total", status_class="2xx", **ok) == 1
     assert delta("marginwatch_request_duration_seconds_count", **ok) == 1
@@ -56,10 +61,11 @@ def test_metrics_follow_served_traffic(
     assert delta("marginwatch_score_count", model=MODEL) == 20
     assert delta("marginwatch_batch_size_sum", model=MODEL) == 20
     assert delta("marginwatch_model_execution_seconds_count", model=MODEL) >= 1
-    assert got(after, "marginwatch_calibration_robust_accuracy_ratio", model=MODEL) == (
+    served = {"model": MODEL, "eps": "0.1", "served": "true"}  # a record without a grid: ε alone
+    assert got(after, "marginwatch_calibration_robust_accuracy_ratio", **served) == (
         record.robust_accuracy.estimate
     )
-    live = got(after, "marginwatch_live_robust_accuracy_ratio", model=MODEL)
+    live = got(after, "marginwatch_live_robust_accuracy_ratio", **served)
     assert min(record.live_curve.knots_y) <= live <= max(record.live_curve.knots_y)
     assert got(after, "marginwatch_live_window_predictions", model=MODEL) >= 20
     assert got(after, "marginwatch_calibration_timestamp_seconds", model=MODEL) == 1764072000.0
@@ -70,8 +76,9 @@ def test_metrics_follow_served_traffic(
 
 def test_served_traffic_folds_batches_into_prometheus_families(toy_model: RunBatch) -> None:
     traffic = ServedTraffic(window_predictions=4)
-    low = Curve(knots_x=[0.0, 1.0], knots_y=[0.0, 1.0])
-    high = Curve(knots_x=[0.0, 1.0], knots_y=[1.0, 1.0])
+    shipped = read_record(current_dir(default_store(), "fmnist-cnn-pgd"))  # no grid: ε alone
+    low = shipped.model_copy(update={"live_curve": Curve(knots_x=[0.0, 1.0], knots_y=[0.0, 1.0])})
+    high = shipped.model_copy(update={"live_curve": Curve(knots_x=[0.0], knots_y=[1.0])})
     traffic.record("m", low, toy_model(np.array([[0.0], [0.5], [1.0]], dtype=np.float32)), 0.0005)
     traffic.record("m", high, toy_model(np.array([[0.2]], dtype=np.float32)), 0.003)
     traffic.record_request("m", "v1_predict", 200, 0.001)
@@ -95,10 +102,14 @@ def test_served_traffic_folds_batches_into_prometheus_families(toy_model: RunBat
     assert series("marginwatch_score_count") == 4
     assert series("marginwatch_score_sum") == pytest.approx(1.7)
     assert series("marginwatch_model_execution_seconds_bucket", le="0.0005") == 1
-    assert series("marginwatch_predictions_total", brittle="true") == 2  # scores 0.0 and 0.2
-    assert series("marginwatch_predictions_total", brittle="false") == 2
+    # the toy predicts class 0 throughout; brittle are the scores 0.0 and 0.2
+    first = {"class": shipped.class_names[0]}
+    assert series("marginwatch_predictions_total", brittle="true", **first) == 2
+    assert series("marginwatch_predictions_total", brittle="false", **first) == 2
+    assert series("marginwatch_predictions_total", brittle="true", **{"class": "Bag"}) == 0
     # g of each batch comes from its own version's curve: 0, 0.5, 1 and then 1
-    assert series("marginwatch_live_robust_accuracy_ratio") == pytest.approx(2.5 / 4)
+    live = series("marginwatch_live_robust_accuracy_ratio", eps="0.1", served="true")
+    assert live == pytest.approx(2.5 / 4)
     assert series("marginwatch_live_window_predictions") == 4
     assert series("marginwatch_queued_samples") == 7
     assert series("marginwatch_requests_total", endpoint="v1_predict", status_class="2xx") == 1
@@ -108,8 +119,8 @@ def test_served_traffic_folds_batches_into_prometheus_families(toy_model: RunBat
 
 def test_served_traffic_folds_on_its_own_when_nobody_scrapes(toy_model: RunBatch) -> None:
     traffic = ServedTraffic(window_predictions=10)
-    curve = Curve(knots_x=[0.0], knots_y=[1.0])
+    record = read_record(current_dir(default_store(), "fmnist-cnn-pgd"))
     for _ in range(ServedTraffic.FOLD_EVERY + 5):
-        traffic.record("m", curve, toy_model(np.zeros((1, 1), dtype=np.float32)), 0.001)
+        traffic.record("m", record, toy_model(np.zeros((1, 1), dtype=np.float32)), 0.001)
         traffic.record_request("m", "v1_predict", 200, 0.001)
     assert traffic.pending() < ServedTraffic.FOLD_EVERY  # memory stays bounded

@@ -5,6 +5,13 @@
   the service does), at batch 1 and 64, interleaved rounds, median time; the ratio is served /
   plain (target ≤ 1.03). Two serving graphs: the logit margin (TopK and one MatMul after the
   classifier) and the shipped calibration's own graph (its pseudo-margin MLP), when there is one;
+- the robustness answers (issue 20: p_robust, the margin estimate and interval, the runner-up):
+  `ServedModel.predict` of the shipped version as it is (all of them) against the same without
+  its grid and margin quantiles (`budgets`, `margin_quantiles` None: the flag, NaN answers and
+  still the runner-up) and against the engine before them (session.run, the label and the flags,
+  on the same session), same rounds, median; then `runner_up`, `Answers.p_robust` and
+  `Answers.margin_bounds` alone (timeit). A record written before the grid gets stand-in
+  answers of the job's shape (the output says so), so their µs are still measured;
 - the alternative the flag replaces: a minimum-norm attack (FMN ℓ∞, 100 steps) per request,
   per-sample cost as a ratio to the served inference with the flag.
 
@@ -16,14 +23,19 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
+import timeit
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 import torch
 
-from marginwatch.artifact.schema import ONNX_FILE
+from marginwatch.artifact import flags
+from marginwatch.artifact.answers import Answers, Budget, answers_of, runner_up
+from marginwatch.artifact.graph import INPUT_NAME, OUTPUTS
+from marginwatch.artifact.schema import ONNX_FILE, CalibrationRecord, MarginQuantiles
 from marginwatch.artifact.store import current_dir, default_store, list_models, read_record
 from marginwatch.calibration.attacks.fmn import fmn
 from marginwatch.calibration.scores import ServingGraph
@@ -31,6 +43,7 @@ from marginwatch.models.architectures import FashionMnistCNN
 from marginwatch.models.data import load_dataset
 from marginwatch.models.export import export_onnx
 from marginwatch.models.registry import ModelError, load_model
+from marginwatch.service.engine import EngineOptions, ServedModel
 
 
 def session(path: Path) -> ort.InferenceSession:
@@ -80,6 +93,123 @@ def shipped_graph() -> tuple[Path, float, str] | None:
     return folder / ONNX_FILE, record.threshold, record.score_kind
 
 
+def stand_in_answers(record: CalibrationRecord) -> Answers:
+    """For a record written before the grid: answers shaped as the job writes them (four budgets
+    whose p_robust is the record's live curve, margin quantiles at 0.1, 0.5, 0.9 on 12 knots: a
+    500-point subset's bins), so the served path evaluates curves as it would for a new one."""
+    eps, live = record.threat_model.eps, record.live_curve
+    budgets = tuple(
+        Budget(eps * k, record.threshold, live, live, record.robust_accuracy.estimate)
+        for k in (0.25, 0.5, 1.0, 2.0)
+    )
+    knots = np.linspace(min(live.knots_x), max(live.knots_x), 12)
+    rows = [np.linspace(0.0, eps, 12) * scale for scale in (0.5, 1.0, 2.0)]
+    margin = MarginQuantiles(
+        levels=[0.1, 0.5, 0.9], knots_x=knots.tolist(), knots_y=np.array(rows).tolist(),
+        interval=0.8,
+    )  # fmt: skip
+    return Answers(budgets, 2, margin)
+
+
+@dataclass(slots=True)
+class OldPrediction:
+    """The engine's `Prediction` before issue 20: the flag's five arrays."""
+
+    logits: np.ndarray
+    scores: np.ndarray
+    labels: np.ndarray
+    brittle: np.ndarray
+    borderline: np.ndarray
+
+
+def answers_times(
+    served: ServedModel, answers: Answers, x: np.ndarray, rounds: int, repeats: int
+) -> dict[str, tuple[float, float]]:
+    """Seconds per call over interleaved rounds, the median round's and the fastest round's (on
+    a shared machine the fastest is the least disturbed): predict with the answers, predict with
+    the record's grid and quantiles removed, and the engine before issue 20 on the same
+    session."""
+    bare = answers_of(served.record.model_copy(update={"budgets": None, "margin_quantiles": None}))
+
+    def old_engine() -> object:
+        # `ServedModel.predict` as it was before issue 20 (da57b96), line for line
+        record, session = served._require()
+        logits, scores = session.run(list(OUTPUTS), {INPUT_NAME: x})
+        brittle = flags.brittle(scores, record.threshold)
+        borderline = flags.borderline(scores, record.threshold, record.guard_band)
+        return OldPrediction(logits, scores, logits.argmax(axis=1), brittle, borderline)
+
+    def predict_with(chosen: Answers) -> Callable[[], object]:
+        def run() -> object:
+            served.answers = chosen  # one attribute store in every variant: a few ns
+            return served.predict(x)
+
+        return run
+
+    runs = {"old": old_engine, "bare": predict_with(bare), "answers": predict_with(answers)}
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, run in runs.items():
+            started = time.perf_counter()
+            for _ in range(repeats):
+                run()
+            times[name].append(time.perf_counter() - started)
+    served.answers = answers
+    return {
+        name: (float(np.median(values)) / repeats, min(values) / repeats)
+        for name, values in times.items()
+    }
+
+
+def piece_times(answers: Answers, served: ServedModel, x: np.ndarray) -> dict[str, float]:
+    """Each new output's numpy alone on this batch's logits and scores (seconds per call, the
+    least of 7 timeit repeats: the uncontended cost, as timeit advises)."""
+    logits, scores = served._require()[1].run(list(OUTPUTS), {INPUT_NAME: x})
+    labels = logits.argmax(axis=1)
+    pieces: dict[str, Callable[[], object]] = {
+        "runner_up": lambda: runner_up(logits, labels),
+        "p_robust": lambda: answers.p_robust(scores, answers.served),
+        "margin_bounds": lambda: answers.margin_bounds(scores),
+    }
+    return {
+        name: min(timeit.repeat(piece, number=2000, repeat=7)) / 2000
+        for name, piece in pieces.items()
+    }
+
+
+def answers_section(images: np.ndarray, rounds: int, repeats: int) -> None:
+    """The serving cost of issue 20's outputs, on the shipped version (skipped without one)."""
+    store = default_store()
+    if "fmnist-cnn-pgd" not in list_models(store):
+        print("robustness answers: no shipped fmnist-cnn-pgd version, skipped")
+        return
+    folder = current_dir(store, "fmnist-cnn-pgd")
+    served = ServedModel("fmnist-cnn-pgd", folder, EngineOptions("cpu", 1, 1))
+    served.load()
+    answers, source = served.answers, "the record's own grid and margin quantiles"
+    if served.record.budgets is None or served.record.margin_quantiles is None:
+        answers = stand_in_answers(served.record)
+        source = "stand-in answers (the record predates the grid)"
+    print(f"robustness answers, version {served.version}, {source}:")
+    for batch in (1, 64):
+        x = np.ascontiguousarray(images[:batch])
+        times = answers_times(served, answers, x, rounds, repeats)
+        (old, old_min), (bare, bare_min) = times["old"], times["bare"]
+        full, full_min = times["answers"]
+        print(
+            f"batch {batch:2d}: engine before {old * 1e6:8.1f} µs; predict without grid "
+            f"{bare * 1e6:8.1f} µs ({bare / old:.3f}); predict with answers {full * 1e6:8.1f} µs"
+            f", ratio {full / old:.3f} to the engine before, {full / bare:.3f} to no grid "
+            f"(fastest rounds: {full_min / old_min:.3f}, {full_min / bare_min:.3f})"
+        )
+        pieces = piece_times(answers, served, x)
+        added = sum(pieces.values())
+        print(
+            "          alone: " + ", ".join(f"{k} {v * 1e6:.2f} µs" for k, v in pieces.items())
+            + f"; their sum over the engine before's fastest round: {1 + added / old_min:.3f}"
+        )  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=30, help="interleaved rounds per batch size")
@@ -115,6 +245,8 @@ def main() -> None:
         print(line)
         if batch == 1:
             per_sample_flag_s = times["logit margin"]
+    if source == "shipped weights":
+        answers_section(images, args.rounds, args.repeats)
     inputs = torch.from_numpy(images[: args.attack_samples])
     with torch.no_grad():
         labels = model(inputs).argmax(1)

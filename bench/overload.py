@@ -105,7 +105,12 @@ def raise_file_limit(needed: int) -> int:
 def run_wrk(url: str, script: Path, connections: int, duration_s: int) -> dict[str, float]:
     """One wrk run: its RESULT line as numbers, statuses summed over its threads."""
     command = ["wrk", "-c", str(connections), "-d", f"{duration_s}s", "-s", str(script), url]
-    output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    return parse_wrk(subprocess.run(command, capture_output=True, text=True, check=True).stdout)
+
+
+def parse_wrk(output: str) -> dict[str, float]:
+    """The RESULT line that `WRK_LUA` makes wrk print, as numbers (statuses summed over its
+    threads; `ok_per_s`: answers with status 200 per second). Shared with bench/peers.py."""
     line = next(line for line in output.splitlines() if line.startswith("RESULT "))
     result = json.loads(line.removeprefix("RESULT "))
     statuses: dict[str, int] = {}

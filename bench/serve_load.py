@@ -1,15 +1,25 @@
 """The service under load on loopback, side by side with LitServe and a minimal FastAPI endpoint.
 
-Same ONNX graph, same JSON body (`{"inputs": [...]}`), same load generator: for each server in
-turn (one at a time, so they never share the cores), keep-alive connections send requests back
-to back for `--duration-s` at each concurrency, for one-image and 32-image bodies. The generator
-is a lean asyncio HTTP/1.1 client (pre-encoded request, Content-Length framing) so that it costs
-the machine as little as possible; it stops by itself. Prints throughput, p50/p99 latency, the
-ratios against both baselines, and each server's peak resident memory.
+Same ONNX graph, same JSON body, same load generator: keep-alive connections send requests back
+to back for `--duration-s` at each concurrency, for one-image and 32-image bodies. The body is
+v1's `{"inputs": [...]}` (the baselines' `/predict`), or with `--api v2` one Open Inference
+Protocol v2 JSON input tensor on `/v2/models/<model>/infer` of the service and the minimal
+endpoint. The generator is a lean asyncio HTTP/1.1 client (pre-encoded request, Content-Length
+framing) so that it costs the machine as little as possible; it stops by itself. Prints
+throughput, p50/p99 latency, each server's CPU time per request (all its threads, from /proc),
+the ratios of throughput and of p99 against each baseline (per round, and their median), and
+each server's peak resident memory.
+
+The servers all start once and take turns at each load point, round after round (one at a
+time: an idle server costs the others nothing), so that a ratio compares measurements seconds
+apart: on a machine shared with other work, load drifts from one second to the next, and rounds
+that ran each server for a minute of its own moved by ±20 %. `--tree LABEL=PATH` adds the
+service of another checkout (a previous commit, say) as `marginwatch@LABEL`.
 
     python bench/serve_load.py                       # everything, about 2 minutes
     python bench/serve_load.py --servers marginwatch --concurrency 1 --images 1
-    python bench/serve_load.py --servers marginwatch minimal --images 1 --rounds 5  # medians
+    python bench/serve_load.py --servers marginwatch minimal --api v2 --images 1 \
+        --rounds 9 --duration-s 1                    # the OIP v2 comparison
 
 Needs LitServe only for the `litserve` server (install it beside the project, not in it). With
 no --store, the model comes from `artifacts/` when a calibrated one is there, else a store is
@@ -56,13 +66,14 @@ class Point:
     p50_ms: float
     p99_ms: float
     round: int = 0
+    cpu_us_per_request: float = 0.0  # the server process's CPU time (all threads) per request
 
     def line(self) -> str:
         return (
             f"  {self.server:12s} images {self.images:3d} conc {self.concurrency:3d}: "
             f"{self.requests_per_s:8.0f} req/s  p50 {self.p50_ms:7.2f} ms  "
             f"p99 {self.p99_ms:7.2f} ms  errors {self.errors}"
-        )
+        ) + (f"  CPU {self.cpu_us_per_request:5.0f} µs" if self.cpu_us_per_request else "")
 
 
 def median_ratio(ratios: Sequence[float], *, bold: bool = False, each_round: bool = True) -> str:
@@ -140,8 +151,26 @@ def server_command(name: str, store: Path, model: str, port: int, threads: int) 
                 "--store", str(store),
                 "--models", model, "--log-level", "warning"]  # fmt: skip
     script = PROJECT / "bench" / f"{name}_baseline.py"
-    return [sys.executable, str(script), "--onnx", onnx, "--port", str(port),
-            "--threads", str(threads)]  # fmt: skip
+    command = [sys.executable, str(script), "--onnx", onnx, "--port", str(port),
+               "--threads", str(threads)]  # fmt: skip
+    return [*command, "--model", model] if name == "minimal" else command
+
+
+def request_path(api: str, name: str, model: str) -> str:
+    """The inference route a server is sent `api`'s body on (LitServe takes v1's only)."""
+    if api == "v2":
+        return f"/v2/models/{model}/infer"
+    return f"/v1/models/{model}/predict" if name == "marginwatch" else "/predict"
+
+
+def request_body(api: str, images: np.ndarray) -> bytes:
+    """`images` as `api`'s JSON body: v1's `{"inputs": [...]}` (nested lists), or one Open
+    Inference Protocol v2 input tensor with flat `data`, as tritonclient sends it."""
+    if api == "v1":
+        return orjson.dumps({"inputs": images.tolist()})
+    tensor = {"name": "input", "shape": list(images.shape), "datatype": "FP32",
+              "data": images.ravel().tolist()}  # fmt: skip
+    return orjson.dumps({"inputs": [tensor]})
 
 
 def peak_rss_mb(pid: int) -> float:
@@ -159,10 +188,12 @@ def peak_rss_mb(pid: int) -> float:
 
 
 @contextlib.contextmanager
-def running(command: list[str], env_extra: dict[str, str]) -> Iterator[subprocess.Popen[bytes]]:
+def running(
+    command: list[str], env_extra: dict[str, str], cwd: Path = PROJECT
+) -> Iterator[subprocess.Popen[bytes]]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", **env_extra}
     process = subprocess.Popen(
-        command, cwd=PROJECT, env=env, stdout=subprocess.DEVNULL, start_new_session=True
+        command, cwd=cwd, env=env, stdout=subprocess.DEVNULL, start_new_session=True
     )
     try:
         yield process
@@ -241,61 +272,132 @@ def wait_ready(port: int, request: bytes, process: subprocess.Popen[bytes]) -> N
     raise RuntimeError("server did not answer in 90 s")
 
 
-def measure(
-    args: argparse.Namespace, name: str, store: Path, model: str
-) -> tuple[list[Point], float]:
-    port = free_port()
-    path = f"/v1/models/{model}/predict" if name == "marginwatch" else "/predict"
-    images = load_dataset("fashion-mnist-subset", "test").float_images
-    points = []
+def server_env(args: argparse.Namespace) -> dict[str, str]:
     env = {"MARGINWATCH_INTRA_OP_THREADS": str(args.threads)}
     if args.inline_max_samples is not None:
         env["MARGINWATCH_INLINE_MAX_SAMPLES"] = str(args.inline_max_samples)
-    with running(server_command(name, store, model, port, args.threads), env) as process:
-        bodies = {
-            n: encode_request(path, orjson.dumps({"inputs": images[:n].tolist()}))
-            for n in args.images
-        }
-        wait_ready(port, bodies[args.images[0]], process)
-        for n in args.images:
-            asyncio.run(load(port, bodies[n], 8, args.warmup_s))
-            for concurrency in args.concurrency:
-                latencies, errors = asyncio.run(load(port, bodies[n], concurrency, args.duration_s))
+    return env
+
+
+@dataclass
+class Started:
+    """A running server, and its pre-encoded requests by image count."""
+
+    name: str
+    port: int
+    process: subprocess.Popen[bytes]
+    bodies: dict[int, bytes]
+
+
+def start(
+    args: argparse.Namespace, names: Sequence[str], stack: contextlib.ExitStack, store: Path,
+    model: str,
+) -> list[Started]:  # fmt: skip
+    """The servers `names` started (each on its own port; `marginwatch@LABEL` from the checkout
+    that `--tree LABEL=PATH` names) and answering."""
+    images = load_dataset("fashion-mnist-subset", "test").float_images
+    started = []
+    for name in names:
+        port = free_port()
+        service, _, label = name.partition("@")
+        # the service from another checkout runs in its folder: `python -m` imports from there
+        cwd = Path(dict(args.tree)[label]) if label else PROJECT
+        command = server_command(service, store, model, port, args.threads)
+        process = stack.enter_context(running(command, server_env(args), cwd))
+        path = request_path(args.api, service, model)
+        bodies = {n: encode_request(path, request_body(args.api, images[:n])) for n in args.images}
+        started.append(Started(name, port, process, bodies))
+    for server in started:
+        wait_ready(server.port, server.bodies[args.images[0]], server.process)
+    return started
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of the process, all its threads, so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measure_round(args: argparse.Namespace, servers: Sequence[Started], round_: int) -> list[Point]:
+    """One round: at each load point, each server in turn, in the order given."""
+    points = []
+    for n in args.images:
+        for server in servers:
+            asyncio.run(load(server.port, server.bodies[n], 8, args.warmup_s))
+        for concurrency in args.concurrency:
+            for server in servers:
+                cpu = cpu_seconds(server.process.pid)
+                latencies, errors = asyncio.run(
+                    load(server.port, server.bodies[n], concurrency, args.duration_s)
+                )
+                cpu = cpu_seconds(server.process.pid) - cpu
                 point = summarise(
-                    name, n, concurrency, latencies=latencies, errors=errors,
+                    server.name, n, concurrency, latencies=latencies, errors=errors,
                     duration_s=args.duration_s,
                 )  # fmt: skip
-                points.append(point)
-                print(points[-1].line(), flush=True)
-        memory = peak_rss_mb(process.pid)
+                used = cpu / max(1, point.requests) * 1e6
+                points.append(replace(point, round=round_, cpu_us_per_request=used))
+                print(f"{points[-1].line()}  round {round_}", flush=True)
+    return points
+
+
+def measure(
+    args: argparse.Namespace, names: Sequence[str], store: Path, model: str
+) -> tuple[list[Point], dict[str, float]]:
+    """Every round of every server: all of them start once and take turns at each load point
+    (the order reversed every other round), so a server's figures and its baseline's come from
+    the same few seconds however the machine's other load drifts. A server waiting for its turn
+    is idle: the servers never share the cores."""
+    points: list[Point] = []
+    with contextlib.ExitStack() as stack:
+        started = start(args, names, stack, store, model)
+        for round_ in range(args.rounds):
+            points += measure_round(args, started if round_ % 2 == 0 else started[::-1], round_)
+        memory = {server.name: peak_rss_mb(server.process.pid) for server in started}
     return points, memory
+
+
+BASELINES = ("litserve", "minimal")
+
+
+def round_ratios(group: list[Point], by_round: dict[tuple[str, int, int, int], Point],
+                 baseline: str, field: str = "requests_per_s") -> list[float]:  # fmt: skip
+    """Each round's ratio of `field` between the points of `group` and `baseline`'s."""
+    return [
+        getattr(p, field) / getattr(other, field)
+        for p in group
+        if (other := by_round.get((baseline, p.images, p.concurrency, p.round)))
+        and getattr(other, field)
+    ]
 
 
 def report(points: list[Point], memory: dict[str, float]) -> None:
     """One row per server and load point: medians over rounds; a ratio is the median of the
-    ratios within each round, so both servers' figures come from the same minutes."""
+    ratios within each round, so both servers' figures come from the same minutes. For the
+    servers that are not baselines: the ratios of throughput and of p99 latency against each
+    baseline that ran."""
     groups: dict[tuple[str, int, int], list[Point]] = {}
     for p in points:
         groups.setdefault((p.server, p.images, p.concurrency), []).append(p)
     by_round = {(p.server, p.images, p.concurrency, p.round): p for p in points}
-    print(
-        "\n| images | concurrency | server | req/s | p50 ms | p99 ms | vs LitServe | vs minimal |"
-    )
-    print("|---:|---:|---|---:|---:|---:|---:|---:|")
+    ran = [b for b in BASELINES if any(p.server == b for p in points)]
+    columns = "".join(f" vs {b} | p99 vs {b} |" for b in ran)
+    print(f"\n| images | concurrency | server | req/s | p50 ms | p99 ms | CPU µs/req |{columns}")
+    print("|---:|---:|---|---:|---:|---:|---:|" + "---:|---:|" * len(ran))
     for (server, images, concurrency), group in groups.items():
-        ratios = []
-        for baseline in ("litserve", "minimal"):
-            per_round = [
-                p.requests_per_s / other.requests_per_s
-                for p in group
-                if (other := by_round.get((baseline, images, concurrency, p.round)))
-                and other.requests_per_s
-            ]
-            ratios.append(median_ratio(per_round) if server == "marginwatch" else "")
-        rate, p50, p99 = (statistics.median(getattr(p, field) for p in group)
-                          for field in ("requests_per_s", "p50_ms", "p99_ms"))  # fmt: skip
+        cells = ""
+        for baseline in ran:
+            if server in BASELINES:
+                cells += " | |"
+                continue
+            rates = median_ratio(round_ratios(group, by_round, baseline))
+            p99s = median_ratio(round_ratios(group, by_round, baseline, "p99_ms"))
+            cells += f" {rates} | {p99s} |"
+        rate, p50, p99, cpu = (statistics.median(getattr(p, field) for p in group)
+                               for field in ("requests_per_s", "p50_ms", "p99_ms",
+                                             "cpu_us_per_request"))  # fmt: skip
         print(f"| {images} | {concurrency} | {server} | {rate:.0f} | {p50:.2f} | {p99:.2f} | "
-              f"{ratios[0]} | {ratios[1]} |")  # fmt: skip
+              f"{cpu:.0f} |{cells}")  # fmt: skip
     print("\npeak resident memory: " + ", ".join(f"{k} {v:.0f} MB" for k, v in memory.items()))
 
 
@@ -316,23 +418,31 @@ def main() -> None:
     )  # fmt: skip
     parser.add_argument("--store", type=Path, default=None, help="artifact store to serve from")
     parser.add_argument(
+        "--api", choices=("v1", "v2"), default="v1",
+        help="v1: `{\"inputs\": [...]}` on the service's /v1 route and the baselines' /predict; "
+        "v2: one OIP v2 JSON input tensor on /v2/models/<model>/infer (not LitServe)",
+    )  # fmt: skip
+    parser.add_argument(
         "--rounds", type=int, default=1,
-        help="repeat the whole run this many times (servers still one at a time) and report "
-        "medians: this machine's speed drifts by about 10 %% from minute to minute",
+        help="repeat the whole run this many times and report medians: this machine's speed "
+        "drifts from second to second",
+    )  # fmt: skip
+    parser.add_argument(
+        "--tree", action="append", default=[], type=lambda text: tuple(text.split("=", 1)),
+        metavar="LABEL=PATH",
+        help="also run the service from the checkout at PATH, as server marginwatch@LABEL "
+        "(say, the previous commit: `git worktree add PATH HEAD~1`); repeatable",
     )  # fmt: skip
     parser.add_argument("--out", type=Path, default=None, help="write the points as JSON here")
     args = parser.parse_args()
+    if args.api == "v2" and "litserve" in args.servers:
+        parser.error("--api v2: the LitServe baseline takes v1 bodies only (--servers ...)")
     with tempfile.TemporaryDirectory() as scratch:
         store, model = choose_model(args.store, Path(scratch))
         print(f"model {model} from {store}; {os.cpu_count()} CPUs; ORT threads {args.threads}; "
               f"inline_max_samples {args.inline_max_samples or 'default'}")  # fmt: skip
-        points: list[Point] = []
-        memory: dict[str, float] = {}
-        for round_ in range(args.rounds):
-            for name in args.servers:
-                measured, peak = measure(args, name, store, model)
-                points += [replace(point, round=round_) for point in measured]
-                memory[name] = max(peak, memory.get(name, 0.0))
+        names = [*args.servers, *(f"marginwatch@{label}" for label, _ in args.tree)]
+        points, memory = measure(args, names, store, model)
     report(points, memory)
     if args.out:
         args.out.write_text(

@@ -45,6 +45,9 @@ from marginwatch.service.errors import Overloaded, PayloadTooLarge
 
 TICKET = "marginwatch.admission"  # ASGI scope key: the request's `Ticket`
 ARRIVED = "marginwatch.arrived"  # ASGI scope key: when its headers arrived (`protocol.py`)
+# ASGI scope key: the HTTP server holds the request's whole body (`protocol.py`), so reading it
+# cannot wait (`payload.RequestReader` then arms no body time-out)
+BODY_RECEIVED = "marginwatch.body_received"
 SERVICE_SMOOTHING = 0.05  # weight of the newest request in `service_s`
 
 

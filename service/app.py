@@ -25,6 +25,7 @@ from fastapi import APIRouter, FastAPI, Request, Response, params
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.telemetry import TelemetryConfig
 
 from marginwatch.service.admission import Admission
 from marginwatch.service.auth import auth_dependencies
@@ -93,6 +94,11 @@ EXTRA_HEADERS: dict[type[Exception], dict[str, str]] = {
     RequestTimeout: {"Connection": "close"},
 }
 
+# FastAPI's native OpenTelemetry off: with it on, every request asks OpenTelemetry's API whether a
+# tracer, meter or logger provider has been configured (about 12 µs of CPU a request on the shared
+# 2-core development machine, docs/benchmarks.md), and in this service none ever is: it installs
+# no OpenTelemetry SDK, and its metrics are Prometheus's.
+NO_TELEMETRY: TelemetryConfig = {"tracing": False, "metrics": False, "logs": False}
 OPENAPI_URL = "/openapi.json"
 GRPC_DEFAULT_MESSAGE_BYTES = 4 * 1024 * 1024  # grpc's own max_receive_message_length
 # The routes whose requests go through admission control (`admission.py`)
@@ -320,6 +326,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         openapi_url=None if docs_guarded else OPENAPI_URL,
         docs_url=None if docs_guarded else "/docs",
         redoc_url=None if docs_guarded else "/redoc",
+        telemetry=NO_TELEMETRY,
     )
     errors = error_responses(STATUS_OF.values())
     routers = [

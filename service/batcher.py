@@ -23,6 +23,16 @@ so a rise in traffic turns batching back on. Each request gets back exactly its 
 is deterministic per sample, so a sample's result does not depend on which batch it lands in (the
 batch-invariance test holds the engine to that).
 
+Requests of a transport that hands the loop one new request per round trip (gRPC: `grpc.aio`
+accepts one call at a time, each through its completion-queue thread) never meet in one loop
+turn, so that rule alone would never batch them: such a caller says how much company its request
+may find (`company`: calls of its kind in progress, itself included). A batch whose first request
+expects company, or whose model's last such batch had some, waits up to `gather_s` (1 ms, the
+shortest timer uvloop keeps) for it and goes as soon as it is there; the last such batch's number
+of those calls is remembered, so clients that come back together are awaited together, and a wait
+that found nobody ends the waiting until calls overlap again. Requests of any transport join a
+waiting batch and count as its company.
+
 A request whose deadline has already passed when it is submitted (its body took that long to
 arrive or to decode) is refused at once, before either path: the lone path never queues it.
 
@@ -55,6 +65,7 @@ class _Pending:
     future: asyncio.Future[Prediction]
     queued_at: float
     deadline: float  # time.monotonic() by which its batch must start
+    company: int  # requests its batch should wait for, itself included (0: any transport's turn)
 
 
 class MicroBatcher:
@@ -63,6 +74,7 @@ class MicroBatcher:
 
     ALONE_STREAK = 8
     PROBE_EVERY = 16
+    GATHER_S = 0.001  # uvloop rounds a timer to whole milliseconds: a shorter wait is no wait
 
     def __init__(
         self,
@@ -74,6 +86,7 @@ class MicroBatcher:
         inline_max_samples: int = 0,
         backlog: Callable[[], bool] = lambda: False,
         name: str = "model",
+        gather_s: float = GATHER_S,
     ) -> None:
         if max_batch_size <= 0 or max_queue_samples < max_batch_size or max_wait_s < 0:
             raise ValueError(
@@ -85,6 +98,7 @@ class MicroBatcher:
         self._max_queue_samples = max_queue_samples
         self._inline_max_samples = inline_max_samples
         self._backlog = backlog  # whether requests are waiting for the loop (admission's room)
+        self._gather_s = gather_s
         self._name = name
         self._pending: deque[_Pending] = deque()
         self._queued_samples = 0
@@ -99,6 +113,7 @@ class MicroBatcher:
         self._idle.set()
         self._alone_streak = 0  # consecutive dispatched batches that held one request
         self._alone_runs = 0
+        self._company = 0  # calls that gave `company` in the last batch one of them headed
 
     @property
     def queued_samples(self) -> int:
@@ -119,9 +134,13 @@ class MicroBatcher:
         self._loop = asyncio.get_running_loop()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"run-{self._name}")
 
-    async def submit(self, x: np.ndarray, deadline: float | None = None) -> Prediction:
+    async def submit(
+        self, x: np.ndarray, deadline: float | None = None, *, company: int = 0
+    ) -> Prediction:
         """The prediction for the samples of `x` (1 to `max_batch_size` of them), or
-        `Overloaded` if their batch has not started by `deadline` (`time.monotonic()`)."""
+        `Overloaded` if their batch has not started by `deadline` (`time.monotonic()`).
+        `company`: from a transport whose requests never share a loop turn, how many of its
+        requests are in progress, this one included (see the module's docstring)."""
         size = len(x)
         if not 0 < size <= self._max_batch_size:
             raise ValueError(f"a request holds 1 to {self._max_batch_size} samples, not {size}")
@@ -136,10 +155,12 @@ class MicroBatcher:
                 "it reached the queue; retry later",
                 "deadline",
             )
-        if self._may_run_alone(size):
+        if company and not self._pending:  # it heads a batch: the last one's company counts
+            company = max(company, self._company)
+        if company < 2 and self._may_run_alone(size):
             return self._run(x)
         future: asyncio.Future[Prediction] = self._loop.create_future()
-        self._pending.append(_Pending(x, future, now, due))
+        self._pending.append(_Pending(x, future, now, due, company))
         self._queued_samples += size
         self._idle.clear()
         if self._executing:
@@ -181,22 +202,29 @@ class MicroBatcher:
             return
         if self._dispatch_due is not None:
             full = self._queued_samples >= self._max_batch_size
-            if not (self._waiting_to_fill and (full or self._closing)):
+            if not (self._waiting_to_fill and (full or self._closing or self._company_came())):
                 return
             self._dispatch_due.cancel()  # the batch filled up before its wait ended
         self._waiting_to_fill = False
         self._dispatch_due = self._loop.call_soon(self._dispatch)
 
-    def _dispatch(self) -> None:
+    def _company_came(self) -> bool:
+        """Whether the request just queued completes the company the batch waits for."""
+        return bool(self._pending) and 1 < self._pending[0].company == len(self._pending)
+
+    def _dispatch(self, waited: bool = False) -> None:
         self._dispatch_due = None
         self._waiting_to_fill = False
         self._expire()
         if not self._pending:
             self._idle.set()
             return
-        if self._must_wait():
+        if self._must_wait(waited):
             return
+        gathering = self._pending[0].company > 0
         batch = self._take()
+        if gathering:  # the company to expect next time: the calls of its kind that came
+            self._company = sum(item.company > 0 for item in batch)
         if not batch:  # every request taken had been given up by its caller
             self._next_or_idle()
             return
@@ -217,18 +245,24 @@ class MicroBatcher:
         execution.add_done_callback(partial(self._finished, batch))
         self._watch_expiry()
 
-    def _must_wait(self) -> bool:
-        """Whether the batch should wait to fill: `max_wait_s` after its first request, unless
-        it is full or the batcher is closing. Schedules the dispatch at the deadline."""
-        if self._max_wait_s <= 0 or self._closing:
+    def _must_wait(self, waited: bool) -> bool:
+        """Whether the batch should wait to fill: `max_wait_s` after its first request, and up
+        to `gather_s` while the company that request expects has not all come; never when it
+        is full or the batcher is closing. Schedules the dispatch at the deadline. A dispatch
+        at the end of a wait does not wait again: uvloop's timers keep whole milliseconds of
+        the loop's cached clock and often fire before `time.monotonic()` reaches the deadline,
+        and waiting out the rest (by `call_soon`, under half a millisecond) spun the loop."""
+        if waited or self._closing or self._queued_samples >= self._max_batch_size:
             return False
-        if self._queued_samples >= self._max_batch_size:
-            return False
-        remaining = self._pending[0].queued_at + self._max_wait_s - time.monotonic()
+        head = self._pending[0]
+        wait = self._max_wait_s
+        if len(self._pending) < head.company:
+            wait = max(wait, self._gather_s)
+        remaining = head.queued_at + wait - time.monotonic()
         if remaining <= 0:
             return False
         assert self._loop is not None
-        self._dispatch_due = self._loop.call_later(remaining, self._dispatch)
+        self._dispatch_due = self._loop.call_later(remaining, self._dispatch, True)
         self._waiting_to_fill = True
         return True
 

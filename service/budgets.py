@@ -50,7 +50,8 @@ def at_budget(model: ServedModel, prediction: Prediction, budget: int) -> Predic
 
 
 def budget_facts(model: ServedModel, budget: int) -> dict[str, float]:
-    """The response parameters of the budget answered: ε', its λ and its robust accuracy."""
+    """A v2 response's parameters of the budget answered: ε', its λ and its robust accuracy
+    (the rest of the calibration's facts are the served budget's)."""
     chosen = model.answers.budgets[budget]
     return {
         "threshold": chosen.threshold,

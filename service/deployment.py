@@ -29,10 +29,11 @@ class Deployment:
     batcher: MicroBatcher
 
     def infer(
-        self, x: np.ndarray, deadline: float | None = None
+        self, x: np.ndarray, deadline: float | None = None, *, company: int = 0
     ) -> Coroutine[Any, Any, Prediction]:
-        # the batcher's own coroutine: no extra frame or task per request
-        return self.batcher.submit(x, deadline)
+        """The batcher's own coroutine (no extra frame or task per request); `company`: how
+        many calls of its transport are in progress with it (gRPC's, see `grpc_servicer.py`)."""
+        return self.batcher.submit(x, deadline, company=company)
 
 
 def deploy(

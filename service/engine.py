@@ -29,6 +29,7 @@ from marginwatch.service.errors import ModelNotReady
 PLATFORM = "onnxruntime_onnx"
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
+OUTPUT_NAMES: Final = list(OUTPUTS)  # what each `session.run` fetches
 
 
 @dataclass(frozen=True)
@@ -201,6 +202,7 @@ class ServedModel:
         self.options = options
         self._loaded: tuple[CalibrationRecord, ort.InferenceSession] | None = None
         self.answers = Answers((), 0, None)  # the loaded version's (`load`)
+        self._threshold = np.asarray(np.nan)  # the loaded version's λ (`load`)
 
     @property
     def version(self) -> str:
@@ -240,21 +242,24 @@ class ServedModel:
             raise ArtifactError(f"ONNX Runtime cannot load {self.version_dir}: {error}") from error
         _check_graph(session, record)
         self.answers = answers_of(record)
+        # λ as the float64 array the flag rule compares with, made once rather than per batch
+        self._threshold = np.asarray(record.threshold, dtype=np.float64)
         self._loaded = (record, session)
 
     def predict(self, x: np.ndarray) -> Prediction:
         """Labels, logits, scores and flags of a float32 batch N×C×H×W (already validated)."""
         record, session = self._require()
-        logits, scores = session.run(list(OUTPUTS), {INPUT_NAME: x})
+        logits, scores = session.run(OUTPUT_NAMES, {INPUT_NAME: x})
         answers = self.answers
         labels = logits.argmax(axis=1)
         p_robust, low, estimate, high = answers.served_answers(scores)
+        threshold = self._threshold
         return Prediction(
             logits,
             scores,
             labels,
-            flags.brittle(scores, record.threshold),
-            flags.borderline(scores, record.threshold, record.guard_band),
+            flags.brittle(scores, threshold),
+            flags.borderline(scores, threshold, record.guard_band),
             p_robust,
             estimate,
             low,

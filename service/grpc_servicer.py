@@ -14,6 +14,14 @@ code from `app.GRPC_STATUS_OF`, beside the HTTP table; the request metrics count
 endpoint `grpc_<method>` with the status class of the HTTP status its outcome has, so an error
 ratio reads the same on both. Memory: a failed call keeps nothing alive once aborted (`rpc`).
 
+Batching: `grpc.aio` hands the event loop one new call per round trip through its completion-queue
+thread, so concurrent calls never reach the batcher in the same loop turn, as concurrent HTTP
+requests do; alone, the batcher's turn rule ran every call in a batch of its own (issue 21). So
+`ModelInfer` tells the batcher how many calls to its model are in progress, counted from the
+batcher until gRPC has sent each answer (`InferenceServicer._in_progress`): a call that finds
+others in progress, or that follows a batch that had company, has its batch wait briefly for them
+(`batcher.py`), and HTTP requests join the same batch.
+
 Imported only when `grpc_port` is set, as the stubs are (`oip_grpc/__init__.py`).
 """
 
@@ -31,6 +39,7 @@ import grpc
 
 from marginwatch.artifact.graph import INPUT_NAME
 from marginwatch.service.admission import Admission
+from marginwatch.service.budgets import at_budget, budget_facts, budget_index, parameters_eps
 from marginwatch.service.deployment import Deployment
 from marginwatch.service.engine import ServedModel
 from marginwatch.service.errors import (
@@ -44,6 +53,7 @@ from marginwatch.service.grpc_convert import (
     as_inference_request,
     infer_response,
     response_header,
+    set_parameter,
     tensor_metadata,
 )
 from marginwatch.service.metrics import ServiceMetrics
@@ -71,6 +81,7 @@ class Context(Protocol):
 
     async def abort(self, code: grpc.StatusCode, details: str) -> NoReturn: ...
     def time_remaining(self) -> float | None: ...
+    def add_done_callback(self, callback: Callable[[Any], object]) -> None: ...
 
 
 def lookup(table: Mapping[type[Exception], ResponseT], error: Exception) -> ResponseT:
@@ -139,6 +150,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self._metrics = metrics
         self._http_status = http_status
         self._grpc_status = {error: grpc.StatusCode[name] for error, name in grpc_status.items()}
+        self._calls: dict[str, int] = {}  # ModelInfer calls in progress, by model (_in_progress)
         self._headers: weakref.WeakKeyDictionary[ServedModel, pb.ModelInferResponse] = (
             weakref.WeakKeyDictionary()
         )
@@ -209,11 +221,22 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             parsed, binary = as_inference_request(request)
             x = self._reader.check(deployment, input_array(parsed, binary), WHAT)
             asked = requested_outputs(parsed)
+            model = deployment.model
+            budget = budget_index(model, parameters_eps(parsed.parameters))  # 422's before a run
             del parsed, binary  # not held across the await (payload.py, "no parsed body held")
-            prediction = await deployment.infer(x, _deadline(ticket.deadline, context))
+            company = self._in_progress(name, context)
+            prediction = await deployment.infer(
+                x, _deadline(ticket.deadline, context), company=company
+            )
             raw = bool(request.raw_input_contents)
             header = self._header(deployment)
-            return infer_response(header, request.id, prediction, asked, raw)
+            response = infer_response(
+                header, request.id, at_budget(model, prediction, budget), asked, raw
+            )
+            if budget != model.answers.served:  # the header states the served budget's facts
+                for key, value in budget_facts(model, budget).items():
+                    set_parameter(response.parameters[key], value)
+            return response
         finally:
             ticket.close()
 
@@ -238,6 +261,23 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             seconds = time.perf_counter() - started
             self._metrics.observe_request(label, endpoint, status, seconds, shed)
         return response
+
+    def _in_progress(self, name: str, context: Context) -> int:
+        """Counts this call to `name` in progress until gRPC has sent its answer (the context's
+        done callback), and returns how many are, this one included. Counted to the sending's
+        end, not to the handler's: calls to the loop come one round trip apart, so one that
+        arrives while another's answer is still being sent is the sign that clients overlap
+        (at concurrency 1 none ever does, and no call waits for company)."""
+        count = self._calls[name] = self._calls.get(name, 0) + 1
+        context.add_done_callback(functools.partial(self._call_done, name))
+        return count
+
+    def _call_done(self, name: str, _: object) -> None:
+        left = self._calls[name] - 1
+        if left:
+            self._calls[name] = left
+        else:
+            del self._calls[name]
 
     def _header(self, deployment: Deployment) -> pb.ModelInferResponse:
         """`response_header`, built once per loaded version: setting its eight parameters cost

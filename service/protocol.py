@@ -25,7 +25,9 @@ the protocol also accepts every other one waiting on the listening socket (`list
 one `accept` that finds none waiting per connection, nothing per request.
 
 It also stamps each request's scope with the time its headers arrived (`admission.ARRIVED`), from
-which its deadline counts.
+which its deadline counts, and, once the whole request has arrived, with `admission.BODY_RECEIVED`:
+a body that is all there when the app starts reading it (nearly every one) needs no time-out
+timer of its own (`payload.RequestReader`).
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from typing import ClassVar
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from marginwatch.service.admission import ARRIVED
+from marginwatch.service.admission import ARRIVED, BODY_RECEIVED
 
 logger = logging.getLogger("marginwatch.service")
 ACCEPT_BATCH = 2048  # uvicorn's listen backlog: all that can be waiting
@@ -127,6 +129,7 @@ class ReadTimeoutProtocol(HttpToolsProtocol):
 
     def on_message_complete(self) -> None:
         self._in_request = False
+        self.scope[BODY_RECEIVED] = True  # type: ignore[literal-required]
         super().on_message_complete()
 
     def _arm(self, delay: float) -> None:

@@ -20,7 +20,7 @@ from fastapi import APIRouter, Request, Response, params
 from starlette.datastructures import Headers
 
 from marginwatch.service.admission import deadline_of
-from marginwatch.service.budgets import EPS, at_budget, budget_facts, budget_index, eps_value
+from marginwatch.service.budgets import EPS, at_budget, budget_index, eps_value
 from marginwatch.service.decoding import as_float32, parse_json
 from marginwatch.service.decoding import validate as validate_schema
 from marginwatch.service.engine import Prediction, ServedModel
@@ -141,7 +141,8 @@ def _serialise(
 ) -> dict[str, Any]:
     record = model.record
     names = record.class_names
-    common = {**budget_facts(model, prediction.budget), "calibration_version": record.version}
+    chosen = model.answers.budgets[prediction.budget]
+    common = {"threshold": chosen.threshold, EPS: chosen.eps, "calibration_version": record.version}
     columns = zip(
         prediction.labels.tolist(),
         prediction.scores.tolist(),

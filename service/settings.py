@@ -101,7 +101,8 @@ class Settings(BaseSettings):
         ge=0,
         le=1,
         description="how long a batch waits to fill once its first request is queued; 0 runs "
-        "what is queued at once (batches still form while the model executes)",
+        "what is queued at once (batches still form while the model executes; a batch headed "
+        "by a gRPC call still waits up to 1 ms for the gRPC calls in progress)",
     )
     inline_max_samples: int = Field(
         default=64,

@@ -42,7 +42,9 @@ SLOW = re.compile(
 # Keyed by a pattern of the command; JSON: keys whose values need only the shown type; text:
 # numbers compared by shape only.
 VARYING: dict[str, frozenset[str]] = {
-    r"v1/models/my-cnn/predict": frozenset({"threshold", "calibration_version"}),
+    r"v1/models/my-cnn/predict": frozenset(
+        {"threshold", "calibration_version", "p_robust", "margin_estimate", "margin_interval"}
+    ),
     r"--preflight-only|--pseudo-margin never": frozenset({"<numbers>"}),
 }
 

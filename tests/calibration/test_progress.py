@@ -20,13 +20,14 @@ TINY = [
     "--pseudo-train-size", str(TRAIN), "--pseudo-epochs", str(EPOCHS),
 ]  # fmt: skip
 # Each phase's bar and where it must end: the points of every chunk and attack, epochs, and
-# resamples (two candidates of the score choice, then the two estimators).
+# resamples (two candidates of the score choice, then the two estimators and the estimate at each
+# other budget of the default grid: ε/4, ε/2, 2ε).
 FINAL = {
     "subset margins": SUBSET,
     "training-point margins": TRAIN,
     "pseudo-margin training": EPOCHS,
     "score-choice bootstrap": 2 * BOOTSTRAP,
-    "bootstrap": 2 * BOOTSTRAP,
+    "bootstrap": (2 + 3) * BOOTSTRAP,
 }
 BAR = re.compile(r"(?:^|[\r\n])([a-z -]+): +(\d+)%\|[^|]*\| (\d+)/(\d+)")
 

@@ -73,12 +73,13 @@ def test_a_flag_keeps_its_setting(tmp_path: Path, recorded: CalibrationRecord) -
 def test_older_records_without_the_model(tmp_path: Path) -> None:
     config, _ = load_config(["--traffic", str(tmp_path), "--quiet", "--name", "custom"])
     with pytest.raises(ConfigError, match=r"does not record its model .*: give --model"):
-        with_served_setup(config, served_record(model_name="custom"))
+        with_served_setup(config, served_record(model_name="custom", model_source=None))
     # a shipped model is known by its name; an explicit --model serves any name
-    reused, note = with_served_setup(config, served_record())
+    reused, note = with_served_setup(config, served_record(model_source=None))
     assert reused.model == MODEL and "normalisation" not in note and "mean" not in note
     given, _ = load_config(["--traffic", str(tmp_path), "--name", "custom", "--model", MODEL])
-    assert with_served_setup(given, served_record(model_name="custom"))[0].model == MODEL
+    older = served_record(model_name="custom", model_source=None)
+    assert with_served_setup(given, older)[0].model == MODEL
 
 
 @pytest.mark.parametrize(

@@ -9,11 +9,15 @@ import concurrent.futures
 import io
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import grpc
 import httpx
 import numpy as np
 import pytest
 from PIL import Image
+from ports import free_port
+from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from marginwatch.artifact.schema import CalibrationRecord
 from marginwatch.artifact.store import current_dir, read_record
@@ -39,11 +43,15 @@ def record(store: Path) -> CalibrationRecord:
     return read_record(current_dir(store, MODEL))
 
 
+GRPC_PORT = free_port()
+
+
 @pytest.fixture(scope="module")
 def server(
     store: Path, spawn_server: ServerFactory, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Server]:
-    with spawn_server(store, tmp_path_factory.mktemp("logs"), max_batch_wait_s="0.02") as running:
+    logs = tmp_path_factory.mktemp("logs")
+    with spawn_server(store, logs, max_batch_wait_s="0.02", grpc_port=str(GRPC_PORT)) as running:
         yield running
 
 
@@ -212,3 +220,47 @@ def test_requests_at_different_budgets_in_one_batch_keep_their_own(
     for eps, response in zip(asked, responses, strict=True):
         assert response.status_code == 200, response.text
         check_items(response.json()["predictions"], record, eps)
+
+
+def grpc_infer(
+    stub: service_pb2_grpc.GRPCInferenceServiceStub, batch: np.ndarray, **eps: float
+) -> Any:
+    """`ModelInfer` with raw FP32 input and, as KServe's and Triton's clients send a float,
+    `parameters.eps` as a double (tritonclient's `infer` takes no float parameter)."""
+    request = service_pb2.ModelInferRequest(model_name=MODEL)
+    request.inputs.add(name="input", datatype="FP32", shape=batch.shape)
+    request.raw_input_contents.append(batch.astype(np.float32).tobytes())
+    for key, value in eps.items():
+        request.parameters[key].double_param = value
+    return stub.ModelInfer(request)
+
+
+def outputs_of(response: Any) -> dict[str, np.ndarray]:
+    dtypes = {"FP32": np.float32, "INT64": np.int64, "BOOL": np.bool_}
+    return {
+        output.name: np.frombuffer(raw, dtype=dtypes[output.datatype])
+        for output, raw in zip(response.outputs, response.raw_output_contents, strict=True)
+    }
+
+
+def test_grpc_answers_at_parameters_eps(
+    server: Server, images: np.ndarray, record: CalibrationRecord
+) -> None:
+    with grpc.insecure_channel(f"127.0.0.1:{GRPC_PORT}") as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        response = grpc_infer(stub, images[:4], eps=0.2)
+        served = grpc_infer(stub, images[:4])
+        with pytest.raises(grpc.RpcError) as refused:
+            grpc_infer(stub, images[:4], eps=0.3)
+    assert record.budgets is not None
+    chosen = record.budgets[budget(record, 0.2)]
+    assert response.parameters["eps"].double_param == 0.2
+    assert response.parameters["threshold"].double_param == chosen.threshold
+    outputs = outputs_of(response)
+    scores = outputs["score"]
+    assert outputs["brittle"].tolist() == (scores < chosen.threshold).tolist()
+    np.testing.assert_allclose(outputs["p_robust"], chosen.p_robust(scores), rtol=1e-6, atol=1e-7)
+    assert served.parameters["eps"].double_param == 0.1
+    assert served.parameters["threshold"].double_param == record.threshold
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "[0.05, 0.1, 0.2]" in refused.value.details()

@@ -76,7 +76,10 @@ def test_metrics_follow_served_traffic(
 
 def test_served_traffic_folds_batches_into_prometheus_families(toy_model: RunBatch) -> None:
     traffic = ServedTraffic(window_predictions=4)
-    shipped = read_record(current_dir(default_store(), "fmnist-cnn-pgd"))  # no grid: ε alone
+    # as a record from before the grid: ε alone
+    shipped = read_record(current_dir(default_store(), "fmnist-cnn-pgd")).model_copy(
+        update={"budgets": None, "margin_quantiles": None}
+    )
     low = shipped.model_copy(update={"live_curve": Curve(knots_x=[0.0, 1.0], knots_y=[0.0, 1.0])})
     high = shipped.model_copy(update={"live_curve": Curve(knots_x=[0.0], knots_y=[1.0])})
     traffic.record("m", low, toy_model(np.array([[0.0], [0.5], [1.0]], dtype=np.float32)), 0.0005)

@@ -47,6 +47,8 @@ from marginwatch.calibration.answers import (
     expected_calibration_error,
     fit_budget,
     interval_coverage,
+    reliability_table,
+    table_ece,
 )
 from marginwatch.calibration.config import (
     DEFAULT_ATTACKS,
@@ -181,23 +183,6 @@ def truth_bracket(correct: np.ndarray, margins: Margins, eps: float) -> tuple[fl
     return float(np.mean(correct & robust)), float(np.mean(correct & (robust | ~known)))
 
 
-def reliability(p: np.ndarray, outcome: np.ndarray, bins: int) -> np.ndarray:
-    """Per equal-width bin of p (the calibration error's bins): count, Σ p, Σ outcome."""
-    slot = np.minimum((p * bins).astype(np.int64), bins - 1)
-    return np.stack(
-        [
-            np.bincount(slot, minlength=bins).astype(np.float64),
-            np.bincount(slot, weights=p, minlength=bins),
-            np.bincount(slot, weights=outcome.astype(np.float64), minlength=bins),
-        ]
-    )
-
-
-def table_ece(table: np.ndarray) -> float:
-    """The calibration error of a (pooled) reliability table."""
-    return float(np.abs(table[1] - table[2]).sum() / max(table[0].sum(), 1.0))
-
-
 def held_out_interval(low: np.ndarray, high: np.ndarray, margins: Margins) -> dict[str, float]:
     """Coverage of [low, high] by the job's own rule (`interval_coverage`: a censored margin is
     inside only when its bound reaches high, unknown otherwise), and each tail's share among
@@ -315,7 +300,7 @@ def fit_seed(
         robust, known = robust_truth(held_margins, budget.eps)
         p = answers.p_robust(scores, index).astype(np.float64)[known]
         figures[budget.eps]["ece"] = expected_calibration_error(p, robust[known], args.bins)
-        figures[budget.eps]["table"] = reliability(p, robust[known], args.bins)
+        figures[budget.eps]["table"] = reliability_table(p, robust[known], args.bins)
     if quantiles is None:
         return {"budgets": figures, "interval": None}
     low, estimate, high = answers.margin_bounds(scores)

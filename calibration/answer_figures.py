@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from marginwatch.artifact.schema import BudgetAnswers, MarginQuantiles
-from marginwatch.calibration.answers import ECE_BINS, AnswerChecks, Margins
+from marginwatch.calibration.answers import ECE_BINS, AnswerChecks, Margins, reliability_table
 from marginwatch.calibration.plotting import CORRECT, WRONG, finish, new_axes
 
 __all__ = [
@@ -39,11 +39,8 @@ class ReliabilityBins:
 
 
 def reliability_bins(p: np.ndarray, outcome: np.ndarray, bins: int = ECE_BINS) -> ReliabilityBins:
-    slot = np.minimum((np.asarray(p) * bins).astype(np.int64), bins - 1)
-    count = np.bincount(slot, minlength=bins)
+    count, total_p, total_true = reliability_table(p, outcome, bins)
     filled = count > 0
-    total_p = np.bincount(slot, weights=p, minlength=bins)
-    total_true = np.bincount(slot, weights=outcome.astype(np.float64), minlength=bins)
     return ReliabilityBins(
         lower=np.arange(bins)[filled] / bins,
         count=count[filled],

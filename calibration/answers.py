@@ -47,6 +47,8 @@ __all__ = [
     "interval_coverage",
     "km_quantiles",
     "quantile_levels",
+    "reliability_table",
+    "table_ece",
 ]
 
 FOLDS = 5
@@ -99,14 +101,28 @@ def fit_p_robust(scores: np.ndarray, robust: np.ndarray) -> Curve:
     return fit_isotonic_curve(scores, robust.astype(np.float64))
 
 
+def reliability_table(p: np.ndarray, outcome: np.ndarray, bins: int = ECE_BINS) -> np.ndarray:
+    """Per equal-width bin of p in [0, 1]: the count, Σ p and Σ outcome (rows 0, 1, 2). Tables
+    of several samples add up (pooled), and `table_ece` reads the calibration error off one."""
+    p = np.asarray(p, dtype=np.float64)
+    slot = np.minimum((p * bins).astype(np.int64), bins - 1)
+    return np.stack(
+        [
+            np.bincount(slot, minlength=bins).astype(np.float64),
+            np.bincount(slot, weights=p, minlength=bins),
+            np.bincount(slot, weights=outcome.astype(np.float64), minlength=bins),
+        ]
+    )
+
+
+def table_ece(table: np.ndarray) -> float:
+    """Σ_bins (n_b / n) · |mean p − mean outcome| of a reliability table."""
+    return float(np.abs(table[1] - table[2]).sum() / max(table[0].sum(), 1.0))
+
+
 def expected_calibration_error(p: np.ndarray, outcome: np.ndarray, bins: int = ECE_BINS) -> float:
     """Σ_bins (n_b / n) · |mean p − mean outcome| over equal-width bins of p in [0, 1]."""
-    slot = np.minimum((np.asarray(p) * bins).astype(np.int64), bins - 1)
-    count = np.bincount(slot, minlength=bins)
-    gap = np.bincount(slot, weights=p, minlength=bins) - np.bincount(
-        slot, weights=outcome.astype(np.float64), minlength=bins
-    )
-    return float(np.abs(gap).sum() / max(count.sum(), 1))
+    return table_ece(reliability_table(p, outcome, bins))
 
 
 def km_quantiles(value: np.ndarray, observed: np.ndarray, levels: list[float]) -> np.ndarray:

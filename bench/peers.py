@@ -363,6 +363,13 @@ def prepare(args: argparse.Namespace, scratch: Path) -> Bench:
     return Bench(args, store, spec, scratch / "post.lua", checks, logs)
 
 
+def shown_path(path: str | Path) -> str:
+    """`path` as the results file records it: relative to the checkout where it lies inside it,
+    so that no machine's folders are written into a tracked file."""
+    resolved = Path(path).resolve()
+    return str(resolved.relative_to(PROJECT)) if resolved.is_relative_to(PROJECT) else resolved.name
+
+
 def main() -> None:
     args = parse_args()
     started = time.monotonic()
@@ -385,9 +392,10 @@ def main() -> None:
     print(f"\nmachine at the end: load average {state['load_average_end']}; "
           f"{time.monotonic() - started:.0f} s in all")  # fmt: skip
     if args.out:
+        spec = asdict(bench.spec) | {"onnx": shown_path(bench.spec.onnx)}
         record = {"command": sys.argv, "machine": state, "settings": vars(args) | {
-                      "peers_dir": str(args.peers_dir), "out": str(args.out)},
-                  "model": asdict(bench.spec), "versions": versions,
+                      "peers_dir": shown_path(args.peers_dir), "out": shown_path(args.out)},
+                  "model": spec, "versions": versions,
                   "not_installed": not_installed, "failures": failures,
                   "points": [asdict(p) for p in points]}  # fmt: skip
         args.out.write_text(json.dumps(record, indent=2, default=str))

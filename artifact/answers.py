@@ -130,15 +130,6 @@ class Answers:
             return np.full(np.shape(scores), np.nan, dtype=np.float32)
         return curve(scores).astype(np.float32)
 
-    def margin_bounds(self, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(low, estimate, high) of the margin at `scores`: the first, middle and last levels;
-        NaN where the record has no quantiles."""
-        if self.margin is None:
-            nan = np.full(np.shape(scores), np.nan, dtype=np.float32)
-            return nan, nan, nan
-        quantiles = self.margin(scores).astype(np.float32)
-        return quantiles[0], quantiles[len(quantiles) // 2], quantiles[-1]
-
 
 def answers_of(record: CalibrationRecord) -> Answers:
     """The record's grid and curves; for an older record, its served ε alone."""

@@ -303,7 +303,7 @@ def fit_seed(
         figures[budget.eps]["table"] = reliability_table(p, robust[known], args.bins)
     if quantiles is None:
         return {"budgets": figures, "interval": None}
-    low, estimate, high = answers.margin_bounds(scores)
+    _, low, estimate, high = answers.served_answers(scores)
     interval = held_out_interval(low, high, held_margins) | median_error(estimate, held_margins)
     return {"budgets": figures, "interval": interval | {"record_coverage": quantiles.coverage}}
 

@@ -9,9 +9,9 @@
   `ServedModel.predict` of the shipped version as it is (all of them) against the same without
   its grid and margin quantiles (`budgets`, `margin_quantiles` None: the flag, NaN answers and
   still the runner-up) and against the engine before them (session.run, the label and the flags,
-  on the same session), same rounds, median; then `runner_up`, `Answers.p_robust` and
-  `Answers.margin_bounds` alone (timeit). A record written before the grid gets stand-in
-  answers of the job's shape (the output says so), so their µs are still measured;
+  on the same session), same rounds, median; then `runner_up` and `Answers.served_answers`
+  (p_robust and the margin's three quantiles) alone (timeit). A record written before the grid
+  gets stand-in answers of the job's shape (the output says so), so their µs are still measured;
 - the alternative the flag replaces: a minimum-norm attack (FMN ℓ∞, 100 steps) per request,
   per-sample cost as a ratio to the served inference with the flag.
 
@@ -53,6 +53,21 @@ def session(path: Path) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
+def round_times(
+    runs: dict[str, Callable[[], object]], rounds: int, repeats: int
+) -> dict[str, list[float]]:
+    """Seconds per call of each run, one figure per round: the runs take turns within each
+    round, so a drift of the machine's speed touches them alike."""
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, run in runs.items():
+            started = time.perf_counter()
+            for _ in range(repeats):
+                run()
+            times[name].append((time.perf_counter() - started) / repeats)
+    return times
+
+
 def interleaved_times(
     plain: ort.InferenceSession,
     served: dict[str, tuple[ort.InferenceSession, float]],
@@ -73,14 +88,8 @@ def interleaved_times(
         return run
 
     runs = {"plain": run_plain} | {name: served_run(*pair) for name, pair in served.items()}
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(rounds):
-        for name, run in runs.items():
-            started = time.perf_counter()
-            for _ in range(repeats):
-                run()
-            times[name].append(time.perf_counter() - started)
-    return {name: float(np.median(values)) / repeats for name, values in times.items()}
+    times = round_times(runs, rounds, repeats)
+    return {name: float(np.median(values)) for name, values in times.items()}
 
 
 def shipped_graph() -> tuple[Path, float, str] | None:
@@ -147,18 +156,9 @@ def answers_times(
         return run
 
     runs = {"old": old_engine, "bare": predict_with(bare), "answers": predict_with(answers)}
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(rounds):
-        for name, run in runs.items():
-            started = time.perf_counter()
-            for _ in range(repeats):
-                run()
-            times[name].append(time.perf_counter() - started)
+    times = round_times(runs, rounds, repeats)
     served.answers = answers
-    return {
-        name: (float(np.median(values)) / repeats, min(values) / repeats)
-        for name, values in times.items()
-    }
+    return {name: (float(np.median(values)), min(values)) for name, values in times.items()}
 
 
 def piece_times(answers: Answers, served: ServedModel, x: np.ndarray) -> dict[str, float]:
@@ -168,8 +168,7 @@ def piece_times(answers: Answers, served: ServedModel, x: np.ndarray) -> dict[st
     labels = logits.argmax(axis=1)
     pieces: dict[str, Callable[[], object]] = {
         "runner_up": lambda: runner_up(logits, labels),
-        "p_robust": lambda: answers.p_robust(scores, answers.served),
-        "margin_bounds": lambda: answers.margin_bounds(scores),
+        "served_answers": lambda: answers.served_answers(scores),
     }
     return {
         name: min(timeit.repeat(piece, number=2000, repeat=7)) / 2000

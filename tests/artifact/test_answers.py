@@ -67,7 +67,7 @@ def test_budget_index_matches_the_grid_within_rounding() -> None:
 def test_answers_evaluate_the_curves() -> None:
     answers = answers_of(with_grid(shipped()))
     scores = np.array([0.0, 1.0, 2.0, 9.0], dtype=np.float32)
-    low, estimate, high = answers.margin_bounds(scores)
+    _, low, estimate, high = answers.served_answers(scores)
     np.testing.assert_allclose(estimate, [0.02, 0.11, 0.2, 0.2], rtol=1e-6)
     assert np.all(low <= estimate) and np.all(estimate <= high)
     p_small, p_large = answers.p_robust(scores, 0), answers.p_robust(scores, 3)
@@ -80,7 +80,7 @@ def test_an_older_record_serves_its_eps_alone_and_no_curves() -> None:
     assert answers.grid == [record.threat_model.eps]
     assert answers.budgets[0].threshold == record.threshold
     assert np.isnan(answers.p_robust(np.zeros(2, np.float32), 0)).all()
-    assert all(np.isnan(bound).all() for bound in answers.margin_bounds(np.zeros(2, np.float32)))
+    assert np.isnan(answers.served_answers(np.zeros(2, np.float32))).all()
 
 
 def test_the_record_holds_the_served_budget_with_its_lambda() -> None:
@@ -119,8 +119,10 @@ def test_served_answers_are_the_curves_for_one_score_and_for_many() -> None:
     answers = answers_of(with_grid(shipped()))
     scores = np.array([-5.0, 0.0, 0.3, 1.0, 1.7, 2.0, 9.0], dtype=np.float32)
     many = answers.served_answers(scores)
-    low, estimate, high = answers.margin_bounds(scores)
-    np.testing.assert_allclose(many, [answers.p_robust(scores, 2), low, estimate, high], atol=1e-12)
+    record = with_grid(shipped())
+    assert record.budgets is not None and record.margin_quantiles is not None
+    curves = [record.budgets[2].p_robust(scores), *record.margin_quantiles(scores)]
+    np.testing.assert_allclose(many, curves, atol=1e-7)
     for i in range(len(scores)):
         np.testing.assert_allclose(
             answers.served_answers(scores[i : i + 1])[:, 0], many[:, i], atol=1e-12

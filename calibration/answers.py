@@ -14,6 +14,7 @@ Pure numpy/scipy.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,6 +23,7 @@ from scipy.optimize import isotonic_regression
 from marginwatch.artifact.schema import (
     BudgetAnswers,
     Curve,
+    EstimateMethod,
     MarginQuantiles,
     RobustAccuracyEstimate,
 )
@@ -164,8 +166,12 @@ def fit_margin_quantiles(scores: np.ndarray, margins: Margins, interval: float) 
     )
 
 
-def _folds(size: int, seed: int) -> list[np.ndarray]:
-    return np.array_split(np.random.default_rng(seed).permutation(size), min(FOLDS, size))
+def _folds(size: int, seed: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(train, held) index pairs of a `FOLDS`-fold split; a single point is its own train
+    set (there is nothing else to fit on)."""
+    for held in np.array_split(np.random.default_rng(seed).permutation(size), min(FOLDS, size)):
+        train = np.setdiff1d(np.arange(size), held)
+        yield (held if train.size == 0 else train), held
 
 
 def cross_fitted(
@@ -174,16 +180,12 @@ def cross_fitted(
     """Each subset point's p_robust (at `eps`) and margin interval from fits on the other
     folds."""
     robust = margins.robust(eps)
-    p = np.empty(scores.size)
     low, high = np.empty(scores.size), np.empty(scores.size)
-    for held in _folds(scores.size, seed):
-        train = np.setdiff1d(np.arange(scores.size), held)
-        if train.size == 0:  # one point: nothing to fit on, predict from itself
-            train = held
+    for train, held in _folds(scores.size, seed):
         fit_margins = Margins(margins.value[train], margins.observed[train])
-        p[held] = fit_p_robust(scores[train], robust[train])(scores[held])
         quantiles = fit_margin_quantiles(scores[train], fit_margins, interval)(scores[held])
         low[held], high[held] = quantiles[0], quantiles[-1]
+    p = cross_fitted_p_robust(scores, robust, seed)  # the same folds
     return AnswerChecks(p, robust, low, high, margins)
 
 
@@ -219,7 +221,7 @@ def fit_budget(
     subset: Subset,
     *,
     rule: ThresholdRule,
-    estimator: str,
+    estimator: EstimateMethod,
     bootstrap: int,
     seed: int,
     advance: Advance = ignore,
@@ -234,7 +236,7 @@ def fit_budget(
         subset.big_scores,
         subset.big_correct,
         threshold_rule=rule,
-        method="count" if estimator == "count" else "regression",
+        method=estimator,
         bootstrap=bootstrap,
         seed=seed,
         advance=advance,
@@ -263,8 +265,6 @@ def budget_answers(
 def cross_fitted_p_robust(scores: np.ndarray, robust: np.ndarray, seed: int) -> np.ndarray:
     """Each point's p_robust from the fit on the other folds."""
     p = np.empty(scores.size)
-    for held in _folds(scores.size, seed):
-        train = np.setdiff1d(np.arange(scores.size), held)
-        train = held if train.size == 0 else train
+    for train, held in _folds(scores.size, seed):
         p[held] = fit_p_robust(scores[train], robust[train])(scores[held])
     return p

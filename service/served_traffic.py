@@ -3,10 +3,15 @@ counts, shed requests and durations by model and endpoint; per model the executi
 size, scores, predictions by predicted class and flag, one live window (`live_window.py`) per
 budget of the served version's grid, and the queued samples.
 
-Recording is the request path's cost, so it is one deque append; the counting happens in numpy
-when Prometheus scrapes, or once `FOLD_EVERY` records wait: 22 µs → 4 µs per batch in the server
-against Prometheus objects observed on the request path, and no `Histogram.observe` per sample at
-batch 64 (docs/benchmarks.md, "How it got here").
+Recording is the request path's cost, so it is kept small: a request is one dict update and one
+list append; a batch's scores, labels and flags are copied into its model's inbox arrays, so no
+batch's own arrays are kept alive. The bucketing, the counts by class and the live windows are
+done in numpy when Prometheus scrapes, or once `FOLD_EVERY` requests or samples wait: 22 µs → 4
+µs per batch in the server against Prometheus objects observed on the request path, and no
+`Histogram.observe` per sample at batch 64 (docs/benchmarks.md, "How it got here"). An inbox
+that held each batch's whole `Prediction` and counted them batch by batch took 2.5 ms every 1,024
+one-image requests, and left the p99 latency at concurrency 1 at 2-3× the minimal endpoint's;
+now 0.3 ms (docs/benchmarks.md, "Beside the frameworks").
 The request middleware (`middleware.py`, through `ServiceMetrics.observe_request`) and the batch
 runner (`deployment.py`, through `ServiceMetrics.observe_batch`) record into it.
 
@@ -18,10 +23,7 @@ from __future__ import annotations
 
 import math
 import threading
-from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from itertools import groupby
 
 import numpy as np
 from prometheus_client.core import (
@@ -72,18 +74,47 @@ class _Buckets:
         family.samples.append(Sample(f"{family.name}_sum", labels, self._sum))
 
 
-@dataclass(slots=True)
-class _Batch:
-    prediction: Prediction
-    record: CalibrationRecord
-    seconds: float
+class _Inbox:
+    """The batches not yet counted, as the hot path leaves them: each batch's time and size in
+    lists, each sample's score, label and flag copied into arrays of `capacity` samples (a batch
+    keeps none of its own arrays alive), all served by one version (`record`)."""
+
+    def __init__(self, capacity: int) -> None:
+        self.scores = np.empty(capacity, dtype=np.float64)
+        self.labels = np.empty(capacity, dtype=np.int64)
+        self.brittle = np.empty(capacity, dtype=np.bool_)
+        self.seconds: list[float] = []
+        self.sizes: list[int] = []
+        self.samples = 0
+        self.record: CalibrationRecord | None = None
+
+    def room_for(self, record: CalibrationRecord, size: int) -> bool:
+        """Whether a batch of `size` samples that `record`'s version served can join."""
+        return (record is self.record or not self.sizes) and (
+            self.samples + size <= len(self.scores)
+        )
+
+    def add(self, record: CalibrationRecord, prediction: Prediction, seconds: float) -> None:
+        start, stop = self.samples, self.samples + len(prediction)
+        self.scores[start:stop] = prediction.scores
+        self.labels[start:stop] = prediction.labels
+        self.brittle[start:stop] = prediction.brittle
+        self.samples = stop
+        self.seconds.append(seconds)
+        self.sizes.append(stop - start)
+        self.record = record
+
+    def clear(self) -> None:
+        self.seconds, self.sizes, self.samples, self.record = [], [], 0, None
 
 
 class _ModelTraffic:
-    """One model's per-batch metrics: an inbox the hot path appends to, and folded totals."""
+    """One model's per-batch metrics: an inbox the hot path copies into, and folded totals."""
 
-    def __init__(self, window_predictions: int, window_s: float, class_labels: int) -> None:
-        self.inbox: deque[_Batch] = deque()
+    def __init__(
+        self, window_predictions: int, window_s: float, class_labels: int, inbox_samples: int
+    ) -> None:
+        self.inbox = _Inbox(inbox_samples)
         self.execution_seconds = _Buckets(LATENCY_BUCKETS_S)
         self.batch_size = _Buckets(BATCH_BUCKETS)
         self.scores = _Buckets(SCORE_BUCKETS)
@@ -92,6 +123,25 @@ class _ModelTraffic:
         self.versions: list[ServedVersion] = []  # the serving version last, the one before it
         self._window = (window_predictions, window_s)
         self._class_labels = class_labels
+
+    def add(self, record: CalibrationRecord, prediction: Prediction, seconds: float) -> None:
+        """One batch (the caller holds the lock): into the inbox, which is counted first when
+        it is full or holds another version's batches; a batch larger than the whole inbox is
+        counted at once."""
+        inbox = self.inbox
+        if not inbox.room_for(record, len(prediction)):
+            self.fold()
+            if not inbox.room_for(record, len(prediction)):
+                self._count(
+                    self._version_of(record),
+                    seconds=np.array([seconds]),
+                    sizes=np.array([len(prediction)]),
+                    scores=prediction.scores,
+                    labels=prediction.labels,
+                    brittle=prediction.brittle,
+                )
+                return
+        inbox.add(record, prediction, seconds)
 
     def serve(self, record: CalibrationRecord) -> ServedVersion:
         """`record`'s version serves from now on: the windows follow its grid (a budget it
@@ -121,17 +171,19 @@ class _ModelTraffic:
 
     def fold(self) -> None:
         """Move the inbox into the totals (the caller holds the lock)."""
-        batches: list[_Batch] = []
-        while self.inbox:
-            batches.append(self.inbox.popleft())
-        if not batches:
+        inbox = self.inbox
+        if inbox.record is None:
             return
-        self.execution_seconds.add(np.array([batch.seconds for batch in batches]))
-        self.batch_size.add(np.array([len(batch.prediction) for batch in batches]))
-        # each batch is labelled by the version that served it; after a reload two versions mix
-        for _, same_version in groupby(batches, key=lambda batch: id(batch.record)):
-            run = list(same_version)
-            self._count(self._version_of(run[0].record), [batch.prediction for batch in run])
+        n = inbox.samples
+        self._count(
+            self._version_of(inbox.record),
+            seconds=np.array(inbox.seconds),
+            sizes=np.array(inbox.sizes),
+            scores=inbox.scores[:n],
+            labels=inbox.labels[:n],
+            brittle=inbox.brittle[:n],
+        )
+        inbox.clear()
 
     def _version_of(self, record: CalibrationRecord) -> ServedVersion:
         for version in reversed(self.versions):
@@ -141,11 +193,21 @@ class _ModelTraffic:
             return self.serve(record)
         return ServedVersion.of(record, self._class_labels)  # older still: rare, not kept
 
-    def _count(self, version: ServedVersion, predictions: list[Prediction]) -> None:
-        scores = np.concatenate([prediction.scores for prediction in predictions])
+    def _count(
+        self,
+        version: ServedVersion,
+        *,
+        seconds: np.ndarray,
+        sizes: np.ndarray,
+        scores: np.ndarray,
+        labels: np.ndarray,
+        brittle: np.ndarray,
+    ) -> None:
+        """Batches that `version` served, into the totals and its budgets' live windows."""
+        self.execution_seconds.add(seconds)
+        self.batch_size.add(sizes)
         self.scores.add(scores)
-        slots = version.class_slots[np.concatenate([p.labels for p in predictions])]
-        brittle = np.concatenate([prediction.brittle for prediction in predictions])
+        slots = version.class_slots[labels]
         every = np.bincount(slots, minlength=len(version.classes)).tolist()
         flagged = np.bincount(slots[brittle], minlength=len(version.classes)).tolist()
         for name, total, count in zip(version.classes, every, flagged, strict=True):
@@ -160,35 +222,47 @@ class _ModelTraffic:
 
 class _RequestTotals:
     """Requests by model, endpoint and status class, the shed ones among them by reason, and
-    their durations by model and endpoint."""
+    their durations by model and endpoint (counted at once; the durations wait in lists, as
+    `waiting` of them, to be bucketed in numpy by `fold`)."""
 
     def __init__(self) -> None:
-        self.inbox: deque[tuple[str, str, int, float, ShedReason | None]] = deque()
         self.counts: dict[tuple[str, str, str], int] = {}
         self.shed: dict[tuple[str, str, str], int] = {}
         self.durations: dict[tuple[str, str], _Buckets] = {}
+        self.unbucketed: dict[tuple[str, str], list[float]] = {}
+        self.waiting = 0
+
+    def add(
+        self, model: str, endpoint: str, status: int, seconds: float, shed: ShedReason | None
+    ) -> None:
+        """One answered request (the caller holds the lock)."""
+        key = (model, endpoint, f"{status // 100}xx")
+        self.counts[key] = self.counts.get(key, 0) + 1
+        if shed is not None:
+            key = (model, endpoint, shed)
+            self.shed[key] = self.shed.get(key, 0) + 1
+        route = (model, endpoint)
+        durations = self.unbucketed.get(route)
+        if durations is None:
+            durations = self.unbucketed[route] = []
+        durations.append(seconds)
+        self.waiting += 1
 
     def fold(self) -> None:
-        """Move the inbox into the totals (the caller holds the lock)."""
-        seconds_by_route: dict[tuple[str, str], list[float]] = {}
-        while self.inbox:
-            model, endpoint, status, seconds, shed = self.inbox.popleft()
-            key = (model, endpoint, f"{status // 100}xx")
-            self.counts[key] = self.counts.get(key, 0) + 1
-            if shed is not None:
-                key = (model, endpoint, shed)
-                self.shed[key] = self.shed.get(key, 0) + 1
-            seconds_by_route.setdefault((model, endpoint), []).append(seconds)
-        for route, durations in seconds_by_route.items():
+        """Bucket the waiting durations (the caller holds the lock)."""
+        for route, durations in self.unbucketed.items():
             if route not in self.durations:
                 self.durations[route] = _Buckets(LATENCY_BUCKETS_S)
             self.durations[route].add(np.array(durations))
+        self.unbucketed = {}
+        self.waiting = 0
 
 
 class ServedTraffic(Collector):
     """The metrics that every request or batch touches, kept off the request path: recording
-    one is a deque append; the counting (buckets, flags, the live windows) happens in numpy when
-    Prometheus scrapes, or once `FOLD_EVERY` records wait, whichever comes first."""
+    one is a few list and array writes; the counting (buckets, flags, the live windows) happens
+    in numpy when Prometheus scrapes, or once `FOLD_EVERY` requests or samples wait, whichever
+    comes first."""
 
     FOLD_EVERY = 1024
 
@@ -214,9 +288,9 @@ class ServedTraffic(Collector):
         seconds: float,
         shed: ShedReason | None = None,
     ) -> None:
-        self._requests.inbox.append((model, endpoint, status, seconds, shed))
-        if len(self._requests.inbox) >= self.FOLD_EVERY:
-            with self._lock:
+        with self._lock:
+            self._requests.add(model, endpoint, status, seconds, shed)
+            if self._requests.waiting >= self.FOLD_EVERY:
                 self._requests.fold()
 
     def record(
@@ -224,13 +298,10 @@ class ServedTraffic(Collector):
     ) -> None:
         """A batch that `record`'s version served (its flags at the served budget)."""
         traffic = self._models.get(model)
-        if traffic is None:
-            with self._lock:
+        with self._lock:
+            if traffic is None:
                 traffic = self._models.setdefault(model, self._new_model())
-        traffic.inbox.append(_Batch(prediction, record, seconds))
-        if len(traffic.inbox) >= self.FOLD_EVERY:
-            with self._lock:
-                traffic.fold()
+            traffic.add(record, prediction, seconds)
 
     def serve(self, model: str, record: CalibrationRecord) -> ServedVersion:
         """`record`'s version serves `model` from now on (not the request path: a load)."""
@@ -240,12 +311,14 @@ class ServedTraffic(Collector):
             return traffic.serve(record)
 
     def _new_model(self) -> _ModelTraffic:
-        return _ModelTraffic(self._window_predictions, self._window_s, self._class_labels)
+        return _ModelTraffic(
+            self._window_predictions, self._window_s, self._class_labels, self.FOLD_EVERY
+        )
 
     def pending(self) -> int:
-        """Records not yet folded (the most any inbox holds)."""
-        inboxes = [traffic.inbox for traffic in self._models.values()] + [self._requests.inbox]
-        return max(len(inbox) for inbox in inboxes)
+        """Records not yet folded (the most any inbox holds: samples, or requests)."""
+        waiting = [traffic.inbox.samples for traffic in self._models.values()]
+        return max([self._requests.waiting, *waiting])
 
     def watch_queue(self, model: str, queued_samples: Callable[[], int]) -> None:
         self._queues[model] = queued_samples

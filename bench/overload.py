@@ -110,7 +110,9 @@ def run_wrk(url: str, script: Path, connections: int, duration_s: int) -> dict[s
 
 def parse_wrk(output: str) -> dict[str, float]:
     """The RESULT line that `WRK_LUA` makes wrk print, as numbers (statuses summed over its
-    threads; `ok_per_s`: answers with status 200 per second). Shared with bench/peers.py."""
+    threads; `ok_per_s`: answers with status 200 per second; `socket_errors`: connect, read and
+    write errors; `failed`: requests not answered 200, time-outs and socket errors). Shared with
+    bench/peers.py and bench/grpc_floor.py."""
     line = next(line for line in output.splitlines() if line.startswith("RESULT "))
     result = json.loads(line.removeprefix("RESULT "))
     statuses: dict[str, int] = {}
@@ -119,9 +121,12 @@ def parse_wrk(output: str) -> dict[str, float]:
             statuses[status] = statuses.get(status, 0) + count
     seconds = result["duration_us"] / 1e6
     ok = statuses.get("200", 0)
+    sockets = result["connect_errors"] + result["read_errors"] + result["write_errors"]
     return {**result, "seconds": seconds, "ok": ok, "ok_per_s": ok / seconds,
             "refused": statuses.get("503", 0),
-            "other": sum(n for s, n in statuses.items() if s not in ("200", "503"))}  # fmt: skip
+            "other": sum(n for s, n in statuses.items() if s not in ("200", "503")),
+            "socket_errors": sockets,
+            "failed": result["requests"] - ok + result["timeouts"] + sockets}  # fmt: skip
 
 
 def load_part(url: str, body: bytes, duration_s: int, scratch: Path) -> None:
@@ -137,11 +142,10 @@ def load_part(url: str, body: bytes, duration_s: int, scratch: Path) -> None:
           "| time-outs | socket errors |")  # fmt: skip
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for connections, row in rows.items():
-        errors = row["connect_errors"] + row["read_errors"] + row["write_errors"]
         print(f"| {connections} | {row['requests']:.0f} | {row['ok_per_s']:.0f} | "
               f"{row['refused']:.0f} | {row['other']:.0f} | {row['p50_us'] / 1e3:.1f} | "
               f"{row['p90_us'] / 1e3:.1f} | {row['p99_us'] / 1e3:.1f} | {row['max_us'] / 1e3:.1f} "
-              f"| {row['timeouts']:.0f} | {errors:.0f} |")  # fmt: skip
+              f"| {row['timeouts']:.0f} | {row['socket_errors']:.0f} |")  # fmt: skip
     high, base = rows[1000], rows[64]
     ratio = high["ok_per_s"] / base["ok_per_s"]
     print(f"\nat 1,000: p99 {high['p99_us'] / 1e6:.3f} s (target ≤ 1 s: "

@@ -167,9 +167,7 @@ def run_wrk(bench: Bench, port: int, connections: int, duration_s: int) -> dict[
 
 
 def to_point(server: str, concurrency: int, round_: int, result: dict[str, float]) -> Point:
-    sockets = result["connect_errors"] + result["read_errors"] + result["write_errors"]
-    errors = result["requests"] - result["ok"] + result["timeouts"] + sockets
-    return Point(server, concurrency, round_, int(result["requests"]), int(errors),
+    return Point(server, concurrency, round_, int(result["requests"]), int(result["failed"]),
                  result["ok_per_s"], result["p50_us"] / 1e3, result["p99_us"] / 1e3,
                  os.getloadavg()[0])  # fmt: skip
 

@@ -11,7 +11,7 @@ done in numpy when Prometheus scrapes, or once `FOLD_EVERY` requests or samples 
 `Histogram.observe` per sample at batch 64 (docs/benchmarks.md, "How it got here"). An inbox
 that held each batch's whole `Prediction` and counted them batch by batch took 2.5 ms every 1,024
 one-image requests, and left the p99 latency at concurrency 1 at 2-3× the minimal endpoint's;
-now 0.3 ms (docs/benchmarks.md, "Beside the frameworks").
+now 0.3 ms (docs/benchmarks.md, "The concurrency-1 tail: the metrics inbox").
 The request middleware (`middleware.py`, through `ServiceMetrics.observe_request`) and the batch
 runner (`deployment.py`, through `ServiceMetrics.observe_batch`) record into it.
 
@@ -90,9 +90,8 @@ class _Inbox:
 
     def room_for(self, record: CalibrationRecord, size: int) -> bool:
         """Whether a batch of `size` samples that `record`'s version served can join."""
-        return (record is self.record or not self.sizes) and (
-            self.samples + size <= len(self.scores)
-        )
+        same = self.record is None or self.record is record  # versions are told apart by `is`
+        return same and self.samples + size <= len(self.scores)
 
     def add(self, record: CalibrationRecord, prediction: Prediction, seconds: float) -> None:
         start, stop = self.samples, self.samples + len(prediction)
